@@ -1,0 +1,164 @@
+"""KV caches: a growing cache for global layers, a bounded window cache for sliding layers.
+
+Every cache can be trimmed (speculative decoding drops rejected drafts; a chat or server
+drops the tail of a shared prefix). The sliding cache keeps `slack` tokens beyond the
+window so that it stays trimmable after it has wrapped, which mlx-lm's RotatingKVCache is not.
+
+A cache's `update_and_fetch(k, v)` returns the keys/values that the new queries attend to,
+and `make_mask(L)`, called before it, the matching mask (None, "causal" or a boolean array).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, _BaseCache
+
+DEFAULT_SLIDING_SLACK = 128
+
+__all__ = ["KVCache", "SlidingWindowCache", "window_mask", "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
+
+
+def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Optional[int]):
+    """Boolean mask for queries at positions offset..offset+L-1 over keys at key_start.. .
+
+    A key is visible when kv <= q and, for a sliding layer, kv > q - window (spec 3).
+    Returns None when every key is visible to every query, "causal" when plain causal
+    alignment (last query on last key) is exact.
+    """
+    first_q, last_q = offset, offset + L - 1
+    last_k = key_start + n_keys - 1
+    windowed = window is not None and key_start <= last_q - window
+    if L == 1 and not windowed:
+        return None
+    if not windowed and last_k == last_q:
+        return "causal"
+    q = mx.arange(first_q, last_q + 1)[:, None]
+    k = mx.arange(key_start, last_k + 1)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask
+
+
+class SlidingWindowCache(_BaseCache):
+    """Keys/values of a sliding-window layer, in temporal order, bounded in memory.
+
+    Holds at most `window - 1 + slack` past tokens between calls (plus a growth step), so
+    memory does not depend on the prompt length. A query needs the `window - 1` tokens
+    before it; the `slack` extra tokens are what makes `trim` possible after wrapping.
+    """
+
+    step = 256
+
+    def __init__(self, window: int, slack: int = DEFAULT_SLIDING_SLACK):
+        self.window = window
+        self.slack = slack
+        self.keys = None
+        self.values = None
+        self.offset = 0  # absolute position of the next token
+        self._len = 0  # valid tokens in the buffer: positions offset-_len .. offset-1
+
+    @property
+    def capacity(self) -> int:
+        return self.window - 1 + self.slack
+
+    def _history(self) -> int:
+        return min(self._len, self.window - 1)
+
+    def make_mask(self, L: int, **_):
+        history = self._history()
+        return window_mask(L, self.offset, self.offset - history, history + L, self.window)
+
+    def update_and_fetch(self, keys, values):
+        L = keys.shape[2]
+        if self.keys is None or self._len + L > self.keys.shape[2]:
+            keep = min(self._len, self.capacity)
+            size = -(-(keep + max(L, self.step)) // self.step) * self.step
+            B, H, _, D = keys.shape
+            new_k = mx.zeros((B, H, size - keep, D), keys.dtype)
+            new_v = mx.zeros((B, H, size - keep, values.shape[3]), values.dtype)
+            if keep:
+                start = self._len - keep
+                new_k = mx.concatenate([self.keys[..., start:self._len, :], new_k], axis=2)
+                new_v = mx.concatenate([self.values[..., start:self._len, :], new_v], axis=2)
+            self.keys, self.values, self._len = new_k, new_v, keep
+        history = self._history()
+        self.keys[..., self._len:self._len + L, :] = keys
+        self.values[..., self._len:self._len + L, :] = values
+        self._len += L
+        self.offset += L
+        start = self._len - L - history
+        return self.keys[..., start:self._len, :], self.values[..., start:self._len, :]
+
+    @property
+    def max_trim(self) -> int:
+        """How many of the latest tokens can be dropped with the window still complete."""
+        if self._len == self.offset:  # nothing has been evicted yet
+            return self._len
+        return max(0, self._len - (self.window - 1))
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        if n > self.max_trim:
+            raise ValueError(
+                f"cannot trim {n} tokens from a sliding-window cache that holds only "
+                f"{self.max_trim} beyond its window (slack {self.slack}); rebuild the cache")
+        self._len -= n
+        self.offset -= n
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys[..., :self._len, :], self.values[..., :self._len, :]
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+        self._len = self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.window, self.slack, self.offset)))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.window, self.slack, self.offset = map(int, v)
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+
+def reuse_prefix(cache: list, cached_ids: list, new_ids: list) -> int:
+    """Trim `cache`, which holds `cached_ids`, to the longest prefix shared with `new_ids`.
+
+    Returns how many leading tokens of `new_ids` the cache now holds; at least one token is
+    always left to feed. 0 means nothing could be reused and the cache must be rebuilt.
+    """
+    common = 0
+    for a, b in zip(cached_ids, new_ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(new_ids) - 1)
+    drop = len(cached_ids) - common
+    if common <= 0 or any(drop > getattr(c, "max_trim", c.offset) for c in cache):
+        return 0
+    for c in cache:
+        c.trim(drop)
+    return common

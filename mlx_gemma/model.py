@@ -1,0 +1,204 @@
+"""The Gemma 4 unified decoder (spec 2): 5 sliding : 1 global layers, tied head, softcap.
+
+Module and parameter names follow the checkpoint as mlx-vlm lays it out
+(`language_model.model.layers.N...`, `vision_embedder.*`, `embed_vision.*`, `embed_audio.*`),
+so checkpoints move between the two without renaming.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import DEFAULT_SLIDING_SLACK, KVCache, SlidingWindowCache
+from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
+from .embedders import MultimodalEmbedder, VisionEmbedder
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: x / rms(x) * w, the weight used as is (not 1 + w).
+
+    transformers multiplies by the weight in float32 and casts afterwards; running the fused
+    kernel on float32 input keeps that rounding in bfloat16 too (spec 2.2).
+    """
+
+    def __init__(self, dims: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        if with_scale:
+            self.weight = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight.astype(mx.float32) if "weight" in self else None
+        return mx.fast.rms_norm(x.astype(mx.float32), w, self.eps).astype(x.dtype)
+
+
+class RoPE(nn.Module):
+    """Rotate-half RoPE over the whole head; proportional RoPE rotates only the first
+    `rotated_pairs` frequency slots, with exponents over the full head dim (spec 2.5)."""
+
+    def __init__(self, spec: RopeSpec):
+        super().__init__()
+        self.dims = spec.head_dim
+        self.base = spec.theta
+        self._freqs = None
+        if spec.is_partial:
+            exponents = mx.arange(0, 2 * spec.rotated_pairs, 2, dtype=mx.float32) / spec.head_dim
+            still = mx.full((spec.head_dim // 2 - spec.rotated_pairs,), mx.inf, dtype=mx.float32)
+            self._freqs = mx.concatenate([spec.theta ** exponents, still])
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        if self._freqs is None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                            freqs=self._freqs)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        h, d = cfg.hidden_size, spec.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, spec.num_kv_heads, d
+        self.k_eq_v = spec.k_eq_v
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        if not spec.k_eq_v:
+            self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+        self.rope = RoPE(spec.rope)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        k_raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        # k_eq_v: the values are the *raw* key projection, normalised without scale (spec 2.4).
+        v_raw = k_raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        k = self.k_norm(k_raw).transpose(0, 2, 1, 3)
+        v = self.v_norm(v_raw).transpose(0, 2, 1, 3)
+        q = self.rope(q.transpose(0, 2, 1, 3), cache.offset)
+        k = self.rope(k, cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        # Scale 1.0: q_norm and k_norm take the place of 1/sqrt(d).
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # gelu_approx is the tanh form, i.e. gelu_pytorch_tanh.
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, h: mx.array, mask, cache) -> mx.array:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), mask, cache))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        # A learned per-layer scale on the whole residual stream, after both adds.
+        return h * self.layer_scalar.astype(h.dtype)
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, spec) for spec in cfg.layers]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        h = self.embed_tokens(ids)
+        # transformers casts sqrt(hidden) to the weight dtype first: 62.0, not 61.97, in bf16.
+        return h * mx.array(self.config.embed_scale, mx.float32).astype(h.dtype)
+
+    def __call__(self, h: mx.array, cache: list) -> mx.array:
+        L = h.shape[1]
+        masks = {}
+        for layer, spec, c in zip(self.layers, self.config.layers, cache):
+            # Layers of one type share offset and window, hence one mask per type.
+            if spec.layer_type not in masks:
+                masks[spec.layer_type] = c.make_mask(L, return_array=False, window_size=None)
+            h = layer(h, masks[spec.layer_type], c)
+        return self.norm(h)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.model = TextModel(cfg)
+        self.softcap = cfg.final_logit_softcapping
+
+    def __call__(self, h: mx.array, cache: list, logits_to_keep: int = 0) -> mx.array:
+        h = self.model(h, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.model.embed_tokens.as_linear(h)  # tied head
+        if self.softcap:
+            logits = mx.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class Model(nn.Module):
+    """`logits = model(input_ids, cache=None)`, input_ids [batch, length] -> [batch, length, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.language_model = LanguageModel(config.text_config)
+        if config.vision_config is not None:
+            self.vision_embedder = VisionEmbedder(config.vision_config)
+            self.embed_vision = MultimodalEmbedder(config.vision_config.output_proj_dims,
+                                                   config.text_config.hidden_size,
+                                                   config.vision_config.rms_norm_eps)
+        if config.audio_config is not None:
+            self.embed_audio = MultimodalEmbedder(config.audio_config.audio_embed_dim,
+                                                  config.text_config.hidden_size,
+                                                  config.audio_config.rms_norm_eps)
+
+    @property
+    def layers(self):
+        return self.language_model.model.layers
+
+    def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK) -> list:
+        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else KVCache()
+                for s in self.config.text_config.layers]
+
+    def embed_text(self, input_ids: mx.array) -> mx.array:
+        # Placeholder ids may lie outside the vocabulary: embed pad instead (spec 2.1).
+        pad = self.config.text_config.pad_token_id
+        placeholder = mx.zeros(input_ids.shape, dtype=mx.bool_)
+        for tid in self.config.multimodal_token_ids:
+            placeholder = placeholder | (input_ids == tid)
+        return self.language_model.model.embed(mx.where(placeholder, pad, input_ids))
+
+    def __call__(self, input_ids: Optional[mx.array] = None, cache: Optional[list] = None,
+                 inputs_embeds: Optional[mx.array] = None, logits_to_keep: int = 0) -> mx.array:
+        """Logits for the new tokens; `cache` is updated in place. `logits_to_keep=n` computes
+        only the last n positions' logits (prefill needs just the last one)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_text(input_ids) if inputs_embeds is None else inputs_embeds
+        if cache is None:
+            cache = self.make_cache()
+        return self.language_model(h, cache, logits_to_keep)

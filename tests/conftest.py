@@ -1,0 +1,55 @@
+"""Session fixtures: one tiny checkpoint written by transformers, its reference model, our load.
+
+Parity errors measured by the tests are collected in `PARITY` and printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import reference  # noqa: E402
+
+PARITY: dict[str, float] = {}
+
+
+def record_parity(name: str, value: float) -> None:
+    PARITY[name] = max(value, PARITY.get(name, 0.0))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("parity vs transformers (max relative error)")
+        for name, value in sorted(PARITY.items()):
+            terminalreporter.write_line(f"{name:<60} {value:.3e}")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> Path:
+    return reference.build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-gemma4-unified")
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_checkpoint):
+    return reference.load_reference(hf_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def loaded(hf_checkpoint):
+    from mlx_gemma import load
+
+    return load(hf_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def model(loaded):
+    return loaded[0]
+
+
+@pytest.fixture(scope="session")
+def processor(loaded):
+    return loaded[1]

@@ -1,0 +1,151 @@
+"""Build tiny random-weight `gemma4_unified` checkpoints with transformers itself.
+
+The checkpoint has the 12B's structure at small sizes: 5:1 sliding/global layers ending in a
+global layer, global head dim twice the sliding one, one global kv head, k_eq_v,
+proportional partial RoPE, final softcap, and a sliding window small enough for test prompts
+to cross it. Norm scales and layer scalars are drawn away from 1 so a wrong formula shows.
+The tokenizer carries the real Gemma 4 special-token strings and a Gemma-style template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WINDOW = 16
+VOCAB = 512
+# Special tokens: real strings; <|turn>/<turn|> keep their real ids, the rest fit a small vocab.
+SPECIALS = {
+    "<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4,
+    "<|think|>": 10, "<|channel>": 11, "<channel|>": 12,
+    "<|image>": 13, "<image|>": 14, "<|image|>": 15, "<|video|>": 16,
+    "<|audio>": 17, "<audio|>": 18, "<|audio|>": 19,
+    "<|turn>": 105, "<turn|>": 106,
+}
+TOKEN_IDS = dict(boi_token_id=13, eoi_token_id=14, image_token_id=15, video_token_id=16,
+                 boa_token_id=17, eoa_token_index=18, audio_token_id=19)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if enable_thinking or messages[0]['role'] == 'system' %}"
+    "<|turn>system\n{% if enable_thinking %}<|think|>{% endif %}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}<turn|>\n"
+    "{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image|>"
+    "{% elif item['type'] == 'audio' %}<|audio|>"
+    "{% elif item['type'] == 'video' %}<|video|>"
+    "{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<turn|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def text_config(**over) -> dict:
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=12,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=WINDOW,
+        final_logit_softcapping=30.0, max_position_embeddings=512, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1_000_000.0},
+        },
+    )
+    cfg.update(over)
+    return cfg
+
+
+def make_config(**text_over):
+    from transformers import Gemma4UnifiedConfig
+
+    return Gemma4UnifiedConfig(
+        text_config=text_config(**text_over),
+        vision_config=dict(mm_embed_dim=64, output_proj_dims=64, mm_posemb_size=64),
+        audio_config=dict(audio_embed_dim=640),
+        **TOKEN_IDS,
+    )
+
+
+@torch.no_grad()
+def randomize(model, seed: int = 0) -> None:
+    """Weights with enough spread that a wrong formula changes the logits visibly."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and ("q_norm" in name or "k_norm" in name):
+            # Attention has no 1/sqrt(d): q/k norm scales set the score range, kept moderate
+            # so float32 rounding does not flip near-tied attention (a chaotic fixture).
+            p.copy_(0.35 + 0.7 * torch.rand(p.shape, generator=g))
+        elif p.ndim == 1 and ("norm" in name or name.endswith("ln1.weight") or name.endswith("ln2.weight")):
+            p.copy_(0.5 + torch.rand(p.shape, generator=g))  # norm scales in [0.5, 1.5)
+        elif p.ndim == 1:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        elif "embed_tokens" in name:
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))  # greedy decoding stays varied
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.copy_(0.6 + 0.8 * torch.rand(b.shape, generator=g))
+
+
+def make_tokenizer():
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    vocab = dict(SPECIALS)
+    for i in range(256):
+        vocab[f"<0x{i:02X}>"] = 256 + i
+    free = [i for i in range(VOCAB) if i not in vocab.values()]
+    pieces = ["▁"] + [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?"] + \
+             ["▁the", "▁a", "▁is", "▁of", "▁and", "\n"]
+    for piece, i in zip(pieces, free):
+        vocab[piece] = i
+    for n, i in enumerate(free[len(pieces):]):  # no gaps: detokenizers index the whole vocab
+        vocab[f"<unused{n}>"] = i
+    tok = GemmaTokenizer(vocab=vocab, merges=[], extra_special_tokens={
+        "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+        "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+    })
+    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIALS if t.startswith("<|") or
+                                                          t.endswith("|>")]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, **text_over) -> Path:
+    """Write a complete HF checkpoint directory (weights, config, tokenizer, generation config)."""
+    from transformers import Gemma4UnifiedForConditionalGeneration, GenerationConfig
+
+    torch.manual_seed(seed)
+    model = Gemma4UnifiedForConditionalGeneration(make_config(**text_over)).to(dtype).eval()
+    randomize(model, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=2, pad_token_id=0, eos_token_id=[1, 106], do_sample=True, temperature=1.0,
+        top_k=64, top_p=0.95)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return Path(path)
+
+
+def load_reference(path: Path, dtype=torch.float32):
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    return Gemma4UnifiedForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def reference_logits(model, ids: list[int]):
+    out = model(input_ids=torch.tensor([ids]), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+def hub_form_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
