@@ -17,7 +17,7 @@ from mlx_lm.models.cache import KVCache, _BaseCache
 
 DEFAULT_SLIDING_SLACK = 128
 
-__all__ = ["KVCache", "SlidingWindowCache", "window_mask", "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
+__all__ = ["GlobalKVCache", "SlidingWindowCache", "window_mask", "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
 
 
 def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Optional[int]):
@@ -42,11 +42,18 @@ def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Option
     return mask
 
 
+class GlobalKVCache(KVCache):
+    """mlx-lm's growing KV cache (trimmable, quantizable) with this package's mask interface."""
+
+    def make_mask(self, L: int, **_):
+        return window_mask(L, self.offset, 0, self.offset + L, None)
+
+
 class SlidingWindowCache(_BaseCache):
     """Keys/values of a sliding-window layer, in temporal order, bounded in memory.
 
-    Holds at most `window - 1 + slack` past tokens between calls (plus a growth step), so
-    memory does not depend on the prompt length. A query needs the `window - 1` tokens
+    Holds at most `window - 1 + slack` past tokens between calls, in a buffer of that plus
+    max(step, chunk) slots, so memory does not depend on the prompt length. A query needs the `window - 1` tokens
     before it; the `slack` extra tokens are what makes `trim` possible after wrapping.
     """
 
@@ -75,10 +82,10 @@ class SlidingWindowCache(_BaseCache):
         L = keys.shape[2]
         if self.keys is None or self._len + L > self.keys.shape[2]:
             keep = min(self._len, self.capacity)
-            size = -(-(keep + max(L, self.step)) // self.step) * self.step
+            grow = max(L, self.step)  # room for this update and the next decode steps
             B, H, _, D = keys.shape
-            new_k = mx.zeros((B, H, size - keep, D), keys.dtype)
-            new_v = mx.zeros((B, H, size - keep, values.shape[3]), values.dtype)
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
             if keep:
                 start = self._len - keep
                 new_k = mx.concatenate([self.keys[..., start:self._len, :], new_k], axis=2)

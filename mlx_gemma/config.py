@@ -261,3 +261,30 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
         counts["audio"] = cfg.audio_config.audio_embed_dim * h
     counts["total"] = sum(counts.values())
     return counts
+
+
+def hub_form(raw: dict) -> dict:
+    """config.json with `per_layer_config` folded back into global_head_dim /
+    num_global_key_value_heads (the Hub's form), when the overrides are exactly that.
+
+    Checkpoints we write use it: mlx-vlm reads only the Hub form (spec 1.3)."""
+    text = dict(raw.get("text_config", {}))
+    overrides = text.get("per_layer_config")
+    if not overrides:
+        return raw
+    cfg = TextConfig(**_pick(TextConfig, text))
+    full = {s.index for s in cfg.layers if s.layer_type == FULL}
+    values = {tuple(sorted(v.items())) for v in overrides.values()}
+    if {int(k) for k in overrides} != full or len(values) != 1:
+        return raw
+    o = dict(values.pop())
+    if set(o) - {"head_dim", "num_key_value_heads"}:
+        return raw
+    text.pop("per_layer_config")
+    text["global_head_dim"] = o.get("head_dim", cfg.head_dim)
+    if "num_key_value_heads" in o:
+        text["num_global_key_value_heads"] = o["num_key_value_heads"]
+    out = dict(raw, text_config=text)
+    folded = TextConfig(**_pick(TextConfig, text)).layers
+    return out if [(s.head_dim, s.num_kv_heads) for s in folded] == \
+        [(s.head_dim, s.num_kv_heads) for s in cfg.layers] else raw

@@ -14,12 +14,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import mlx.core as mx
 from tqdm import tqdm
 
-from .config import ModelConfig
+from .config import ModelConfig, hub_form
 from .errors import CheckpointError, InputError, MlxGemmaError
 from .loading import check_weights, load_weights, resolve_model_path
 from .model import Model
@@ -29,21 +29,6 @@ WEIGHT_INDEX = "model.safetensors.index.json"
 # Tokenizer, chat template, processor and generation files travel with the weights.
 SIDE_FILE_SUFFIXES = {".json", ".jinja", ".model", ".txt"}
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-
-
-def plan_shards(weights: dict[str, mx.array], max_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
-    """Names grouped into shards in sorted order, each shard under `max_bytes` (sizes from shapes)."""
-    shards, current, size = [], [], 0
-    for name in sorted(weights):
-        n = weights[name].nbytes
-        if current and size + n > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += n
-    if current:
-        shards.append(current)
-    return shards
 
 
 def _prepare_destination(dst: Path, force: bool) -> None:
@@ -57,28 +42,43 @@ def _prepare_destination(dst: Path, force: bool) -> None:
         raise InputError(f"{dst.parent}: cannot create ({e.strerror})") from None
 
 
-def write_checkpoint(dst: Path, src: Path, weights: dict[str, mx.array], config: dict,
-                     force: bool = False, desc: str = "Converting") -> Path:
-    """Write `weights` + `config` + the side files of `src` as an MLX checkpoint, atomically."""
+def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array, int]], config: dict,
+                     total_bytes: int = 0, force: bool = False, desc: str = "Converting",
+                     max_shard_bytes: Optional[int] = None) -> Path:
+    """Write a stream of (name, tensor, source bytes) + `config` + the side files of `src` as an MLX
+    checkpoint, atomically. Each tensor is evaluated as it arrives and a shard is written as
+    soon as it is full, so memory stays bounded by one shard whatever the model size."""
     _prepare_destination(dst, force)
+    limit = max_shard_bytes or MAX_SHARD_BYTES
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        shards = plan_shards(weights)
+        files: list[list[str]] = []
+        shard: dict[str, mx.array] = {}
+        bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+                   disable=None)
+
+        def flush():
+            mx.save_safetensors(str(tmp / f"part-{len(files)}.safetensors"), shard, metadata={"format": "mlx"})
+            files.append(list(shard))
+            shard.clear()
+            mx.clear_cache()
+
+        for name, tensor, source_bytes in tensors:
+            mx.eval(tensor)
+            if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > limit:
+                flush()
+            shard[name] = tensor
+            bar.update(source_bytes)
+        if shard:
+            flush()
+        bar.close()
         weight_map, total = {}, 0
-        bar = tqdm(total=sum(weights[k].nbytes for k in weights), unit="B", unit_scale=True,
-                   desc=desc, file=sys.stderr, disable=None)
-        for i, names in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else \
-                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            shard = {k: weights[k] for k in names}
-            mx.save_safetensors(str(tmp / fname), shard, metadata={"format": "mlx"})
+        for i, names in enumerate(files):
+            fname = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            (tmp / f"part-{i}.safetensors").rename(tmp / fname)
             for k in names:
                 weight_map[k] = fname
-                total += shard[k].nbytes
-            bar.update(sum(shard[k].nbytes for k in names))
-            del shard
-            mx.clear_cache()
-        bar.close()
+            total += (tmp / fname).stat().st_size
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / WEIGHT_INDEX).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -97,24 +97,41 @@ def write_checkpoint(dst: Path, src: Path, weights: dict[str, mx.array], config:
     return dst
 
 
-def convert(hf_path: str, mlx_path: str, dtype: Optional[str] = None, force: bool = False) -> Path:
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+def read_source(hf_path: str) -> tuple[Path, ModelConfig, dict, dict[str, mx.array]]:
+    """Resolve and check an unquantized source checkpoint: (dir, config, raw config, lazy weights)."""
     src = resolve_model_path(hf_path)
     config_file = src / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{src}: no config.json (not a model checkpoint directory)")
     config = ModelConfig.from_file(config_file)
     if config.quantization:
-        raise InputError(f"{src}: already quantized; convert reads unquantized checkpoints")
+        raise InputError(f"{src}: already quantized ({config.quantization.get('bits')}-bit); "
+                         "start from the unquantized checkpoint")
     weights = load_weights(src, progress=True)
     check_weights(Model(config), weights, src)
-    if dtype is not None:
-        target = DTYPES[dtype]
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in weights.items()}
-    raw_config = json.loads(config_file.read_text())
-    return write_checkpoint(Path(mlx_path).expanduser(), src, weights, raw_config, force=force)
+    return src, config, hub_form(json.loads(config_file.read_text())), weights
+
+
+def drain(weights: dict[str, mx.array]):
+    """Yield (name, tensor) while dropping each from `weights`, so a tensor's memory is freed
+    once it has been written."""
+    for name in sorted(weights):
+        yield name, weights.pop(name)
+
+
+def convert(hf_path: str, mlx_path: str, dtype: Optional[str] = None, force: bool = False) -> Path:
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    src, _, raw_config, weights = read_source(hf_path)
+    total = sum(v.nbytes for v in weights.values())
+    target = DTYPES.get(dtype)
+
+    def tensors():
+        for name, w in drain(weights):
+            cast = w.astype(target) if target is not None and mx.issubdtype(w.dtype, mx.floating) else w
+            yield name, cast, w.nbytes
+
+    return write_checkpoint(Path(mlx_path).expanduser(), src, tensors(), raw_config, total, force=force)
 
 
 def build_parser() -> argparse.ArgumentParser:

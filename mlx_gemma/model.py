@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import DEFAULT_SLIDING_SLACK, KVCache, SlidingWindowCache
+from .cache import DEFAULT_SLIDING_SLACK, GlobalKVCache, SlidingWindowCache
 from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
 from .embedders import MultimodalEmbedder, VisionEmbedder
 
@@ -138,7 +138,7 @@ class TextModel(nn.Module):
         for layer, spec, c in zip(self.layers, self.config.layers, cache):
             # Layers of one type share offset and window, hence one mask per type.
             if spec.layer_type not in masks:
-                masks[spec.layer_type] = c.make_mask(L, return_array=False, window_size=None)
+                masks[spec.layer_type] = c.make_mask(L)
             h = layer(h, masks[spec.layer_type], c)
         return self.norm(h)
 
@@ -181,7 +181,7 @@ class Model(nn.Module):
         return self.language_model.model.layers
 
     def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK) -> list:
-        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else KVCache()
+        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else GlobalKVCache()
                 for s in self.config.text_config.layers]
 
     def embed_text(self, input_ids: mx.array) -> mx.array:

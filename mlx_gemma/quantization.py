@@ -1,0 +1,195 @@
+"""Quantization policy (which tensor, how many bits) and the quantizer itself.
+
+The policy is decided by measurement (benchmarks/quant_policy.py, table in the README).
+The quantizer is MLX's affine / mxfp4 group quantization, except that a group whose values
+already lie on a 2^bits-level grid (quantization-aware-trained weights) gets that grid back
+exactly, so its dequantized values equal the input bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig
+from .errors import InputError
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+MODES = ("affine", "mxfp4")
+RECIPES = ("default", "quality", "small")
+
+# Parameter paths (module names) by role, as in model.py.
+EMBEDDING = "language_model.model.embed_tokens"
+MULTIMODAL_PREFIXES = ("vision_embedder.", "embed_vision.", "embed_audio.")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"--mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode == "mxfp4" and (self.bits, self.group_size) != (4, 32):
+            raise InputError(f"--mode mxfp4 needs --bits 4 --group-size 32 (got {self.bits} and "
+                             f"{self.group_size}); affine takes bits {BITS} with group sizes {GROUP_SIZES}")
+        if self.mode == "affine" and (self.bits not in BITS or self.group_size not in GROUP_SIZES):
+            raise InputError(f"--bits {self.bits} --group-size {self.group_size}: not supported; valid "
+                             f"are bits {'/'.join(map(str, BITS))} with group size "
+                             f"{'/'.join(map(str, GROUP_SIZES))} (affine), or 4 with 32 (mxfp4)")
+
+    def entry(self) -> dict:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: the codes plus a 16-bit scale and bias per group
+        (mxfp4: an 8-bit shared exponent per group, no bias)."""
+        extra = 8 if self.mode == "mxfp4" else 32
+        return self.bits + extra / self.group_size
+
+
+def module_spec(path: str, base: QuantSpec, recipe: str) -> Optional[QuantSpec]:
+    """How the module at `path` (a Linear or the Embedding) is stored under `recipe`;
+    None keeps it in floating point."""
+    if recipe not in RECIPES:
+        raise InputError(f"--recipe: {recipe!r} is not one of {', '.join(RECIPES)}")
+    multimodal = path.startswith(MULTIMODAL_PREFIXES)
+    eight = QuantSpec(8, base.group_size if base.mode == "affine" else 64, "affine")
+    if recipe == "small":
+        return base
+    if recipe == "quality":
+        if path == EMBEDDING or multimodal:
+            return eight
+        return base
+    # default: the measured trade-off (README, "Quantization policy")
+    if multimodal:
+        return eight
+    return base
+
+
+def quantizable_paths(model) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, weight shape) of every module that can be quantized (Linear, Embedding)."""
+    out = []
+    for path, m in model.named_modules():
+        if hasattr(m, "to_quantized") and "weight" in m:
+            out.append((path, tuple(m.weight.shape)))
+    return out
+
+
+def plan(model, base: QuantSpec, recipe: str) -> dict[str, QuantSpec]:
+    """{module path: spec} for the modules to quantize; checks group sizes divide the inputs."""
+    chosen = {}
+    for path, shape in quantizable_paths(model):
+        spec = module_spec(path, base, recipe)
+        if spec is None:
+            continue
+        if shape[-1] % spec.group_size:
+            raise InputError(f"--group-size {spec.group_size}: does not divide the input size {shape[-1]} "
+                             f"of {path}")
+        chosen[path] = spec
+    return chosen
+
+
+def quantization_entry(chosen: dict[str, QuantSpec], base: QuantSpec) -> dict:
+    """config.json `quantization`: global bits/group size plus per-module overrides (mlx-lm format)."""
+    entry = base.entry()
+    for path, spec in sorted(chosen.items()):
+        if spec != base:
+            entry[path] = spec.entry()
+    return entry
+
+
+# --- the quantizer ---------------------------------------------------------------------------
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes (rows, n) into uint32 words, element j of a word in bits [j*bits, (j+1)*bits)."""
+    per = 32 // bits
+    q = q.astype(np.uint32).reshape(q.shape[0], -1, per)
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None]
+    return np.bitwise_or.reduce(q << shifts, axis=-1)
+
+
+def _grid_groups(x: np.ndarray, bits: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For groups (rows of x) lying exactly on a grid bias + scale * {0..2^bits-1} with scale and
+    bias representable in `dtype`: (mask, scale, bias). Missing levels are allowed."""
+    levels = 2 ** bits - 1
+    lo, hi = x.min(1), x.max(1)
+    xs = np.sort(x, axis=1)
+    gaps = np.diff(xs, axis=1)
+    gaps[gaps == 0] = np.inf
+    smallest = gaps.min(1)
+    found = np.zeros(len(x), bool)
+    scale = np.zeros(len(x), np.float32)
+    for k in range(1, levels + 1):  # the grid step divides the smallest gap
+        s = (smallest / k).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            codes = (x - lo[:, None]) / s[:, None]
+            ok = np.isfinite(s) & (np.round((hi - lo) / s) <= levels)
+            ok &= np.all(np.abs(codes - np.round(codes)) <= 1e-4, axis=1)
+        # scale and bias are stored in the weights' dtype: they must survive that rounding
+        ok &= np.array(mx.array(s).astype(dtype).astype(mx.float32)) == s
+        ok &= np.array(mx.array(lo).astype(dtype).astype(mx.float32)) == lo
+        new = ok & ~found
+        scale[new] = s[new]
+        found |= ok
+    return found, scale, lo
+
+
+def quantize(w: mx.array, spec: QuantSpec) -> dict[str, mx.array]:
+    """{"weight", "scales"[, "biases"]} of `w` quantized by `spec`, grid-exact where possible."""
+    if spec.mode != "affine":
+        wq, scales = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+        return {"weight": wq, "scales": scales}
+    wq, scales, biases = mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
+    g = spec.group_size
+    x = w.astype(mx.float32).reshape(-1, g)
+    # Cheap screen: only groups that the plain quantizer does not reproduce and that hold at
+    # most 2^bits distinct values can lie on a grid.
+    plain = mx.dequantize(wq, scales, biases, group_size=g, bits=spec.bits, dtype=mx.float32).reshape(-1, g)
+    inexact = mx.any(plain != x, axis=1)
+    distinct = 1 + mx.sum(mx.diff(mx.sort(x, axis=1), axis=1) != 0, axis=1)
+    candidates = np.flatnonzero(np.array(inexact & (distinct <= 2 ** spec.bits)))
+    if candidates.size == 0:
+        return {"weight": wq, "scales": scales, "biases": biases}
+    xc = np.array(x[mx.array(candidates)])
+    ok, s, lo = _grid_groups(xc, spec.bits, w.dtype)
+    rows = candidates[ok]
+    if rows.size == 0:
+        return {"weight": wq, "scales": scales, "biases": biases}
+    codes = np.round((xc[ok] - lo[ok, None]) / s[ok, None])
+    shape_q, shape_s = wq.shape, scales.shape
+    wq_np = np.array(wq).reshape(-1, g * spec.bits // 32)
+    sc_np = np.array(scales.astype(mx.float32)).reshape(-1)
+    bi_np = np.array(biases.astype(mx.float32)).reshape(-1)
+    wq_np[rows] = _pack(codes, spec.bits)
+    sc_np[rows], bi_np[rows] = s[ok], lo[ok]
+    return {"weight": mx.array(wq_np).reshape(shape_q),
+            "scales": mx.array(sc_np).astype(scales.dtype).reshape(shape_s),
+            "biases": mx.array(bi_np).astype(biases.dtype).reshape(shape_s)}
+
+
+def quantized_size(config: ModelConfig, base: QuantSpec, recipe: str) -> dict[str, float]:
+    """Bytes of the real model under a policy, from the config alone (no weights needed)."""
+    from .model import Model
+
+    model = Model(config)  # lazy: nothing is allocated
+    chosen = plan(model, base, recipe)
+    from mlx.utils import tree_flatten
+
+    total = quantized = 0.0
+    for name, p in tree_flatten(model.parameters()):
+        module = name.rsplit(".", 1)[0]
+        if module in chosen and name.endswith(".weight"):
+            b = p.size * chosen[module].bits_per_weight() / 8
+            quantized += b
+        else:
+            b = p.size * 2  # bfloat16
+        total += b
+    return {"total_bytes": total, "quantized_bytes": quantized}

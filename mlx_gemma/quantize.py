@@ -1,0 +1,78 @@
+"""`python -m mlx_gemma.quantize`: an unquantized checkpoint -> a group-quantized MLX checkpoint.
+
+Streaming: tensors are read, quantized and written one by one, so peak memory is bounded by
+one output shard plus one tensor, not by the model (a 16 GB Mac can quantize the 24 GB
+bfloat16 checkpoint). The output is written atomically, like convert's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from .convert import drain, read_source, write_checkpoint
+from .errors import MlxGemmaError
+from .model import Model
+from .quantization import BITS, GROUP_SIZES, MODES, RECIPES, QuantSpec, plan, quantization_entry, quantize
+
+
+def quantize_checkpoint(src: str, out: str, bits: int = 4, group_size: int = 64, mode: str = "affine",
+                        recipe: str = "default", force: bool = False) -> Path:
+    base = QuantSpec(bits, group_size, mode)
+    src_dir, config, raw_config, weights = read_source(src)
+    chosen = plan(Model(config), base, recipe)
+    total = sum(v.nbytes for v in weights.values())
+
+    def tensors():
+        for name, w in drain(weights):
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module in chosen:
+                for part, t in quantize(w, chosen[module]).items():
+                    yield f"{module}.{part}", t, w.nbytes if part == "weight" else 0
+            else:
+                yield name, w, w.nbytes
+
+    raw_config["quantization"] = quantization_entry(chosen, base)
+    raw_config.pop("quantization_config", None)
+    return write_checkpoint(Path(out).expanduser(), src_dir, tensors(), raw_config, total, force=force,
+                            desc=f"Quantizing to {bits}-bit")
+
+
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, choices=BITS, default=4)
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
+    p.add_argument("--mode", choices=MODES, default="affine")
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="which tensors get how many bits (README: Quantization policy)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma.quantize",
+                                description="Quantize a Gemma 4 unified checkpoint for MLX (streaming).")
+    p.add_argument("--model", required=True, help="unquantized checkpoint directory or Hugging Face repo id")
+    p.add_argument("--out", required=True, help="output directory")
+    add_quant_flags(p)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    return p
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.mode, args.recipe,
+                                  force=args.force)
+    except MlxGemmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
+    print(f"Wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Generation loop behaviour: stop tokens, thought channel, generation_config defaults."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma.generation import generate, stream_generate
+from mlx_gemma.prompt import GenerationDefaults
+
+
+def scripted(processor, pieces):
+    """A sampler that emits a fixed token script (strings are encoded, ints used as ids)."""
+    ids = []
+    for p in pieces:
+        ids += [p] if isinstance(p, int) else processor.encode(p, add_special_tokens=False)
+    it = iter(ids)
+    # The loop queues one step ahead of what it yields, so the script may be read past its end.
+    return lambda logprobs: mx.array([next(it, 0)]), ids
+
+
+def tok(processor, s):
+    return processor.tokenizer.convert_tokens_to_ids(s)
+
+
+def test_thoughts_are_streamed_apart_from_the_answer(model, processor):
+    sampler, _ = scripted(processor, [tok(processor, "<|channel>"), "thought\nweigh it", tok(processor, "<channel|>"),
+                                      "the answer", tok(processor, "<turn|>")])
+    out = list(stream_generate(model, processor, "q", sampler=sampler, max_tokens=50))
+    thought = "".join(r.text for r in out if r.thinking)
+    answer = "".join(r.text for r in out if not r.thinking)
+    assert (thought, answer) == ("weigh it", "the answer")
+    assert out[-1].finish_reason == "stop"
+    sampler, _ = scripted(processor, [tok(processor, "<|channel>"), "thought\nhmm", tok(processor, "<channel|>"),
+                                      "ok", 1])
+    assert generate(model, processor, "q", sampler=sampler) == "ok"
+
+
+@pytest.mark.parametrize("stop", ["<turn|>", "<eos>"])
+def test_stops_at_end_of_turn_and_end_of_sequence(model, processor, stop):
+    sampler, ids = scripted(processor, ["abc", tok(processor, stop), "never"])
+    out = list(stream_generate(model, processor, "q", sampler=sampler, max_tokens=50))
+    assert "".join(r.text for r in out) == "abc"
+    assert out[-1].finish_reason == "stop" and out[-1].generation_tokens == 4
+
+
+def test_max_tokens_ends_with_length(model, processor):
+    out = list(stream_generate(model, processor, "q", temp=0.0, max_tokens=5))
+    assert out[-1].finish_reason in ("length", "stop") and out[-1].generation_tokens <= 5
+    if out[-1].finish_reason == "length":
+        assert out[-1].generation_tokens == 5
+
+
+def test_generation_config_defaults_and_suppressed_tokens(tmp_path, model, processor):
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.7, "top_k": 64, "top_p": 0.95,
+        "eos_token_id": [1, 106, 50], "suppress_tokens": [258883, 258882]}))
+    d = GenerationDefaults.from_file(tmp_path / "generation_config.json")
+    assert (d.temperature, d.top_k, d.top_p, d.eos_token_ids, d.suppress_tokens) == \
+        (0.7, 64, 0.95, [1, 106, 50], [258883, 258882])
+    assert GenerationDefaults.from_file(tmp_path / "absent.json").temperature == 0.0
+    # A suppressed token is never produced, even when it is the greedy choice.
+    greedy = [r.token for r in stream_generate(model, processor, "q", temp=0.0, max_tokens=1)][0]
+    saved = processor.defaults.suppress_tokens
+    try:
+        processor.defaults.suppress_tokens = [greedy]
+        first = [r.token for r in stream_generate(model, processor, "q", temp=0.0, max_tokens=1)][0]
+    finally:
+        processor.defaults.suppress_tokens = saved
+    assert first != greedy
+
+
+def test_checkpoint_eos_ids_are_stop_tokens(processor):
+    assert {1, 106} <= processor.eos_token_ids
