@@ -50,7 +50,10 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
     soon as it is full, so memory stays bounded by one shard whatever the model size."""
     _prepare_destination(dst, force)
     limit = max_shard_bytes or MAX_SHARD_BYTES
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot write ({e.strerror or e})") from None
     try:
         files: list[list[str]] = []
         shard: dict[str, mx.array] = {}
@@ -140,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-path", required=True, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating weights (default: keep)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize (as python -m mlx_gemma.quantize)")
+    from .quantize import add_quant_flags
+
+    add_quant_flags(p)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return p
 
@@ -147,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force)
+        if args.quantize:
+            from .quantize import quantize_checkpoint
+
+            out = quantize_checkpoint(args.hf_path, args.mlx_path, args.bits, args.group_size, args.mode,
+                                      args.recipe, force=args.force)
+        else:
+            out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force)
     except MlxGemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

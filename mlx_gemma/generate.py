@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="activation/weight dtype (default: as stored)")
+    p.add_argument("--no-quantize", action="store_true",
+                   help="never quantize an unquantized checkpoint that does not fit the memory budget")
+    p.add_argument("--memory-limit", default=None,
+                   help="memory budget, e.g. 10.5GB (default: Metal's recommended working set on a Mac, "
+                        "physical memory elsewhere)")
     p.add_argument("--verbose", action="store_true", help="print loading details")
     return p
 
@@ -72,7 +77,8 @@ def _prefill_progress(done: int, total: int) -> None:
 
 
 def run(args) -> None:
-    from .loading import load
+    from .loading import load, resolve_model_path
+    from .quantize import quantized_copy_for
 
     if args.max_tokens <= 0:
         raise InputError(f"--max-tokens: must be a positive number, got {args.max_tokens}")
@@ -81,7 +87,10 @@ def run(args) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, processor = load(args.model, dtype=dtype, progress=True)
+    path = resolve_model_path(args.model)
+    if not args.no_quantize:
+        path = quantized_copy_for(args.model, path, args.memory_limit) or path
+    model, processor = load(path, dtype=dtype, progress=True)
     if args.verbose:
         print(f"Loaded {args.model} ({mx.default_device()}, dtype "
               f"{model.language_model.model.norm.weight.dtype})", file=sys.stderr)

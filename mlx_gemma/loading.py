@@ -26,7 +26,7 @@ from .model import Model
 # Files a run needs from a Hub repo: config, weights, tokenizer, chat template, processor.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
                        "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 _VISION_MODULES = ("patch_ln1", "patch_ln2", "patch_dense", "pos_embedding", "pos_norm")
 
@@ -78,7 +78,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
             continue
         try:
             dtype, shape, (begin, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            expected = _SAFETENSORS_DTYPES[dtype]
+            expected = SAFETENSORS_DTYPE_BYTES[dtype]
             for s in shape:
                 expected *= s
         except (KeyError, TypeError, ValueError):

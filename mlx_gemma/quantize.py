@@ -8,6 +8,8 @@ bfloat16 checkpoint). The output is written atomically, like convert's.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -76,3 +78,34 @@ def main(argv: Optional[list] = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Weights may take this share of the budget; the rest is for the KV cache and activations.
+WEIGHT_SHARE = 0.8
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MLX_GEMMA_CACHE", Path.home() / ".cache" / "mlx-gemma")).expanduser()
+
+
+def quantized_copy_for(model: str, path: Path, memory_limit: Optional[str] = None) -> Optional[Path]:
+    """For an unquantized checkpoint too big for the memory budget: its 4-bit copy in the
+    cache (made once, streaming). None when the checkpoint is quantized or fits as it is."""
+    from .config import ModelConfig
+    from .memory import memory_budget, weight_bytes
+
+    if not (path / "config.json").exists() or ModelConfig.from_file(path / "config.json").quantization:
+        return None
+    need, budget = weight_bytes(path), memory_budget(memory_limit)
+    if need <= WEIGHT_SHARE * budget:
+        return None
+    spec = QuantSpec()
+    name = re.sub(r"[^\w.-]+", "--", model.strip("/")) + f"-{spec.bits}bit-gs{spec.group_size}-default"
+    out = cache_root() / name
+    if (out / "config.json").exists():
+        print(f"Using the {spec.bits}-bit copy of {model} in {out}", file=sys.stderr)
+        return out
+    print(f"{model}: {need / 2**30:.1f} GB of weights do not fit the {budget / 2**30:.1f} GB budget; "
+          f"quantizing to {spec.bits}-bit once into {out} (delete it to free the space; "
+          "--no-quantize skips this)", file=sys.stderr)
+    return quantize_checkpoint(str(path), str(out), spec.bits, spec.group_size, spec.mode, force=True)

@@ -23,7 +23,7 @@ def record_parity(name: str, value: float) -> None:
 
 def pytest_terminal_summary(terminalreporter):
     if PARITY:
-        terminalreporter.section("parity vs transformers (max relative error)")
+        terminalreporter.section("measured errors (parity with transformers: max relative error)")
         for name, value in sorted(PARITY.items()):
             terminalreporter.write_line(f"{name:<60} {value:.3e}")
 
@@ -31,6 +31,14 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory) -> Path:
     return reference.build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-gemma4-unified")
+
+
+@pytest.fixture(scope="session")
+def quant_source(tmp_path_factory) -> Path:
+    """A checkpoint whose widths every group size divides (the main one has hidden size 64)."""
+    return reference.build_checkpoint(tmp_path_factory.mktemp("hfq") / "tiny-128", hidden_size=128,
+                                      intermediate_size=256, num_hidden_layers=6, head_dim=32,
+                                      global_head_dim=64)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,214 @@
+"""Quantization: round trip, error bounds, exact QAT grids, recipes, interop with mlx-vlm, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import reference
+from conftest import record_parity
+from mlx_gemma.config import hub_form
+from mlx_gemma.errors import CheckpointError, InputError
+from mlx_gemma.loading import load, load_weights
+from mlx_gemma.quantization import QuantSpec, quantize
+from mlx_gemma.quantize import quantize_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+IDS = mx.array([[2] + list(range(30, 80))])
+
+
+def run(module, *args, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def quantized(quant_source, tmp_path_factory):
+    return quantize_checkpoint(str(quant_source), str(tmp_path_factory.mktemp("q") / "q4"))
+
+
+def test_round_trip_and_error_bound(quant_source, quantized):
+    q_model, _ = load(quantized)
+    entry = json.loads((quantized / "config.json").read_text())["quantization"]
+    assert (entry["bits"], entry["group_size"], entry["mode"]) == (4, 64, "affine")
+    source = load_weights(quant_source)
+    stored = load_weights(quantized)
+    n_quantized = 0
+    for path, m in q_model.named_modules():
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        n_quantized += 1
+        w = source[f"{path}.weight"].astype(mx.float32)
+        deq = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits, dtype=mx.float32)
+        # MLX shifts each group's grid so that zero is a level; a value is then at most one
+        # step (the group's scale) from its level: half a step of rounding inside the range,
+        # under one step of clipping at the far edge.
+        step = mx.repeat(mx.abs(m.scales.astype(mx.float32)), m.group_size, axis=-1)
+        err = mx.abs(deq - w)
+        assert mx.all(err <= step * 1.001 + 1e-7).item(), path
+        assert mx.mean((err <= step / 2 * 1.001 + 1e-7).astype(mx.float32)).item() > 0.95, path
+        assert m.bits == (entry.get(path, entry)["bits"])
+        assert stored[f"{path}.scales"].shape == m.scales.shape
+    assert n_quantized == 6 * 7 - 1 + 1 + 3  # 7 linears a layer (the global one has no v_proj), embedding, 3 multimodal
+    assert np.isfinite(np.array(q_model(IDS))).all()
+
+
+def test_already_quantized_is_refused(quantized, tmp_path):
+    with pytest.raises(InputError, match="already quantized"):
+        quantize_checkpoint(str(quantized), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+
+
+def grid_weights(symmetric: bool, rows=64, gs=64, seed=0) -> mx.array:
+    """bfloat16 weights on a 4-bit grid per group, using only some of the 16 levels."""
+    rng = np.random.default_rng(seed)
+    scale = (rng.integers(1, 16, size=(rows, 1)) * 2.0 ** -8).astype(np.float32)
+    if symmetric:  # levels -8..7 around zero (QAT q4_0), here only -6..5 used
+        codes, bias = rng.integers(-6, 6, size=(rows, gs)), 0.0
+    else:  # levels 0..15 from a per-group offset, here only 2..12 used
+        codes, bias = rng.integers(2, 13, size=(rows, gs)), (rng.integers(-64, 0, size=(rows, 1)) * 2.0 ** -8)
+    w = (codes * scale + bias).astype(np.float32)
+    out = mx.array(w).astype(mx.bfloat16)
+    assert np.array_equal(np.array(out.astype(mx.float32)), w), "grid must be exact in bfloat16"
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_qat_grid_is_recovered_exactly(symmetric):
+    w = grid_weights(symmetric)
+    exact = np.array(w.astype(mx.float32))
+    plain = mx.dequantize(*mx.quantize(w, group_size=64, bits=4), group_size=64, bits=4, dtype=mx.float32)
+    q = quantize(w, QuantSpec(4, 64))
+    ours = mx.dequantize(q["weight"], q["scales"], q["biases"], group_size=64, bits=4, dtype=mx.float32)
+    kind = "symmetric" if symmetric else "asymmetric"
+    record_parity(f"QAT {kind} 4-bit grid: plain quantizer max |error|", float(np.abs(np.array(plain) - exact).max()))
+    record_parity(f"QAT {kind} 4-bit grid: mlx-gemma max |error|", float(np.abs(np.array(ours) - exact).max()))
+    assert np.abs(np.array(plain) - exact).max() > 0, "missing levels must defeat min/max quantization"
+    assert np.array_equal(np.array(ours), exact)
+
+
+def test_non_grid_weights_match_plain_quantizer():
+    w = mx.random.normal((32, 128), key=mx.random.key(1)).astype(mx.bfloat16)
+    q = quantize(w, QuantSpec(4, 64))
+    plain = mx.quantize(w, group_size=64, bits=4)
+    for a, b in zip((q["weight"], q["scales"], q["biases"]), plain):
+        assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("recipe, eight_bit", [
+    ("small", set()),
+    ("default", {"vision_embedder.patch_dense", "embed_vision.embedding_projection",
+                 "embed_audio.embedding_projection"}),
+    ("quality", {"language_model.model.embed_tokens", "vision_embedder.patch_dense",
+                 "embed_vision.embedding_projection", "embed_audio.embedding_projection"}),
+])
+def test_recipe_changes_what_it_says(quant_source, tmp_path, recipe, eight_bit):
+    out = quantize_checkpoint(str(quant_source), str(tmp_path / recipe), recipe=recipe)
+    entry = json.loads((out / "config.json").read_text())["quantization"]
+    assert {k for k, v in entry.items() if isinstance(v, dict) and v["bits"] == 8} == eight_bit
+    model, _ = load(out)
+    bits = {p: m.bits for p, m in model.named_modules() if hasattr(m, "bits")}
+    assert {p for p, b in bits.items() if b == 8} == eight_bit
+    assert all(b == 4 for p, b in bits.items() if p not in eight_bit)
+
+
+def test_mlx_gemma_checkpoint_loads_in_mlx_vlm(quantized):
+    from mlx_vlm import load as vlm_load
+
+    ours, _ = load(quantized)
+    theirs, _ = vlm_load(str(quantized))
+    assert np.array_equal(np.array(theirs(IDS).logits), np.array(ours(IDS)))
+
+
+def test_mlx_vlm_quantized_checkpoint_loads_in_mlx_gemma(quant_source, tmp_path):
+    from mlx_vlm import load as vlm_load
+
+    hub = tmp_path / "hub-form"  # what the Hub ships: mlx-vlm reads only this config form
+    subprocess.run(["cp", "-r", str(quant_source), str(hub)], check=True)
+    (hub / "config.json").write_text(json.dumps(hub_form(json.loads((quant_source / "config.json").read_text()))))
+    out = tmp_path / "vlm-q4"
+    conv = run("mlx_vlm", "convert", "--hf-path", str(hub), "--mlx-path", str(out), "-q", "--q-bits", "4",
+               "--q-group-size", "64")
+    assert conv.returncode == 0, conv.stderr
+    theirs, _ = vlm_load(str(out))
+    ours, _ = load(out)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in ours.named_modules())
+    assert np.array_equal(np.array(ours(IDS)), np.array(theirs(IDS).logits))
+
+
+def test_cli_and_convert_q(quant_source, tmp_path):
+    a = run("mlx_gemma.quantize", "--model", str(quant_source), "--out", str(tmp_path / "a"), "--bits", "8",
+            "--group-size", "32")
+    assert a.returncode == 0, a.stderr
+    b = run("mlx_gemma.convert", "--hf-path", str(quant_source), "--mlx-path", str(tmp_path / "b"), "-q",
+            "--bits", "8", "--group-size", "32")
+    assert b.returncode == 0, b.stderr
+    for d in ("a", "b"):
+        entry = json.loads((tmp_path / d / "config.json").read_text())["quantization"]
+        assert (entry["bits"], entry["group_size"]) == (8, 32)
+    assert load_weights(tmp_path / "a").keys() == load_weights(tmp_path / "b").keys()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "mxfp4", "--group-size", "64"],
+     "error: --mode mxfp4 needs --bits 4 --group-size 32 (got 4 and 64); affine takes bits (4, 8) "
+     "with group sizes (32, 64, 128)"),
+])
+def test_invalid_combination_lists_valid_ones(quant_source, tmp_path, args, message):
+    r = run("mlx_gemma.quantize", "--model", str(quant_source), "--out", str(tmp_path / "x"), *args)
+    assert r.returncode == 1 and r.stderr.strip() == message
+    assert not (tmp_path / "x").exists()
+
+
+def test_group_size_that_does_not_divide_names_the_layer(hf_checkpoint, tmp_path):
+    r = run("mlx_gemma.quantize", "--model", str(hf_checkpoint), "--out", str(tmp_path / "x"),
+            "--group-size", "128")
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("error: --group-size 128: does not divide the input size 64 of "
+                                "embed_vision.embedding_projection")
+
+
+@pytest.mark.parametrize("where, error", [
+    ("tempfile.mkdtemp", OSError(30, "Read-only file system")),
+    ("mlx.core.save_safetensors", OSError(28, "No space left on device")),
+], ids=["read-only", "disk-full"])
+def test_unwritable_destination_is_a_clear_error(quant_source, tmp_path, monkeypatch, where, error):
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(where, fail)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'out'}: cannot write \\({error.strerror}\\)"):
+        quantize_checkpoint(str(quant_source), str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_quantize_leaves_nothing(quant_source, tmp_path, monkeypatch):
+    import mlx_gemma.quantize as qmod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qmod, "quantize", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(str(quant_source), str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_quantizes_a_checkpoint_that_does_not_fit_once(quant_source, tmp_path):
+    env = dict(os.environ, MLX_GEMMA_CACHE=str(tmp_path / "cache"))
+    args = ("--model", str(quant_source), "--prompt", "hi", "--max-tokens", "2", "--memory-limit", "2MB")
+    first = run("mlx_gemma.generate", *args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "do not fit the 0.0 GB budget; quantizing to 4-bit once into" in first.stderr
+    copies = list((tmp_path / "cache").iterdir())
+    assert len(copies) == 1 and json.loads((copies[0] / "config.json").read_text())["quantization"]["bits"] == 4
+    second = run("mlx_gemma.generate", *args, env=env)
+    assert second.returncode == 0 and f"Using the 4-bit copy of {quant_source} in {copies[0]}" in second.stderr
+    off = run("mlx_gemma.generate", *args, "--no-quantize", env=env)
+    assert off.returncode == 0 and "4-bit" not in off.stderr
