@@ -38,13 +38,17 @@ def memory_budget(limit: Optional[str] = None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def weight_bytes(path: Path) -> int:
-    """Bytes of a checkpoint's tensors, from the safetensors headers (nothing is loaded)."""
-    total = 0
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """{tensor name: bytes} of a checkpoint, from the safetensors headers (nothing is loaded)."""
+    sizes = {}
     for f in weight_files(path):
-        for dtype, shape in read_safetensors_header(f).values():
+        for name, (dtype, shape) in read_safetensors_header(f).items():
             n = SAFETENSORS_DTYPE_BYTES[dtype]
             for s in shape:
                 n *= s
-            total += n
-    return total
+            sizes[name] = n
+    return sizes
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(tensor_bytes(path).values())

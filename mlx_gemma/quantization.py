@@ -116,30 +116,52 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(q << shifts, axis=-1)
 
 
-def _grid_groups(x: np.ndarray, bits: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For groups (rows of x) lying exactly on a grid bias + scale * {0..2^bits-1} with scale and
-    bias representable in `dtype`: (mask, scale, bias). Missing levels are allowed."""
-    levels = 2 ** bits - 1
-    lo, hi = x.min(1), x.max(1)
-    xs = np.sort(x, axis=1)
-    gaps = np.diff(xs, axis=1)
-    gaps[gaps == 0] = np.inf
-    smallest = gaps.min(1)
-    found = np.zeros(len(x), bool)
-    scale = np.zeros(len(x), np.float32)
-    for k in range(1, levels + 1):  # the grid step divides the smallest gap
-        s = (smallest / k).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            codes = (x - lo[:, None]) / s[:, None]
-            ok = np.isfinite(s) & (np.round((hi - lo) / s) <= levels)
-            ok &= np.all(np.abs(codes - np.round(codes)) <= 1e-4, axis=1)
-        # scale and bias are stored in the weights' dtype: they must survive that rounding
-        ok &= np.array(mx.array(s).astype(dtype).astype(mx.float32)) == s
-        ok &= np.array(mx.array(lo).astype(dtype).astype(mx.float32)) == lo
-        new = ok & ~found
-        scale[new] = s[new]
-        found |= ok
-    return found, scale, lo
+# Rows screened for grids at a time: bounds the float32 temporaries to ~64 MB per step, so
+# the 1B-element embedding never needs several GB of scratch memory.
+SCREEN_ELEMENTS = 1 << 24
+PROBE = 4  # columns looked at before a group is checked in full
+TOLERANCE = 1e-4
+
+
+def _on_grid(r: mx.array, k: int) -> mx.array:
+    """Whether every r * k is an integer, per row."""
+    return mx.all(mx.abs(r * k - mx.round(r * k)) <= TOLERANCE, axis=1)
+
+
+def _grid_rows(w: mx.array, spec: QuantSpec):
+    """Groups (rows of the (-1, group_size) view) whose values are min + step * {0..k} for some
+    k < 2^bits, with the step representable in the weights' dtype: the grid of
+    quantization-aware-trained weights, unused levels allowed. Yields (rows, step, min, codes).
+
+    A group spanning k steps has (x - min) / (max - min) * k integral; a few probe columns
+    reject almost every other group before the full check."""
+    levels = 2 ** spec.bits - 1
+    x_all = w.reshape(-1, spec.group_size)
+    step_rows = max(1, SCREEN_ELEMENTS // spec.group_size)
+    for start in range(0, x_all.shape[0], step_rows):
+        x = x_all[start:start + step_rows].astype(mx.float32)
+        lo, hi = mx.min(x, axis=1, keepdims=True), mx.max(x, axis=1, keepdims=True)
+        span = hi - lo
+        r = (x[:, :PROBE] - lo) / mx.where(span > 0, span, 1)
+        maybe = mx.zeros((x.shape[0],), dtype=mx.bool_)
+        for k in range(1, levels + 1):
+            maybe = maybe | _on_grid(r, k)
+        rows = np.flatnonzero(np.array(maybe & (span[:, 0] > 0)))
+        if rows.size == 0:
+            continue
+        idx = mx.array(rows)
+        xr, lor, spanr = x[idx], lo[idx], span[idx]
+        r = (xr - lor) / spanr
+        k_found = mx.zeros((rows.size,), dtype=mx.int32)
+        for k in range(levels, 0, -1):  # ends on the smallest k that fits
+            k_found = mx.where(_on_grid(r, k), k, k_found)
+        step = spanr[:, 0] / mx.maximum(k_found, 1)
+        exact = (step.astype(w.dtype).astype(mx.float32) == step) & (k_found > 0)
+        keep = np.flatnonzero(np.array(exact))
+        if keep.size:
+            kk = mx.array(keep)
+            codes = mx.round(r[kk] * k_found[kk][:, None])
+            yield start + rows[keep], np.array(step[kk]), np.array(lor[kk][:, 0]), np.array(codes)
 
 
 def quantize(w: mx.array, spec: QuantSpec) -> dict[str, mx.array]:
@@ -148,31 +170,18 @@ def quantize(w: mx.array, spec: QuantSpec) -> dict[str, mx.array]:
         wq, scales = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
         return {"weight": wq, "scales": scales}
     wq, scales, biases = mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
-    g = spec.group_size
-    x = w.astype(mx.float32).reshape(-1, g)
-    # Cheap screen: only groups that the plain quantizer does not reproduce and that hold at
-    # most 2^bits distinct values can lie on a grid.
-    plain = mx.dequantize(wq, scales, biases, group_size=g, bits=spec.bits, dtype=mx.float32).reshape(-1, g)
-    inexact = mx.any(plain != x, axis=1)
-    distinct = 1 + mx.sum(mx.diff(mx.sort(x, axis=1), axis=1) != 0, axis=1)
-    candidates = np.flatnonzero(np.array(inexact & (distinct <= 2 ** spec.bits)))
-    if candidates.size == 0:
+    found = list(_grid_rows(w, spec))
+    if not found:
         return {"weight": wq, "scales": scales, "biases": biases}
-    xc = np.array(x[mx.array(candidates)])
-    ok, s, lo = _grid_groups(xc, spec.bits, w.dtype)
-    rows = candidates[ok]
-    if rows.size == 0:
-        return {"weight": wq, "scales": scales, "biases": biases}
-    codes = np.round((xc[ok] - lo[ok, None]) / s[ok, None])
-    shape_q, shape_s = wq.shape, scales.shape
-    wq_np = np.array(wq).reshape(-1, g * spec.bits // 32)
+    wq_np = np.array(wq).reshape(-1, spec.group_size * spec.bits // 32)
     sc_np = np.array(scales.astype(mx.float32)).reshape(-1)
     bi_np = np.array(biases.astype(mx.float32)).reshape(-1)
-    wq_np[rows] = _pack(codes, spec.bits)
-    sc_np[rows], bi_np[rows] = s[ok], lo[ok]
-    return {"weight": mx.array(wq_np).reshape(shape_q),
-            "scales": mx.array(sc_np).astype(scales.dtype).reshape(shape_s),
-            "biases": mx.array(bi_np).astype(biases.dtype).reshape(shape_s)}
+    for rows, s, lo, codes in found:
+        wq_np[rows] = _pack(codes, spec.bits)
+        sc_np[rows], bi_np[rows] = s, lo
+    return {"weight": mx.array(wq_np).reshape(wq.shape),
+            "scales": mx.array(sc_np).astype(scales.dtype).reshape(scales.shape),
+            "biases": mx.array(bi_np).astype(biases.dtype).reshape(biases.shape)}
 
 
 def quantized_size(config: ModelConfig, base: QuantSpec, recipe: str) -> dict[str, float]:

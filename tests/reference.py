@@ -64,12 +64,20 @@ def text_config(**over) -> dict:
     return cfg
 
 
+# The real 12B's widths (spec 1.1), for benchmarks that need them with few layers.
+REAL_WIDTHS = dict(vocab_size=262_144, hidden_size=3840, intermediate_size=15360, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=1,
+                   sliding_window=1024, max_position_embeddings=262_144)
+
+
 def make_config(**text_over):
     from transformers import Gemma4UnifiedConfig
 
+    width = text_over.get("hidden_size", 64)
     return Gemma4UnifiedConfig(
         text_config=text_config(**text_over),
-        vision_config=dict(mm_embed_dim=64, output_proj_dims=64, mm_posemb_size=64),
+        vision_config=dict(mm_embed_dim=width, output_proj_dims=width,
+                           mm_posemb_size=1120 if width >= 1024 else 64),
         audio_config=dict(audio_embed_dim=640),
         **TOKEN_IDS,
     )
@@ -97,6 +105,23 @@ def randomize(model, seed: int = 0) -> None:
             b.copy_(0.6 + 0.8 * torch.rand(b.shape, generator=g))
 
 
+@torch.no_grad()
+def trained_like(model, seed: int = 0) -> None:
+    """Statistics of a trained model rather than a sharp test fixture: small weights
+    (std 0.02, as transformers initialises them), norm scales around 1, layer scalars < 1."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+            p.copy_(1.0 + 0.15 * torch.randn(p.shape, generator=g))
+        elif p.ndim == 1:
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.copy_(0.5 + 0.5 * torch.rand(b.shape, generator=g))
+
+
 def make_tokenizer():
     from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
 
@@ -120,17 +145,19 @@ def make_tokenizer():
     return tok
 
 
-def build_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, **text_over) -> Path:
+def build_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, stats=randomize, max_shard_size=None,
+                     **text_over) -> Path:
     """Write a complete HF checkpoint directory (weights, config, tokenizer, generation config)."""
     from transformers import Gemma4UnifiedForConditionalGeneration, GenerationConfig
 
     torch.manual_seed(seed)
-    model = Gemma4UnifiedForConditionalGeneration(make_config(**text_over)).to(dtype).eval()
-    randomize(model, seed)
+    model = Gemma4UnifiedForConditionalGeneration(make_config(**text_over)).eval()
+    stats(model, seed)
+    model = model.to(dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=2, pad_token_id=0, eos_token_id=[1, 106], do_sample=True, temperature=1.0,
         top_k=64, top_p=0.95)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     make_tokenizer().save_pretrained(path)
     return Path(path)
 
