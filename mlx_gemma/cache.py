@@ -17,7 +17,8 @@ from mlx_lm.models.cache import KVCache, _BaseCache
 
 DEFAULT_SLIDING_SLACK = 128
 
-__all__ = ["GlobalKVCache", "SlidingWindowCache", "window_mask", "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
+__all__ = ["GlobalKVCache", "CompactGlobalCache", "SlidingWindowCache", "window_mask", "reuse_prefix",
+           "DEFAULT_SLIDING_SLACK"]
 
 
 def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Optional[int]):
@@ -43,10 +44,119 @@ def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Option
 
 
 class GlobalKVCache(KVCache):
-    """mlx-lm's growing KV cache (trimmable, quantizable) with this package's mask interface."""
+    """mlx-lm's growing KV cache (trimmable) with this package's mask interface."""
 
     def make_mask(self, L: int, **_):
         return window_mask(L, self.offset, 0, self.offset + L, None)
+
+
+class CompactGlobalCache(_BaseCache):
+    """A global-layer cache that stores less: one tensor for k_eq_v layers, and/or
+    group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are cached.
+
+    One tensor: on k_eq_v layers the values are N = rmsnorm_noscale(k_proj(x)) and the keys
+    are rope(N * k_norm.weight), so only N is stored (`update_and_fetch_values`) and the layer
+    derives the keys each step. Two tensors: keys and values as usual (`update_and_fetch`).
+    Fetching returns full-precision tensors (quantized storage is dequantized per step).
+    """
+
+    step = 256
+
+    def __init__(self, one_tensor: bool, bits: Optional[int] = None, group_size: int = 64,
+                 quantize_after: int = 0):
+        self.one_tensor = one_tensor
+        self.bits, self.group_size, self.quantize_after = bits, group_size, quantize_after
+        self.stored = None  # list of tensors, each an array or a (codes, scales, biases) tuple
+        self.offset = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.stored is not None and isinstance(self.stored[0], tuple)
+
+    def _quantize(self, x):
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _capacity(self) -> int:
+        if self.stored is None:
+            return 0
+        first = self.stored[0][0] if self.quantized else self.stored[0]
+        return first.shape[2]
+
+    def _grow(self, tensors: list, needed: int, quantize: bool) -> None:
+        """Reallocate with room for `needed` tokens (a multiple of `step`), keeping the cached ones."""
+        size = -(-needed // self.step) * self.step
+        grown = []
+        for i, t in enumerate(tensors):
+            B, H, _, D = t.shape
+            fresh = mx.zeros((B, H, size - self.offset, D), t.dtype)
+            fresh = self._quantize(fresh) if quantize else fresh
+            if not self.offset:
+                grown.append(fresh)
+            elif quantize:
+                grown.append(tuple(mx.concatenate([old[..., :self.offset, :], f], axis=2)
+                                   for old, f in zip(self.stored[i], fresh)))
+            else:
+                grown.append(mx.concatenate([self.stored[i][..., :self.offset, :], fresh], axis=2))
+        self.stored = grown
+
+    def _update(self, tensors: list) -> list:
+        end = self.offset + tensors[0].shape[2]
+        quantize = bool(self.bits) and end > self.quantize_after
+        if quantize and self.stored is not None and not self.quantized:
+            self.stored = [self._quantize(t) for t in self.stored]  # crossing quantize_after
+        if end > self._capacity():
+            self._grow(tensors, end, quantize)
+        out = []
+        for i, t in enumerate(tensors):
+            if quantize:
+                for part, new in zip(self.stored[i], self._quantize(t)):
+                    part[..., self.offset:end, :] = new
+                codes, scales, biases = (part[..., :end, :] for part in self.stored[i])
+                out.append(mx.dequantize(codes, scales, biases, group_size=self.group_size,
+                                         bits=self.bits).astype(t.dtype))
+            else:
+                self.stored[i][..., self.offset:end, :] = t
+                out.append(self.stored[i][..., :end, :])
+        self.offset = end
+        return out
+
+    def update_and_fetch(self, keys, values):
+        return tuple(self._update([keys, values]))
+
+    def update_and_fetch_values(self, values):
+        return self._update([values])[0]
+
+    def make_mask(self, L: int, **_):
+        return window_mask(L, self.offset, 0, self.offset + L, None)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.stored is None
+
+    @property
+    def state(self):
+        if self.stored is None:
+            return []
+        if self.quantized:
+            return [p[..., :self.offset, :] for t in self.stored for p in t]
+        return [t[..., :self.offset, :] for t in self.stored]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (the buffer grows in steps of 256 tokens)."""
+        if self.stored is None:
+            return 0
+        return sum(p.nbytes for t in self.stored for p in (t if isinstance(t, tuple) else (t,)))
 
 
 class SlidingWindowCache(_BaseCache):

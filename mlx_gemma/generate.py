@@ -10,9 +10,11 @@ import mlx.core as mx
 
 from .errors import InputError, MlxGemmaError
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
-                         print_stats, stream_generate)
+                         check_context, print_stats, prompt_to_ids, stream_generate)
+from .memory import KVOptions, make_plan, memory_budget, prefill_chunk, refusal, weight_bytes
 
 DEFAULT_MODEL = "google/gemma-4-12B-it"
+CHAT_CONTEXT = 32768  # --chat plans for this many tokens unless --max-kv-size says otherwise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", default=None,
                    help="memory budget, e.g. 10.5GB (default: Metal's recommended working set on a Mac, "
                         "physical memory elsewhere)")
-    p.add_argument("--verbose", action="store_true", help="print loading details")
+    p.add_argument("--max-kv-size", type=int, default=None, help="cap on the context (prompt + reply) in tokens")
+    p.add_argument("--kv-bits", type=int, default=None, help="quantize the global layers' KV cache (4 or 8)")
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--quantized-kv-start", type=int, default=0,
+                   help="keep the KV cache unquantized until it holds this many tokens")
+    p.add_argument("--kv-two-tensor", action="store_true",
+                   help="store keys and values separately on global layers (default: one tensor, half the memory)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
+    p.add_argument("--verbose", action="store_true", help="print loading details and the memory plan")
     return p
 
 
@@ -76,8 +86,15 @@ def _prefill_progress(done: int, total: int) -> None:
         print(f"\rPrefill: {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
 
 
+def kv_options(args) -> KVOptions:
+    return KVOptions(one_tensor=not args.kv_two_tensor, bits=args.kv_bits, group_size=args.kv_group_size,
+                     quantized_start=args.quantized_kv_start)
+
+
 def run(args) -> None:
-    from .loading import load, resolve_model_path
+    from .config import ModelConfig
+    from .loading import load_model, resolve_model_path
+    from .prompt import Processor
     from .quantize import quantized_copy_for
 
     if args.max_tokens <= 0:
@@ -86,30 +103,60 @@ def run(args) -> None:
         raise InputError(f"--prefill-step-size: must be a positive number, got {args.prefill_step_size}")
     if args.seed is not None:
         mx.random.seed(args.seed)
-    dtype = getattr(mx, args.dtype) if args.dtype else None
     path = resolve_model_path(args.model)
-    if not args.no_quantize:
+    if not args.no_quantize and not args.plan:
         path = quantized_copy_for(args.model, path, args.memory_limit) or path
-    model, processor = load(path, dtype=dtype, progress=True)
-    if args.verbose:
-        print(f"Loaded {args.model} ({mx.default_device()}, dtype "
-              f"{model.language_model.model.norm.weight.dtype})", file=sys.stderr)
-    options = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-                   min_p=args.min_p, prefill_step_size=args.prefill_step_size, progress=_prefill_progress)
+    if not (path / "config.json").exists():
+        raise InputError(f"{path}: no config.json (not a model checkpoint directory)")
+    config = ModelConfig.from_file(path / "config.json")
+    processor = Processor.from_pretrained(path, config)
+    limit = config.text_config.max_position_embeddings
     if args.chat:
-        return chat_loop(model, processor, args, options)
-    prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt if args.prompt is not None else "hello")
+        ids, context = [], args.max_kv_size or min(limit, CHAT_CONTEXT)
+    else:
+        prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt if args.prompt is not None else "hello")
+        ids = prompt_to_ids(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking)
+        check_context(limit, len(ids), args.max_tokens)
+        context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
+    if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
+        raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
+    dtype_bytes = 4 if args.dtype == "float32" else 2
+    kv = kv_options(args)
+    plan = make_plan(config, weight_bytes(path), context, memory_budget(args.memory_limit), kv, dtype_bytes,
+                     args.prefill_step_size)
+    if args.plan:
+        print(plan.table())
+        return
+    if not plan.fits:
+        raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
+    model = load_model(path, dtype=getattr(mx, args.dtype) if args.dtype else None, progress=True)
+    if args.verbose:
+        print(f"Loaded {args.model} from {path} ({mx.default_device()})\n{plan.table()}", file=sys.stderr)
+
+    def make_cache():
+        return model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size,
+                                quantized_kv_start=kv.quantized_start)
+
+    def chunk(done: int) -> int:
+        return prefill_chunk(config.text_config, done, args.prefill_step_size, dtype_bytes)
+
+    options = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                   prefill_step_size=chunk, progress=_prefill_progress, max_kv_size=context)
+    if args.chat:
+        return chat_loop(model, processor, args, dict(options, max_tokens=args.max_tokens), make_cache)
     printer, last = _Printer(args.hide_thinking), None
-    for last in stream_generate(model, processor, prompt, system=args.system,
-                                chat_template=not args.no_chat_template,
-                                enable_thinking=args.enable_thinking, **options):
+    for last in stream_generate(model, processor, ids, cache=make_cache(), max_tokens=args.max_tokens, **options):
         printer(last)
     printer.close()
     print_stats(last)
 
 
-def chat_loop(model, processor, args, options) -> None:
-    session = ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking)
+def chat_loop(model, processor, args, options, make_cache) -> None:
+    def new_session():
+        return ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking,
+                           make_cache=make_cache)
+
+    session = new_session()
     print("Chat with the model: 'q' or Ctrl-D to quit, 'r' to restart.", file=sys.stderr)
     while True:
         try:
@@ -120,7 +167,7 @@ def chat_loop(model, processor, args, options) -> None:
         if line.strip() == "q":
             return
         if line.strip() == "r":
-            session = ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking)
+            session = new_session()
             continue
         printer, last = _Printer(args.hide_thinking), None
         for last in session.send(line, **options):

@@ -45,9 +45,12 @@ class GenerationResponse:
 
 def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optional[Callable] = None,
                   logits_processors: Optional[list] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                  prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                  prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
                   progress: Optional[Callable[[int, int], None]] = None) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) after feeding `prompt` into `cache` (updated in place).
+
+    `prefill_step_size` is a chunk size, or a function of the tokens already cached giving it
+    (the memory planner shrinks chunks as the context grows, keeping peak memory flat).
 
     The next step is queued before a token is yielded (so the device never waits on Python):
     after the loop the cache holds the prompt and every yielded token, except the last one
@@ -67,9 +70,10 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs[0]
 
+    chunk_size = prefill_step_size if callable(prefill_step_size) else (lambda _: prefill_step_size)
     total, done = prompt.size, 0
     while total - done > 1:
-        n = min(prefill_step_size, total - done - 1)
+        n = min(chunk_size(cache[0].offset), total - done - 1)
         model(prompt[done:done + n][None], cache=cache, logits_to_keep=1)
         mx.eval([c.state for c in cache])  # the logits of a prefill chunk are never computed
         done += n
@@ -121,8 +125,7 @@ def prompt_to_ids(processor, prompt: Prompt, system: Optional[str] = None, chat_
     return [int(t) for t in prompt]
 
 
-def check_context(model, n_tokens: int, max_tokens: int) -> None:
-    limit = model.config.text_config.max_position_embeddings
+def check_context(limit: int, n_tokens: int, max_tokens: int) -> None:
     if n_tokens >= limit:
         raise InputError(f"prompt: {n_tokens} tokens, longer than the model's context of {limit} tokens")
     if max_tokens <= 0:
@@ -167,13 +170,20 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     temp: Optional[float] = None, top_p: Optional[float] = None,
                     top_k: Optional[int] = None, min_p: Optional[float] = None,
                     sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
-                    prefill_step_size: int = DEFAULT_PREFILL_STEP,
-                    progress: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
+                    prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    max_kv_size: Optional[int] = None) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
-    `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length")."""
+    `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
+    `max_kv_size` caps prompt + reply (with what the cache already holds)."""
     ids = prompt_to_ids(processor, prompt, system, chat_template, enable_thinking)
     cache = model.make_cache() if cache is None else cache
-    check_context(model, len(ids) + cache[0].offset, max_tokens)
+    held = cache[0].offset
+    check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens)
+    if max_kv_size is not None:
+        if len(ids) + held >= max_kv_size:
+            raise InputError(f"--max-kv-size {max_kv_size}: smaller than the prompt ({len(ids) + held} tokens)")
+        max_tokens = min(max_tokens, max_kv_size - len(ids) - held)
     if sampler is None or logits_processors is None:
         default_sampler, default_processors = make_sampling(processor, temp, top_p, top_k, min_p)
         sampler = sampler or default_sampler
@@ -249,11 +259,13 @@ class ChatSession:
     cut at max tokens) and feeds only the rest.
     """
 
-    def __init__(self, model, processor, system: Optional[str] = None, enable_thinking: bool = False):
+    def __init__(self, model, processor, system: Optional[str] = None, enable_thinking: bool = False,
+                 make_cache: Optional[Callable[[], list]] = None):
         self.model, self.processor = model, processor
         self.enable_thinking = enable_thinking
         self.messages = [{"role": "system", "content": system}] if system else []
-        self.cache = model.make_cache()
+        self.make_cache = make_cache or model.make_cache
+        self.cache = self.make_cache()
         self.cached_ids: list[int] = []
         self.reused_tokens = 0  # prompt tokens the last turn did not have to re-read
 
@@ -262,7 +274,7 @@ class ChatSession:
         ids = self.processor.chat_ids(self.messages, enable_thinking=self.enable_thinking)
         keep = reuse_prefix(self.cache, self.cached_ids, ids)
         if keep == 0 and self.cache[0].offset:
-            self.cache = self.model.make_cache()
+            self.cache = self.make_cache()
         self.reused_tokens = keep
         reply, tokens = [], []
         for r in stream_generate(self.model, self.processor, ids[keep:], cache=self.cache, **kwargs):

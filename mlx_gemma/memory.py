@@ -1,15 +1,18 @@
-"""The memory budget: how much the GPU may use, and what the weights need."""
+"""The 16 GB budget: how much memory the GPU may use, what the weights, KV caches and
+activations need, and the plan that refuses a run before it runs out (spec 9)."""
 
 from __future__ import annotations
 
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 
+from .config import FULL, SLIDING, ModelConfig, TextConfig
 from .errors import InputError
 from .loading import SAFETENSORS_DTYPE_BYTES, read_safetensors_header, weight_files
 
@@ -52,3 +55,151 @@ def tensor_bytes(path: Path) -> dict[str, int]:
 
 def weight_bytes(path: Path) -> int:
     return sum(tensor_bytes(path).values())
+
+
+# --- the planner -----------------------------------------------------------------------------
+
+GB = 1e9
+# Scratch memory for one prefill chunk's attention scores: the chunk shrinks as the context
+# grows so that this stays fixed (peak memory flat in prompt length).
+ATTENTION_SCRATCH = 1 << 30
+MIN_CHUNK = 16
+SLIDING_GROWTH = 256  # SlidingWindowCache.step / CompactGlobalCache.step
+KV_BITS = (4, 8)
+
+
+@dataclass
+class KVOptions:
+    one_tensor: bool = True
+    bits: Optional[int] = None
+    group_size: int = 64
+    quantized_start: int = 0
+    sliding_slack: int = 128
+
+    def check(self, text: TextConfig) -> None:
+        if self.bits is not None and self.bits not in KV_BITS:
+            raise InputError(f"--kv-bits: {self.bits} is not supported (valid: {', '.join(map(str, KV_BITS))})")
+        if self.bits is not None and self.group_size not in (32, 64, 128):
+            raise InputError(f"--kv-group-size: {self.group_size} is not supported (valid: 32, 64, 128)")
+        for s in text.layers:
+            if self.bits is not None and not s.is_sliding and s.head_dim % self.group_size:
+                raise InputError(f"--kv-group-size {self.group_size}: does not divide the head dim "
+                                 f"{s.head_dim} of layer {s.index}")
+
+
+def element_bytes(dtype_bytes: int, bits: Optional[int], group_size: int) -> float:
+    """Bytes per cached value: the dtype, or codes plus a scale and a bias per group."""
+    return dtype_bytes if bits is None else bits / 8 + 2 * dtype_bytes / group_size
+
+
+def global_bytes_per_token(text: TextConfig, kv: KVOptions, dtype_bytes: int) -> float:
+    total = 0.0
+    for s in text.layers_of(FULL):
+        tensors = 1 if (kv.one_tensor and s.k_eq_v) else 2
+        total += tensors * s.num_kv_heads * s.head_dim * element_bytes(dtype_bytes, kv.bits, kv.group_size)
+    return total
+
+
+def sliding_bytes(text: TextConfig, kv: KVOptions, dtype_bytes: int, chunk: int) -> int:
+    """The sliding caches at their largest: window - 1 + slack kept, plus room for a chunk."""
+    slots = text.sliding_window - 1 + kv.sliding_slack + max(chunk, SLIDING_GROWTH)
+    return sum(2 * slots * s.num_kv_heads * s.head_dim * dtype_bytes for s in text.layers_of(SLIDING))
+
+
+def prefill_chunk(text: TextConfig, context: int, step: int, dtype_bytes: int) -> int:
+    """Tokens per prefill chunk when the cache already holds `context` tokens."""
+    per_query = text.num_attention_heads * (context + step) * (dtype_bytes + 4)  # scores + fp32 softmax
+    return int(max(MIN_CHUNK, min(step, ATTENTION_SCRATCH // per_query)))
+
+
+def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: int, kv: KVOptions) -> int:
+    """Peak temporaries of one forward step over `chunk` tokens with `context` cached."""
+    h, heads = text.hidden_size, text.num_attention_heads
+    d = max(s.head_dim for s in text.layers)
+    kv_heads = max(s.num_kv_heads for s in text.layers_of(FULL))
+    scores = heads * chunk * (context + chunk) * (dtype_bytes + 4)
+    mlp = 3 * chunk * text.intermediate_size * dtype_bytes
+    stream = 8 * chunk * max(h, heads * d) * dtype_bytes
+    # keys derived from a one-tensor cache / values dequantized from a quantized one, per layer
+    derived = 2 * (context + chunk) * kv_heads * d * dtype_bytes if (kv.one_tensor or kv.bits) else 0
+    logits = 2 * text.vocab_size * 4
+    return scores + mlp + stream + derived + logits
+
+
+def human(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+@dataclass
+class Plan:
+    context: int
+    weights: int
+    sliding: int
+    global_per_token: float
+    global_total: int
+    activations: int
+    budget: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.sliding + self.global_total + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [("context (tokens)", f"{self.context:,}"),
+                ("weights", human(self.weights)),
+                ("sliding-window KV (bounded)", human(self.sliding)),
+                ("global KV per token", f"{self.global_per_token / 1024:.2f} KiB"),
+                ("global KV at this context", human(self.global_total)),
+                ("activations (peak, prefill chunk)", human(self.activations)),
+                ("total", human(self.total)),
+                ("budget", human(self.budget)),
+                ("fits", "yes" if self.fits else "no")]
+
+    def table(self) -> str:
+        return "\n".join(["| item | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.rows()])
+
+
+def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: KVOptions,
+              dtype_bytes: int = 2, step: int = 512) -> Plan:
+    text = config.text_config
+    kv.check(text)
+    per_token = global_bytes_per_token(text, kv, dtype_bytes)
+    allocated = -(-context // SLIDING_GROWTH) * SLIDING_GROWTH
+    chunk = prefill_chunk(text, context, step, dtype_bytes)
+    return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
+                global_per_token=per_token, global_total=int(per_token * allocated),
+                activations=activation_bytes(text, chunk, context, dtype_bytes, kv), budget=budget)
+
+
+def refusal(plan: Plan, config: ModelConfig, kv: KVOptions, dtype_bytes: int = 2, step: int = 512) -> str:
+    """One line saying what needs changing for a plan that does not fit."""
+    fixes = []
+    if plan.weights > plan.budget:
+        minimum = make_plan(config, plan.weights, 1, plan.budget, kv, dtype_bytes, step).total
+        return (f"the weights alone need {human(plan.weights)}, budget {human(plan.budget)}: the memory "
+                f"limit must be at least {human(minimum)} (or quantize the weights: python -m mlx_gemma.quantize)")
+    for bits in (8, 4):
+        if kv.bits is None or bits < kv.bits:
+            alt = KVOptions(kv.one_tensor, bits, kv.group_size, kv.quantized_start, kv.sliding_slack)
+            try:
+                fits = make_plan(config, plan.weights, plan.context, plan.budget, alt, dtype_bytes, step).fits
+            except InputError:  # that group size does not suit this model's head dims
+                fits = False
+            if fits:
+                fixes.append(f"--kv-bits {bits}")
+                break
+    lo, hi = 0, plan.context
+    while lo < hi:  # the longest context that fits as configured
+        mid = (lo + hi + 1) // 2
+        if make_plan(config, plan.weights, mid, plan.budget, kv, dtype_bytes, step).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo > 0:
+        fixes.append(f"--max-kv-size {lo}")
+    advice = " or ".join(fixes) if fixes else "a larger --memory-limit"
+    return f"needs {human(plan.total)}, budget {human(plan.budget)}: use {advice}"

@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import DEFAULT_SLIDING_SLACK, GlobalKVCache, SlidingWindowCache
+from .cache import DEFAULT_SLIDING_SLACK, CompactGlobalCache, GlobalKVCache, SlidingWindowCache
 from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
 from .embedders import MultimodalEmbedder, VisionEmbedder
 
@@ -33,6 +33,10 @@ class RMSNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         w = self.weight.astype(mx.float32) if "weight" in self else None
         return mx.fast.rms_norm(x.astype(mx.float32), w, self.eps).astype(x.dtype)
+
+    def rescale(self, normed: mx.array) -> mx.array:
+        """The weight multiply alone, for input that is already normalised."""
+        return (normed.astype(mx.float32) * self.weight.astype(mx.float32)).astype(normed.dtype)
 
 
 class RoPE(nn.Module):
@@ -75,14 +79,19 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        q = self.rope(q.transpose(0, 2, 1, 3), cache.offset)
         k_raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         # k_eq_v: the values are the *raw* key projection, normalised without scale (spec 2.4).
         v_raw = k_raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        k = self.k_norm(k_raw).transpose(0, 2, 1, 3)
         v = self.v_norm(v_raw).transpose(0, 2, 1, 3)
-        q = self.rope(q.transpose(0, 2, 1, 3), cache.offset)
-        k = self.rope(k, cache.offset)
-        k, v = cache.update_and_fetch(k, v)
+        if self.k_eq_v and getattr(cache, "one_tensor", False):
+            # The cache holds only N = v; keys are k_norm(raw) = N * w, then RoPE at positions
+            # 0..T-1 (a global cache starts at position 0): half the memory, more work per step.
+            v = cache.update_and_fetch_values(v)
+            k = self.rope(self.k_norm.rescale(v), 0)
+        else:
+            k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset)
+            k, v = cache.update_and_fetch(k, v)
         # Scale 1.0: q_norm and k_norm take the place of 1/sqrt(d).
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -180,8 +189,16 @@ class Model(nn.Module):
     def layers(self):
         return self.language_model.model.layers
 
-    def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK) -> list:
-        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else GlobalKVCache()
+    def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK, one_tensor: bool = False,
+                   kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
+        """Per-layer caches. Global layers: one stored tensor on k_eq_v layers (`one_tensor`)
+        and/or group-quantized storage (`kv_bits`) from `quantized_kv_start` tokens on."""
+        def global_cache(spec):
+            if kv_bits or (one_tensor and spec.k_eq_v):
+                return CompactGlobalCache(one_tensor and spec.k_eq_v, kv_bits, kv_group_size, quantized_kv_start)
+            return GlobalKVCache()
+
+        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else global_cache(s)
                 for s in self.config.text_config.layers]
 
     def embed_text(self, input_ids: mx.array) -> mx.array:
