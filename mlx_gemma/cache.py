@@ -1,4 +1,5 @@
 """KV caches: a growing cache for global layers, a bounded window cache for sliding layers.
+Both follow mlx-lm's cache interface (offset, state, trim, is_trimmable, nbytes).
 
 Every cache can be trimmed (speculative decoding drops rejected drafts; a chat or server
 drops the tail of a shared prefix). The sliding cache keeps `slack` tokens beyond the
@@ -13,12 +14,11 @@ from __future__ import annotations
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import _BaseCache
 
 DEFAULT_SLIDING_SLACK = 128
 
-__all__ = ["GlobalKVCache", "CompactGlobalCache", "SlidingWindowCache", "window_mask", "reuse_prefix",
-           "DEFAULT_SLIDING_SLACK"]
+__all__ = ["GlobalCache", "SlidingWindowCache", "window_mask", "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
 
 
 def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Optional[int]):
@@ -43,16 +43,9 @@ def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Option
     return mask
 
 
-class GlobalKVCache(KVCache):
-    """mlx-lm's growing KV cache (trimmable) with this package's mask interface."""
-
-    def make_mask(self, L: int, **_):
-        return window_mask(L, self.offset, 0, self.offset + L, None)
-
-
-class CompactGlobalCache(_BaseCache):
-    """A global-layer cache that stores less: one tensor for k_eq_v layers, and/or
-    group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are cached.
+class GlobalCache(_BaseCache):
+    """The growing cache of a global layer. It can store less: one tensor on k_eq_v layers,
+    and/or group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are cached.
 
     One tensor: on k_eq_v layers the values are N = rmsnorm_noscale(k_proj(x)) and the keys
     are rope(N * k_norm.weight), so only N is stored (`update_and_fetch_values`) and the layer
@@ -62,7 +55,7 @@ class CompactGlobalCache(_BaseCache):
 
     step = 256
 
-    def __init__(self, one_tensor: bool, bits: Optional[int] = None, group_size: int = 64,
+    def __init__(self, one_tensor: bool = False, bits: Optional[int] = None, group_size: int = 64,
                  quantize_after: int = 0):
         self.one_tensor = one_tensor
         self.bits, self.group_size, self.quantize_after = bits, group_size, quantize_after

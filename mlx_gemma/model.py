@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import DEFAULT_SLIDING_SLACK, CompactGlobalCache, GlobalKVCache, SlidingWindowCache
+from .cache import DEFAULT_SLIDING_SLACK, GlobalCache, SlidingWindowCache
 from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
 from .embedders import MultimodalEmbedder, VisionEmbedder
 
@@ -193,12 +193,8 @@ class Model(nn.Module):
                    kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
         """Per-layer caches. Global layers: one stored tensor on k_eq_v layers (`one_tensor`)
         and/or group-quantized storage (`kv_bits`) from `quantized_kv_start` tokens on."""
-        def global_cache(spec):
-            if kv_bits or (one_tensor and spec.k_eq_v):
-                return CompactGlobalCache(one_tensor and spec.k_eq_v, kv_bits, kv_group_size, quantized_kv_start)
-            return GlobalKVCache()
-
-        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else global_cache(s)
+        return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else
+                GlobalCache(one_tensor and s.k_eq_v, kv_bits, kv_group_size, quantized_kv_start)
                 for s in self.config.text_config.layers]
 
     def embed_text(self, input_ids: mx.array) -> mx.array:

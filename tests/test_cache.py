@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import reference
-from mlx_gemma.cache import GlobalKVCache, SlidingWindowCache, reuse_prefix
+from mlx_gemma.cache import GlobalCache, SlidingWindowCache, reuse_prefix
 from mlx_gemma.generation import ChatSession, generate
 
 W = reference.WINDOW
@@ -59,7 +59,7 @@ def small_sliding_cache():
     return cache
 
 
-@pytest.mark.parametrize("make", [small_sliding_cache, GlobalKVCache], ids=["sliding", "global"])
+@pytest.mark.parametrize("make", [small_sliding_cache, GlobalCache], ids=["sliding", "global"])
 def test_each_cache_kind_trims_to_the_same_state(make):
     x = mx.arange(40 * 3, dtype=mx.float32).reshape(1, 1, 40, 3)
     a, b = make(), make()

@@ -1,0 +1,172 @@
+"""The 16 GB budget: compact global caches, KV quantization, the planner and its refusals."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import reference
+from conftest import record_parity
+from mlx_gemma.cache import GlobalCache, SlidingWindowCache
+from mlx_gemma.config import ModelConfig
+from mlx_gemma.errors import InputError
+from mlx_gemma.loading import load_model
+from mlx_gemma.memory import (KVOptions, global_bytes_per_token, make_plan, prefill_chunk, sliding_bytes,
+                              weight_bytes)
+
+REPO = Path(__file__).resolve().parent.parent
+W = reference.WINDOW
+
+
+def ids_of(n, seed=0):
+    return [2] + np.random.default_rng(seed).integers(20, reference.VOCAB, size=n - 1).tolist()
+
+
+def feed(model, cache, ids, chunk):
+    return np.concatenate([np.array(model(mx.array([ids[i:i + chunk]]), cache=cache)[0])
+                           for i in range(0, len(ids), chunk)])
+
+
+@pytest.mark.parametrize("kv", [KVOptions(one_tensor=False), KVOptions(one_tensor=True),
+                                KVOptions(one_tensor=True, bits=8, group_size=32),
+                                KVOptions(one_tensor=False, bits=4, group_size=32)],
+                         ids=["two-tensor", "one-tensor", "one-tensor-8bit", "two-tensor-4bit"])
+def test_cache_bytes_equal_the_planner_formula(model, kv):
+    text = model.config.text_config
+    cache = model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size,
+                             sliding_slack=kv.sliding_slack)
+    ids = ids_of(700)
+    feed(model, cache, ids, 100)
+    global_bytes = sum(c.nbytes for c in cache if not isinstance(c, SlidingWindowCache))
+    allocated = -(-len(ids) // 256) * 256
+    assert global_bytes == global_bytes_per_token(text, kv, 4) * allocated
+    sliding = sum(c.nbytes for c in cache if isinstance(c, SlidingWindowCache))
+    assert sliding <= sliding_bytes(text, kv, 4, 100)
+
+
+def test_sliding_memory_stays_flat_as_context_grows(model):
+    cache = model.make_cache()
+    sizes = []
+    for i in range(0, 2048, 64):
+        model(mx.array([ids_of(64, i)]), cache=cache)
+        mx.eval([c.state for c in cache])
+        sizes.append(sum(c.nbytes for c in cache if isinstance(c, SlidingWindowCache)))
+    assert max(sizes[10:]) == min(sizes[10:])  # after the window wrapped: no growth at all
+
+
+@pytest.mark.parametrize("chunk", [1, 5, W + 3])
+def test_one_tensor_cache_equals_two_tensor_cache(model, chunk):
+    """Through prefill, decode and chunked prefill across the window boundary."""
+    ids = ids_of(5 * W + 3)
+    two = feed(model, model.make_cache(one_tensor=False), ids, chunk)
+    one_cache = model.make_cache(one_tensor=True)
+    one = feed(model, one_cache, ids, chunk)
+    assert any(isinstance(c, GlobalCache) and c.one_tensor for c in one_cache)
+    err = float(np.abs(one - two).max() / np.abs(two).max())
+    record_parity("one-tensor vs two-tensor global cache logits (float32)", err)
+    assert err <= 1e-6
+
+
+@pytest.mark.parametrize("bits, tolerance", [(8, 5e-2), (4, 4e-1)])
+def test_quantized_kv_error_is_bounded(smooth_checkpoint, bits, tolerance):
+    """Logit error of a group-quantized global KV cache (one tensor) against the unquantized
+    cache, at several context lengths, on trained-like weights."""
+    m = load_model(smooth_checkpoint)
+    for n in (64, 256, 1024):
+        ids = ids_of(n, seed=n)
+        ref = np.array(m(mx.array([ids]), cache=m.make_cache())[0, -16:])
+        q = np.array(m(mx.array([ids]), cache=m.make_cache(one_tensor=True, kv_bits=bits))[0, -16:])
+        err = float(np.abs(q - ref).max() / np.abs(ref).max())
+        record_parity(f"{bits}-bit KV cache vs unquantized, {n} tokens (trained-like fixture)", err)
+        assert err <= tolerance
+        assert (q.argmax(-1) == ref.argmax(-1)).mean() >= (0.9 if bits == 8 else 0.5)
+
+
+@pytest.mark.parametrize("opts", [dict(one_tensor=True), dict(one_tensor=True, kv_bits=8, kv_group_size=32),
+                                  dict(one_tensor=False, kv_bits=4, kv_group_size=32, quantized_kv_start=40)],
+                         ids=["one-tensor", "one-tensor-8bit", "two-tensor-4bit-late"])
+def test_compact_caches_trim(model, opts):
+    prefix, drafts, cont = ids_of(300, 1), ids_of(5, 2)[1:], ids_of(8, 3)[1:]
+    cache = model.make_cache(sliding_slack=8, **opts)
+    feed(model, cache, prefix, 16)
+    feed(model, cache, drafts, 1)
+    for c in cache:
+        assert c.trim(len(drafts)) == len(drafts)
+    got = feed(model, cache, cont, 1)
+    fresh = model.make_cache(sliding_slack=8, **opts)
+    feed(model, fresh, prefix, 16)
+    want = feed(model, fresh, cont, 1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_prefill_chunks_shrink_as_context_grows():
+    text = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json").text_config
+    chunks = [prefill_chunk(text, ctx, 512, 2) for ctx in (0, 8192, 65536, 262144)]
+    assert chunks[0] == 512 and chunks == sorted(chunks, reverse=True) and chunks[-1] >= 16
+
+
+def test_12b_plan_holds_256k_on_a_16gb_mac():
+    """4-bit weights, 8-bit one-tensor global KV, a 16 GB Mac's default GPU budget (~10.7 GB)."""
+    from mlx_gemma.quantization import QuantSpec, quantized_size
+
+    cfg = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
+    weights = int(quantized_size(cfg, QuantSpec(), "default")["total_bytes"])
+    budget = int(10.7 * 2**30 * 0.93)  # 16 GiB x ~2/3 as macOS reports it, with margin
+    assert make_plan(cfg, weights, 262_144, budget, KVOptions(one_tensor=True, bits=8)).fits
+    assert not make_plan(cfg, weights, 262_144, budget, KVOptions(one_tensor=False)).fits
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_gemma.generate", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def test_plan_output_parses(hf_checkpoint):
+    r = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--plan", "--max-tokens", "100")
+    assert r.returncode == 0, r.stderr
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", r.stdout, re.M))
+    assert rows["fits"] == "yes" and rows["context (tokens)"].replace(",", "").isdigit()
+    assert {"weights", "sliding-window KV (bounded)", "global KV per token", "total", "budget"} <= rows.keys()
+    assert "Prompt:" not in r.stdout  # nothing ran
+
+
+def test_planner_refuses_before_loading_weights(hf_checkpoint, monkeypatch):
+    import mlx_gemma.loading as loading
+    from mlx_gemma.generate import build_parser, run
+
+    def must_not_load(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(loading, "load_weights", must_not_load)
+    need = weight_bytes(hf_checkpoint)
+    args = build_parser().parse_args(["--model", str(hf_checkpoint), "--prompt", "hi", "--no-quantize",
+                                      "--memory-limit", f"{need * 2}B"])
+    with pytest.raises(InputError, match=r"^needs .* MB, budget .* MB: use "):
+        run(args)
+    ok = build_parser().parse_args(["--model", str(hf_checkpoint), "--prompt", "hi", "--max-tokens", "1"])
+    with pytest.raises(AssertionError, match="weights were loaded"):  # accepted: it goes on to load
+        run(ok)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-kv-size", "5"], r"error: --max-kv-size 5: smaller than the prompt \(\d+ tokens\)"),
+    (["--kv-bits", "3"], r"error: --kv-bits: 3 is not supported \(valid: 4, 8\)"),
+    (["--memory-limit", "1MB", "--no-quantize"],
+     r"error: the weights alone need [\d.]+ MB, budget 1.0 MB: the memory limit must be at least [\d.]+ MB"),
+])
+def test_bad_memory_options(hf_checkpoint, args, message):
+    r = run_cli("--model", str(hf_checkpoint), "--prompt", "hello there", *args)
+    assert r.returncode == 1 and re.match(message, r.stderr.strip()), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_max_kv_size_caps_the_reply(hf_checkpoint, processor):
+    n = len(processor.prompt_ids("hi"))
+    r = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--max-kv-size", str(n + 3), "--max-tokens", "50",
+                "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert int(re.search(r"Generation: (\d+) tokens", r.stdout).group(1)) <= 3
