@@ -1,28 +1,54 @@
-"""Size of the real Gemma 4 12B under each quantization setting, from its config alone.
+"""The real Gemma 4 12B's memory, from its config alone: weight sizes under each quantization
+setting, KV bytes per token by cache kind, and the longest context each Mac holds.
 
     python -m benchmarks.sizes
 
-On-disk and in-memory sizes are the same: MLX keeps weights as stored, and the output head
-is the (possibly quantized) embedding itself, not a copy.
+On-disk and in-memory weight sizes are the same: MLX keeps weights as stored, and the output
+head is the (possibly quantized) embedding itself, not a copy. Mac budgets assume macOS's
+default GPU working set of about 2/3 of unified memory (a 16 GB Mac reports ~10.7 GB); on a
+Mac, `python -m mlx_gemma.generate --plan` uses the real value.
 """
 
 from pathlib import Path
 
 from mlx_gemma.config import ModelConfig, parameter_count
+from mlx_gemma.memory import GB, KVOptions, global_bytes_per_token, make_plan
 from mlx_gemma.quantization import QuantSpec, quantized_size
 
 HUB_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "gemma-4-12B-it.config.json"
 SETTINGS = [(4, 64, "default"), (4, 64, "small"), (4, 64, "quality"), (4, 32, "default"), (8, 64, "default")]
+KV_KINDS = [("two tensors, bfloat16", KVOptions(one_tensor=False)), ("one tensor, bfloat16", KVOptions()),
+            ("one tensor, 8-bit", KVOptions(bits=8)), ("one tensor, 4-bit", KVOptions(bits=4))]
+MACS = (16, 24, 32)
+
+
+def longest_context(cfg, weights: int, budget: int, kv: KVOptions) -> int:
+    lo, hi = 0, cfg.text_config.max_position_embeddings
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make_plan(cfg, weights, mid, budget, kv).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def main() -> None:
     cfg = ModelConfig.from_file(HUB_CONFIG)
-    print("| weights | recipe | size (GB) | size (GiB) |\n|---|---|---|---|")
+    print("| weights | recipe | size (GB) |\n|---|---|---|")
     for bits, gs, recipe in SETTINGS:
         b = quantized_size(cfg, QuantSpec(bits, gs), recipe)["total_bytes"]
-        print(f"| {bits}-bit, group size {gs} | {recipe} | {b / 1e9:.2f} | {b / 2**30:.2f} |")
-    b = parameter_count(cfg)["total"] * 2
-    print(f"| bfloat16 | - | {b / 1e9:.2f} | {b / 2**30:.2f} |")
+        print(f"| {bits}-bit, group size {gs} | {recipe} | {b / GB:.2f} |")
+    print(f"| bfloat16 | - | {parameter_count(cfg)['total'] * 2 / GB:.2f} |")
+    weights = int(quantized_size(cfg, QuantSpec(), "default")["total_bytes"])
+    print(f"\nWith 4-bit weights ({weights / GB:.2f} GB); sliding-window layers hold a bounded "
+          f"{make_plan(cfg, weights, 1, 1, KVOptions()).sliding / GB:.2f} GB whatever the context.\n")
+    print("| global KV cache | per token | " + " | ".join(f"max context, {m} GB Mac" for m in MACS) + " |")
+    print("|---|---|" + "---|" * len(MACS))
+    for label, kv in KV_KINDS:
+        per_token = global_bytes_per_token(cfg.text_config, kv, 2)
+        contexts = [longest_context(cfg, weights, int(m * 2**30 * 2 / 3), kv) for m in MACS]
+        print(f"| {label} | {per_token / 1024:.2f} KiB | " + " | ".join(f"{c:,}" for c in contexts) + " |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from .config import ModelConfig, hub_form
-from .errors import CheckpointError, InputError, MlxGemmaError
+from .errors import CheckpointError, InputError, run_cli
 from .loading import check_weights, load_weights, resolve_model_path
 from .model import Model
 
@@ -153,20 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        if args.quantize:
-            from .quantize import quantize_checkpoint
 
-            out = quantize_checkpoint(args.hf_path, args.mlx_path, args.bits, args.group_size, args.mode,
-                                      args.recipe, force=args.force)
-        else:
-            out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force)
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)
+    def work():
+        if not args.quantize:
+            return convert(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force)
+        from .quantize import quantize_checkpoint
+
+        return quantize_checkpoint(args.hf_path, args.mlx_path, args.bits, args.group_size, args.mode,
+                                   args.recipe, force=args.force)
+
+    out = run_cli(work, "interrupted: nothing was written")
     print(f"Wrote {out}", file=sys.stderr)
 
 

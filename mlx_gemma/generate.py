@@ -8,10 +8,11 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .errors import InputError, MlxGemmaError
+from .errors import InputError, run_cli
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
                          check_context, print_stats, prompt_to_ids, stream_generate)
-from .memory import KVOptions, make_plan, memory_budget, prefill_chunk, refusal, weight_bytes
+from .memory import (KVOptions, activation_dtype_bytes, make_plan, memory_budget, prefill_chunk, refusal,
+                     weight_bytes)
 
 DEFAULT_MODEL = "google/gemma-4-12B-it"
 CHAT_CONTEXT = 32768  # --chat plans for this many tokens unless --max-kv-size says otherwise
@@ -120,7 +121,7 @@ def run(args) -> None:
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
-    dtype_bytes = 4 if args.dtype == "float32" else 2
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(args.dtype) or activation_dtype_bytes(path)
     kv = kv_options(args)
     plan = make_plan(config, weight_bytes(path), context, memory_budget(args.memory_limit), kv, dtype_bytes,
                      args.prefill_step_size)
@@ -131,7 +132,10 @@ def run(args) -> None:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
     model = load_model(path, dtype=getattr(mx, args.dtype) if args.dtype else None, progress=True)
     if args.verbose:
-        print(f"Loaded {args.model} from {path} ({mx.default_device()})\n{plan.table()}", file=sys.stderr)
+        q = config.quantization
+        weights = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
+        print(f"Loaded {args.model} from {path} ({mx.default_device()}); weights {weights}, "
+              f"{weight_bytes(path) / 1e9:.2f} GB\n{plan.table()}", file=sys.stderr)
 
     def make_cache():
         return model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size,
@@ -180,14 +184,7 @@ def chat_loop(model, processor, args, options, make_cache) -> None:
 
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(130)
+    run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

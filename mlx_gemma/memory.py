@@ -57,6 +57,14 @@ def weight_bytes(path: Path) -> int:
     return sum(tensor_bytes(path).values())
 
 
+def activation_dtype_bytes(path: Path) -> int:
+    """Bytes per activation when running a checkpoint as stored: its floating dtype's size
+    (scales of quantized tensors included)."""
+    sizes = [SAFETENSORS_DTYPE_BYTES[d] for f in weight_files(path)
+             for d, _ in read_safetensors_header(f).values() if d in ("BF16", "F16", "F32")]
+    return max(sizes, default=2)
+
+
 # --- the planner -----------------------------------------------------------------------------
 
 GB = 1e9

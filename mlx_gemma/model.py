@@ -189,7 +189,7 @@ class Model(nn.Module):
     def layers(self):
         return self.language_model.model.layers
 
-    def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK, one_tensor: bool = False,
+    def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK, one_tensor: bool = True,
                    kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
         """Per-layer caches. Global layers: one stored tensor on k_eq_v layers (`one_tensor`)
         and/or group-quantized storage (`kv_bits`) from `quantized_kv_start` tokens on."""

@@ -17,7 +17,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .convert import drain, read_source, write_checkpoint
-from .errors import MlxGemmaError
+from .errors import run_cli
 from .model import Model
 from .quantization import BITS, GROUP_SIZES, MODES, RECIPES, QuantSpec, plan, quantization_entry, quantize
 
@@ -64,15 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        out = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.mode, args.recipe,
-                                  force=args.force)
-    except MlxGemmaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)
+    out = run_cli(lambda: quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.mode,
+                                              args.recipe, force=args.force), "interrupted: nothing was written")
     print(f"Wrote {out}", file=sys.stderr)
 
 
