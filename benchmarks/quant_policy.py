@@ -36,12 +36,10 @@ from mlx_gemma.quantization import QuantSpec, quantized_size  # noqa: E402
 from mlx_gemma.quantize import quantize_checkpoint  # noqa: E402
 
 HUB_CONFIG = ROOT / "tests" / "data" / "gemma-4-12B-it.config.json"
-CANDIDATES = [  # (label, bits, group size, recipe)
-    ("4-bit gs64 small (everything 4-bit)", 4, 64, "small"),
-    ("4-bit gs64 default (multimodal 8-bit)", 4, 64, "default"),
-    ("4-bit gs64 quality (+ embedding/head 8-bit)", 4, 64, "quality"),
-    ("4-bit gs32 default", 4, 32, "default"),
-    ("8-bit gs64 default", 8, 64, "default"),
+CANDIDATES = [  # (label, bits, group size, recipe): the recipes at the ecosystem's 4-bit gs64
+    ("small: every Linear and the embedding 4-bit", 4, 64, "small"),
+    ("default: + multimodal embedders 8-bit", 4, 64, "default"),
+    ("quality: + embedding/output head 8-bit", 4, 64, "quality"),
 ]
 KEEP = 16  # positions per prompt whose next-token distributions are compared
 
@@ -55,26 +53,30 @@ def build_source(path: Path) -> Path:
                                       **reference.REAL_WIDTHS)
 
 
-def prompts(model, seed: int = 0) -> dict[str, mx.array]:
-    """inputs_embeds for a text prompt, an image prompt and an audio prompt (64 + soft tokens)."""
+def raw_prompts(vocab: int, seed: int = 0) -> dict:
+    """Token ids, a smooth synthetic image (8x8 patches of 48x48 pixels) and two seconds of a
+    chirp in 640-sample frames: the inputs every candidate embeds with its own embedders."""
     rng = np.random.default_rng(seed)
-    lm = model.language_model.model
-    text = mx.array(rng.integers(300, model.config.text_config.vocab_size, size=(1, 64)))
-    embeds = lm.embed(text).astype(mx.float32)
-    # A smooth synthetic image: 8x8 patches of 48x48 pixels, gradients plus noise, in [0, 1].
     yy, xx = np.mgrid[0:384, 0:384] / 384.0
     img = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx * yy)], -1) + 0.05 * rng.standard_normal((384, 384, 3))
     img = np.clip(img, 0, 1).astype(np.float32)
-    patches = img.reshape(8, 48, 8, 48, 3).transpose(0, 2, 1, 3, 4).reshape(1, 64, 48 * 48 * 3)
-    pos = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="xy"), -1).reshape(1, 64, 2)
-    image = model.embed_vision(model.vision_embedder(mx.array(patches), mx.array(pos))).astype(mx.float32)
-    # Two seconds of a chirp with noise, cut into 640-sample frames.
     t = np.arange(32000) / 16000
     wave = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + 0.01 * rng.standard_normal(t.size)
-    audio = model.embed_audio(mx.array(wave.astype(np.float32).reshape(1, 50, 640))).astype(mx.float32)
-    return {"text": embeds,
-            "image": mx.concatenate([embeds[:, :8], image, embeds[:, 8:24]], axis=1),
-            "audio": mx.concatenate([embeds[:, :8], audio, embeds[:, 8:24]], axis=1)}
+    return {"ids": mx.array(rng.integers(300, vocab, size=(1, 48))),
+            "patches": mx.array(img.reshape(8, 48, 8, 48, 3).transpose(0, 2, 1, 3, 4).reshape(1, 64, 6912)),
+            "positions": mx.array(np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="xy"), -1)
+                                  .reshape(1, 64, 2)),
+            "frames": mx.array(wave.astype(np.float32).reshape(1, 50, 640))}
+
+
+def prompts(model, raw: dict) -> dict[str, mx.array]:
+    """inputs_embeds of a text, an image and an audio prompt, embedded by `model` itself."""
+    text = model.language_model.model.embed(raw["ids"]).astype(mx.float32)
+    image = model.embed_vision(model.vision_embedder(raw["patches"], raw["positions"])).astype(mx.float32)
+    audio = model.embed_audio(raw["frames"]).astype(mx.float32)
+    return {"text": text,
+            "image": mx.concatenate([text[:, :8], image, text[:, 8:24]], axis=1),
+            "audio": mx.concatenate([text[:, :8], audio, text[:, 8:24]], axis=1)}
 
 
 def next_token_logprobs(model, embeds: mx.array) -> np.ndarray:
@@ -82,25 +84,26 @@ def next_token_logprobs(model, embeds: mx.array) -> np.ndarray:
     return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
-def capture_inputs(model, embeds: mx.array) -> dict[str, mx.array]:
-    """The input each Linear sees on a prompt (what its output error is measured on), and the
-    final hidden states (what the tied head sees)."""
+def capture_inputs(model, raw: dict) -> dict[str, mx.array]:
+    """The input each Linear sees on the prompts (what its output error is measured on), and
+    the final hidden states (what the tied head sees)."""
     names = {id(m): p for p, m in model.named_modules() if isinstance(m, nn.Linear)}
     seen = {}
     original = nn.Linear.__call__
 
     def recording(self, x):
         if id(self) in names:
-            seen[names[id(self)]] = x.reshape(-1, x.shape[-1])[:64]
+            seen[names[id(self)]] = x.reshape(-1, x.shape[-1])[:32]
         return original(self, x)
 
     nn.Linear.__call__ = recording
     try:
-        h = model.language_model.model(embeds, model.make_cache())
+        embeds = prompts(model, raw)
+        h = model.language_model.model(embeds["text"], model.make_cache())
         mx.eval(h, seen)
     finally:
         nn.Linear.__call__ = original
-    seen["head"] = h[0, -64:]
+    seen["head"] = h[0, -16:]
     return seen
 
 
@@ -129,7 +132,11 @@ def kl_and_top1(ref: np.ndarray, q: np.ndarray) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only print the table of an earlier result")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())), end="")
+        return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     real = ModelConfig.from_file(HUB_CONFIG)
@@ -139,9 +146,9 @@ def main() -> None:
         print(f"built the real-width checkpoint in {time.time() - t0:.0f} s", file=sys.stderr)
         ref_model = load_model(src)
         ref_model.set_dtype(mx.float32)  # bf16 weights, float32 arithmetic
-        embeds = prompts(ref_model)
-        reference = {k: next_token_logprobs(ref_model, e) for k, e in embeds.items()}
-        inputs = capture_inputs(ref_model, embeds["text"])
+        raw = raw_prompts(real.text_config.vocab_size)
+        reference = {k: next_token_logprobs(ref_model, e) for k, e in prompts(ref_model, raw).items()}
+        inputs = capture_inputs(ref_model, raw)
         rows = []
         for label, bits, gs, recipe in CANDIDATES:
             qdir = quantize_checkpoint(str(src), str(Path(tmp) / f"q{bits}-{gs}-{recipe}"), bits, gs,
@@ -150,7 +157,7 @@ def main() -> None:
             q_model.set_dtype(mx.float32)
             row = {"policy": label, "bits": bits, "group_size": gs, "recipe": recipe,
                    "size_12b_gb": quantized_size(real, QuantSpec(bits, gs), recipe)["total_bytes"] / 1e9}
-            for kind, e in embeds.items():
+            for kind, e in prompts(q_model, raw).items():
                 row[f"kl_{kind}"], row[f"top1_{kind}"] = kl_and_top1(reference[kind], next_token_logprobs(q_model, e))
             errs = matrix_errors(ref_model, q_model, inputs)
             row["matrix_rel_error_median"] = float(np.median(list(errs.values())))
@@ -164,14 +171,29 @@ def main() -> None:
               "reference": "bfloat16 weights", "layers": 2, "positions_per_prompt": KEEP,
               "bf16_size_12b_gb": parameter_count(real)["total"] * 2 / 1e9, "rows": rows}
     (out_dir / "quant_policy.json").write_text(json.dumps(result, indent=2))
-    lines = ["| policy | 12B size (GB) | KL text | KL image | KL audio | top-1 text | top-1 image | "
-             "top-1 audio | matrix rel. error (median / max) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {r['size_12b_gb']:.2f} | {r['kl_text']:.2e} | {r['kl_image']:.2e} | "
-                     f"{r['kl_audio']:.2e} | {r['top1_text']:.3f} | {r['top1_image']:.3f} | {r['top1_audio']:.3f} | "
-                     f"{r['matrix_rel_error_median']:.4f} / {r['matrix_rel_error_max']:.4f} |")
-    (out_dir / "quant_policy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = render(result)
+    (out_dir / "quant_policy.md").write_text(table)
+    print(table)
+
+
+def render(result: dict) -> str:
+    """Markdown table of a quant_policy.json result."""
+    def errors(row, prefixes):
+        vals = [v for k, v in row["matrix_rel_error"].items() if k.startswith(prefixes)]
+        return max(vals) if vals else float("nan")
+
+    lines = ["| policy | 12B size (GB) | KL text | KL image | KL audio | top-1 text / image / audio | "
+             "decoder matrices (median rel. error) | multimodal matrices (max) | output head |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        decoder = [v for k, v in r["matrix_rel_error"].items() if k.startswith("language_model.")]
+        head = r["matrix_rel_error"].get("embed_tokens (as head)", float("nan"))
+        lines.append(
+            f"| {r['policy']} | {r['size_12b_gb']:.2f} | {r['kl_text']:.2e} | {r['kl_image']:.2e} | "
+            f"{r['kl_audio']:.2e} | {r['top1_text']:.2f} / {r['top1_image']:.2f} / {r['top1_audio']:.2f} | "
+            f"{float(np.median(decoder)):.4f} | {errors(r, ('vision_embedder', 'embed_vision', 'embed_audio')):.4f} | "
+            f"{head:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def main() -> None:
         per_token = global_bytes_per_token(cfg.text_config, kv, 2)
         contexts = [longest_context(cfg, weights, int(m * 2**30 * 2 / 3), kv) for m in MACS]
         print(f"| {label} | {per_token / 1024:.2f} KiB | " + " | ".join(f"{c:,}" for c in contexts) + " |")
+    for label, kv in KV_KINDS[1:3]:
+        print(f"\nThe full 262,144-token context on a 16 GB Mac, global KV cache {label}:\n")
+        print(make_plan(cfg, weights, 262_144, int(16 * 2**30 * 2 / 3), kv).table())
 
 
 if __name__ == "__main__":

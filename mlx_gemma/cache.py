@@ -94,7 +94,8 @@ class GlobalCache(_BaseCache):
 
     def _update(self, tensors: list) -> list:
         end = self.offset + tensors[0].shape[2]
-        quantize = bool(self.bits) and end > self.quantize_after
+        # Once quantized, the storage stays so (also after a trim back below quantize_after).
+        quantize = self.quantized or (bool(self.bits) and end > self.quantize_after)
         if quantize and self.stored is not None and not self.quantized:
             self.stored = [self._quantize(t) for t in self.stored]  # crossing quantize_after
         if end > self._capacity():

@@ -11,8 +11,8 @@ import mlx.core as mx
 from .errors import InputError, run_cli
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
                          check_context, print_stats, prompt_to_ids, stream_generate)
-from .memory import (KVOptions, activation_dtype_bytes, make_plan, memory_budget, prefill_chunk, refusal,
-                     weight_bytes)
+from .memory import (KVOptions, activation_dtype_bytes, human, make_plan, memory_budget, prefill_chunk,
+                     refusal, weight_bytes)
 
 DEFAULT_MODEL = "google/gemma-4-12B-it"
 CHAT_CONTEXT = 32768  # --chat plans for this many tokens unless --max-kv-size says otherwise
@@ -96,7 +96,7 @@ def run(args) -> None:
     from .config import ModelConfig
     from .loading import load_model, resolve_model_path
     from .prompt import Processor
-    from .quantize import quantized_copy_for
+    from .quantize import quantized_copy
 
     if args.max_tokens <= 0:
         raise InputError(f"--max-tokens: must be a positive number, got {args.max_tokens}")
@@ -105,8 +105,6 @@ def run(args) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
     path = resolve_model_path(args.model)
-    if not args.no_quantize and not args.plan:
-        path = quantized_copy_for(args.model, path, args.memory_limit) or path
     if not (path / "config.json").exists():
         raise InputError(f"{path}: no config.json (not a model checkpoint directory)")
     config = ModelConfig.from_file(path / "config.json")
@@ -122,9 +120,13 @@ def run(args) -> None:
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(args.dtype) or activation_dtype_bytes(path)
-    kv = kv_options(args)
-    plan = make_plan(config, weight_bytes(path), context, memory_budget(args.memory_limit), kv, dtype_bytes,
-                     args.prefill_step_size)
+    kv, budget = kv_options(args), memory_budget(args.memory_limit)
+    plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
+    if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
+        # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac).
+        path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
+        config = ModelConfig.from_file(path / "config.json")
+        plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
     if args.plan:
         print(plan.table())
         return

@@ -116,7 +116,7 @@ def sliding_bytes(text: TextConfig, kv: KVOptions, dtype_bytes: int, chunk: int)
 
 def prefill_chunk(text: TextConfig, context: int, step: int, dtype_bytes: int) -> int:
     """Tokens per prefill chunk when the cache already holds `context` tokens."""
-    per_query = text.num_attention_heads * (context + step) * (dtype_bytes + 4)  # scores + fp32 softmax
+    per_query = text.num_attention_heads * (context + step) * dtype_bytes  # one row of attention scores
     return int(max(MIN_CHUNK, min(step, ATTENTION_SCRATCH // per_query)))
 
 
@@ -125,7 +125,7 @@ def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: in
     h, heads = text.hidden_size, text.num_attention_heads
     d = max(s.head_dim for s in text.layers)
     kv_heads = max(s.num_kv_heads for s in text.layers_of(FULL))
-    scores = heads * chunk * (context + chunk) * (dtype_bytes + 4)
+    scores = heads * chunk * (context + chunk) * dtype_bytes  # materialised once, in the activation dtype
     mlp = 3 * chunk * text.intermediate_size * dtype_bytes
     stream = 8 * chunk * max(h, heads * d) * dtype_bytes
     # keys derived from a one-tensor cache / values dequantized from a quantized one, per layer

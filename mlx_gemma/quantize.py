@@ -73,32 +73,18 @@ if __name__ == "__main__":
     main()
 
 
-# Weights may take this share of the budget; the rest is for the KV cache and activations.
-WEIGHT_SHARE = 0.8
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("MLX_GEMMA_CACHE", Path.home() / ".cache" / "mlx-gemma")).expanduser()
 
 
-def quantized_copy_for(model: str, path: Path, memory_limit: Optional[str] = None) -> Optional[Path]:
-    """For an unquantized checkpoint too big for the memory budget: its 4-bit copy in the
-    cache (made once, streaming). None when the checkpoint is quantized or fits as it is."""
-    from .config import ModelConfig
-    from .memory import memory_budget, weight_bytes
-
-    if not (path / "config.json").exists() or ModelConfig.from_file(path / "config.json").quantization:
-        return None
-    need, budget = weight_bytes(path), memory_budget(memory_limit)
-    if need <= WEIGHT_SHARE * budget:
-        return None
+def quantized_copy(model: str, path: Path, why: str) -> Path:
+    """The default 4-bit copy of an unquantized checkpoint in the cache, made once (streaming)."""
     spec = QuantSpec()
     name = re.sub(r"[^\w.-]+", "--", model.strip("/")) + f"-{spec.bits}bit-gs{spec.group_size}-default"
     out = cache_root() / name
     if (out / "config.json").exists():
         print(f"Using the {spec.bits}-bit copy of {model} in {out}", file=sys.stderr)
         return out
-    print(f"{model}: {need / 2**30:.1f} GB of weights do not fit the {budget / 2**30:.1f} GB budget; "
-          f"quantizing to {spec.bits}-bit once into {out} (delete it to free the space; "
+    print(f"{model}: {why}; quantizing to {spec.bits}-bit once into {out} (delete it to free the space; "
           "--no-quantize skips this)", file=sys.stderr)
     return quantize_checkpoint(str(path), str(out), spec.bits, spec.group_size, spec.mode, force=True)

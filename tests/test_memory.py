@@ -103,6 +103,16 @@ def test_compact_caches_trim(model, opts):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def test_quantized_cache_stays_quantized_after_trimming_below_the_start():
+    cache = GlobalCache(one_tensor=True, bits=8, group_size=32, quantize_after=10)
+    x = mx.random.normal((1, 1, 12, 64))
+    cache.update_and_fetch_values(x)
+    assert cache.quantized
+    cache.trim(6)
+    out = cache.update_and_fetch_values(x[:, :, :2])
+    assert cache.quantized and out.shape == (1, 1, 8, 64)
+
+
 def test_prefill_chunks_shrink_as_context_grows():
     text = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json").text_config
     chunks = [prefill_chunk(text, ctx, 512, 2) for ctx in (0, 8192, 65536, 262144)]
