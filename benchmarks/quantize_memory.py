@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,15 @@ from mlx_gemma.loading import weight_files  # noqa: E402
 from mlx_gemma.memory import tensor_bytes, weight_bytes  # noqa: E402
 
 GB = 1e9
+# The quantize CLI in a child that reports its own peak resident memory, in bytes (getrusage
+# gives KiB on Linux, bytes on macOS).
+CHILD = """
+import resource, runpy, sys
+sys.argv = ["mlx_gemma.quantize", "--model", sys.argv[1], "--out", sys.argv[2]]
+runpy.run_module("mlx_gemma.quantize", run_name="__main__")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak if sys.platform == "darwin" else peak * 1024)
+"""
 
 
 def main() -> None:
@@ -45,12 +53,12 @@ def main() -> None:
         shards = weight_files(src)
         largest_tensor = max(tensor_bytes(src).values())
         t0 = time.time()
-        run = subprocess.run([sys.executable, "-m", "mlx_gemma.quantize", "--model", str(src), "--out",
-                              str(Path(tmp) / "q4")], cwd=ROOT, capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "q4")], cwd=ROOT,
+                             capture_output=True, text=True)
         seconds = time.time() - t0
         if run.returncode:
             sys.exit(run.stderr)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+        peak = int(run.stdout.split()[-1])
         result = {
             "backend": str(mx.default_device()), "mlx": mx.__version__, "layers": args.layers,
             "checkpoint_gb": weight_bytes(src) / GB, "shards": len(shards),
