@@ -26,14 +26,17 @@ from mlx_gemma.loading import weight_files  # noqa: E402
 from mlx_gemma.memory import tensor_bytes, weight_bytes  # noqa: E402
 
 GB = 1e9
-# The quantize CLI in a child that reports its own peak resident memory, in bytes (getrusage
-# gives KiB on Linux, bytes on macOS).
+# The quantize CLI in a child that reports its own peak resident memory, in bytes. On Linux
+# that is VmHWM: getrusage's ru_maxrss would count the parent's pages shared at fork time.
 CHILD = """
 import resource, runpy, sys
 sys.argv = ["mlx_gemma.quantize", "--model", sys.argv[1], "--out", sys.argv[2]]
 runpy.run_module("mlx_gemma.quantize", run_name="__main__")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(peak if sys.platform == "darwin" else peak * 1024)
+if sys.platform == "darwin":
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+else:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    print(int(hwm.split()[1]) * 1024)
 """
 
 
