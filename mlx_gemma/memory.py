@@ -72,7 +72,7 @@ GB = 1e9
 # grows so that this stays fixed (peak memory flat in prompt length).
 ATTENTION_SCRATCH = 1 << 30
 MIN_CHUNK = 16
-SLIDING_GROWTH = 256  # SlidingWindowCache.step / CompactGlobalCache.step
+SLIDING_GROWTH = 256  # SlidingWindowCache.step and GlobalCache.step
 KV_BITS = (4, 8)
 
 

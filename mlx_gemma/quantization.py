@@ -13,9 +13,11 @@ from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import InputError
+from .model import Model
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -186,12 +188,8 @@ def quantize(w: mx.array, spec: QuantSpec) -> dict[str, mx.array]:
 
 def quantized_size(config: ModelConfig, base: QuantSpec, recipe: str) -> dict[str, float]:
     """Bytes of the real model under a policy, from the config alone (no weights needed)."""
-    from .model import Model
-
     model = Model(config)  # lazy: nothing is allocated
     chosen = plan(model, base, recipe)
-    from mlx.utils import tree_flatten
-
     total = quantized = 0.0
     for name, p in tree_flatten(model.parameters()):
         module = name.rsplit(".", 1)[0]
