@@ -86,7 +86,8 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
     n = 0
     while True:
         if n + 1 < max_tokens:
-            history = mx.concatenate([history, y])
+            if logits_processors:  # only they read the token history
+                history = mx.concatenate([history, y])
             next_y, next_logprobs = step(y)
             mx.async_eval(next_y, next_logprobs)
         token = y.item()
