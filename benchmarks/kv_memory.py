@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_gemma.cache import GlobalCache, SlidingWindowCache
+from mlx_gemma.cache import SlidingWindowCache
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.generation import generate_step
 from mlx_gemma.memory import KVOptions, make_plan, prefill_chunk

@@ -235,19 +235,6 @@ class SlidingWindowCache(_BaseCache):
             return []
         return self.keys[..., :self._len, :], self.values[..., :self._len, :]
 
-    @state.setter
-    def state(self, v):
-        self.keys, self.values = v
-        self._len = self.keys.shape[2]
-
-    @property
-    def meta_state(self):
-        return tuple(map(str, (self.window, self.slack, self.offset)))
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self.window, self.slack, self.offset = map(int, v)
-
     @property
     def nbytes(self) -> int:
         if self.keys is None:

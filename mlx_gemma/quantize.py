@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 
 from .convert import drain, read_source, write_checkpoint
 from .errors import run_cli

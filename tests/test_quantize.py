@@ -12,7 +12,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import reference
 from conftest import record_parity
 from mlx_gemma.config import hub_form
 from mlx_gemma.errors import CheckpointError, InputError
