@@ -11,35 +11,57 @@ and `make_mask(L)`, called before it, the matching mask (None, "causal" or a boo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
 DEFAULT_SLIDING_SLACK = 128
 
-__all__ = ["GlobalCache", "SlidingWindowCache", "window_mask", "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
+__all__ = ["GlobalCache", "SlidingWindowCache", "window_mask", "vision_blocks", "reuse_prefix",
+           "DEFAULT_SLIDING_SLACK"]
 
 
-def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Optional[int]):
+def vision_blocks(token_types: np.ndarray) -> np.ndarray:
+    """Block id of each token: each maximal run of image or video placeholders (one image, one
+    video frame: boi/eoi end a run) is a block; everything else, audio too, is -1 (spec 3)."""
+    vision = (token_types == 1) | (token_types == 2)
+    starts = vision & ~np.concatenate([np.zeros(token_types.shape[:-1] + (1,), bool), vision[..., :-1]], -1)
+    return np.where(vision, np.cumsum(starts, axis=-1) - 1, -1)
+
+
+def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Optional[int],
+                blocks: Optional[np.ndarray] = None, unclipped: bool = False):
     """Boolean mask for queries at positions offset..offset+L-1 over keys at key_start.. .
 
     A key is visible when kv <= q and, for a sliding layer, kv > q - window (spec 3).
-    Returns None when every key is visible to every query, "causal" when plain causal
-    alignment (last query on last key) is exact.
+    `blocks` (block ids of the L new tokens, see `vision_blocks`) lets a token see the later
+    tokens of its own block too; `unclipped` also lets it see earlier ones the window hides
+    (transformers' forward() variant). Blocks are never split across calls, so the overlay
+    only concerns the new tokens. Returns None when every key is visible to every query,
+    "causal" when plain causal alignment (last query on last key) is exact.
     """
     first_q, last_q = offset, offset + L - 1
     last_k = key_start + n_keys - 1
     windowed = window is not None and key_start <= last_q - window
+    overlay = blocks is not None and L > 1 and bool((blocks >= 0).any())
     if L == 1 and not windowed:
         return None
-    if not windowed and last_k == last_q:
+    if not windowed and last_k == last_q and not overlay:
         return "causal"
     q = mx.arange(first_q, last_q + 1)[:, None]
     k = mx.arange(key_start, last_k + 1)[None]
     mask = k <= q
     if window is not None:
         mask = mask & (k > q - window)
+    if overlay:  # per batch row: [B, 1 (heads), L, n_keys]
+        b = blocks.reshape(-1, L)
+        same = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)
+        if not unclipped:
+            same &= np.triu(np.ones((L, L), bool), 1)
+        same = np.concatenate([np.zeros((len(b), L, n_keys - L), bool), same], axis=2)
+        mask = (mask[None] | mx.array(same))[:, None]
     return mask
 
 
@@ -120,8 +142,8 @@ class GlobalCache(_BaseCache):
     def update_and_fetch_values(self, values):
         return self._update([values])[0]
 
-    def make_mask(self, L: int, **_):
-        return window_mask(L, self.offset, 0, self.offset + L, None)
+    def make_mask(self, L: int, blocks=None, unclipped: bool = False):
+        return window_mask(L, self.offset, 0, self.offset + L, None, blocks, unclipped)
 
     def is_trimmable(self) -> bool:
         return True
@@ -178,9 +200,9 @@ class SlidingWindowCache(_BaseCache):
     def _history(self) -> int:
         return min(self._len, self.window - 1)
 
-    def make_mask(self, L: int, **_):
+    def make_mask(self, L: int, blocks=None, unclipped: bool = False):
         history = self._history()
-        return window_mask(L, self.offset, self.offset - history, history + L, self.window)
+        return window_mask(L, self.offset, self.offset - history, history + L, self.window, blocks, unclipped)
 
     def update_and_fetch(self, keys, values):
         L = keys.shape[2]
@@ -242,8 +264,10 @@ class SlidingWindowCache(_BaseCache):
         return self.keys.nbytes + self.values.nbytes
 
 
-def reuse_prefix(cache: list, cached_ids: list, new_ids: list) -> int:
-    """Trim `cache`, which holds `cached_ids`, to the longest prefix shared with `new_ids`.
+def reuse_prefix(cache: list, cached_ids: list, new_ids: list,
+                 boundary: Optional[Callable[[int], int]] = None) -> int:
+    """Trim `cache`, which holds `cached_ids`, to the longest prefix shared with `new_ids`
+    (moved back by `boundary`, e.g. to the start of a medium the prefix would cut).
 
     Returns how many leading tokens of `new_ids` the cache now holds; at least one token is
     always left to feed. 0 means nothing could be reused and the cache must be rebuilt.
@@ -254,6 +278,8 @@ def reuse_prefix(cache: list, cached_ids: list, new_ids: list) -> int:
             break
         common += 1
     common = min(common, len(new_ids) - 1)
+    if boundary is not None:
+        common = boundary(common)
     drop = len(cached_ids) - common
     if common <= 0 or any(drop > getattr(c, "max_trim", c.offset) for c in cache):
         return 0

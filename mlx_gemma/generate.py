@@ -10,7 +10,10 @@ import mlx.core as mx
 
 from .errors import InputError, run_cli
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
-                         check_context, print_stats, prompt_to_ids, stream_generate)
+                         check_context, print_stats, prompt_to_inputs, stream_generate)
+from .media import BUDGETS, VIDEO_FPS
+from .model import VISION_MASKS
+from .prompt import MediaOptions
 from .memory import (KVOptions, activation_dtype_bytes, human, make_plan, memory_budget, prefill_chunk,
                      refusal, weight_bytes)
 
@@ -50,6 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the KV cache unquantized until it holds this many tokens")
     p.add_argument("--kv-two-tensor", action="store_true",
                    help="store keys and values separately on global layers (default: one tensor, half the memory)")
+    m = p.add_argument_group("media (they go into the user turn before the prompt: images, audio, video)")
+    m.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    m.add_argument("--audio", action="append", default=[], metavar="PATH", help="a sound file (repeatable)")
+    m.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (repeatable)")
+    m.add_argument("--image-budget", type=int, default=None, metavar="N",
+                   help=f"soft tokens per image, one of {'/'.join(map(str, BUDGETS))} "
+                        "(default: the checkpoint's processor setting)")
+    m.add_argument("--video-budget", type=int, default=None, metavar="N", help="soft tokens per video frame "
+                   "(default: the checkpoint's processor setting, 70)")
+    m.add_argument("--fps", type=float, default=VIDEO_FPS, help="video frames sampled per second")
+    m.add_argument("--video-frames", type=int, default=None, metavar="N",
+                   help="sample N frames spread over the video instead (transformers' rule)")
+    m.add_argument("--video-audio", action="store_true",
+                   help="also feed each video's sound track, as audio right after its frames")
+    m.add_argument("--allow-long-media", action="store_true",
+                   help="accept audio over 30 s and video over 60 s (beyond what the model was trained on)")
+    m.add_argument("--vision-mask", choices=VISION_MASKS, default="generate",
+                   help="image attention: 'generate' (whole image on sliding layers, the intended one) or "
+                        "'forward' (also on global layers, as transformers' forward() does)")
     p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
     p.add_argument("--verbose", action="store_true", help="print loading details and the memory plan")
     return p
@@ -110,12 +132,16 @@ def run(args) -> None:
     config = ModelConfig.from_file(path / "config.json")
     processor = Processor.from_pretrained(path, config)
     limit = config.text_config.max_position_embeddings
+    media_options = MediaOptions(args.image_budget, args.video_budget, args.fps, args.video_frames,
+                                 args.video_audio, args.allow_long_media)
     if args.chat:
-        ids, context = [], args.max_kv_size or min(limit, CHAT_CONTEXT)
+        inputs, ids, context = None, [], args.max_kv_size or min(limit, CHAT_CONTEXT)
     else:
         prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt if args.prompt is not None else "hello")
-        ids = prompt_to_ids(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking)
-        check_context(limit, len(ids), args.max_tokens)
+        inputs = prompt_to_inputs(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking,
+                                  args.image, args.audio, args.video, media_options)
+        ids = inputs.ids
+        check_context(limit, len(ids), args.max_tokens, sum(inputs.token_counts().values()))
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
@@ -133,6 +159,7 @@ def run(args) -> None:
     if not plan.fits:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
     model = load_model(path, dtype=getattr(mx, args.dtype) if args.dtype else None, progress=True)
+    model.vision_mask = args.vision_mask
     if args.verbose:
         q = config.quantization
         weights = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
@@ -149,35 +176,56 @@ def run(args) -> None:
     options = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                    prefill_step_size=chunk, progress=_prefill_progress, max_kv_size=context)
     if args.chat:
-        return chat_loop(model, processor, args, dict(options, max_tokens=args.max_tokens), make_cache)
+        return chat_loop(model, processor, args, dict(options, max_tokens=args.max_tokens), make_cache,
+                         media_options)
     printer, last = _Printer(args.hide_thinking), None
-    for last in stream_generate(model, processor, ids, cache=make_cache(), max_tokens=args.max_tokens, **options):
+    for last in stream_generate(model, processor, inputs, cache=make_cache(), max_tokens=args.max_tokens,
+                                **options):
         printer(last)
     printer.close()
     print_stats(last)
 
 
-def chat_loop(model, processor, args, options, make_cache) -> None:
+CHAT_HELP = ("Chat with the model: 'q' or Ctrl-D to quit, 'r' to restart; '/image PATH', '/audio PATH' "
+             "and '/video PATH' add media to your next message.")
+
+
+def chat_loop(model, processor, args, options, make_cache, media_options) -> None:
     def new_session():
         return ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking,
-                           make_cache=make_cache)
+                           make_cache=make_cache, media_options=media_options)
 
     session = new_session()
-    print("Chat with the model: 'q' or Ctrl-D to quit, 'r' to restart.", file=sys.stderr)
+    # Media given on the command line open the first turn.
+    pending = {"image": list(args.image), "audio": list(args.audio), "video": list(args.video)}
+    print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
             line = input(">> ")
         except EOFError:
             print()
             return
-        if line.strip() == "q":
+        command, _, rest = line.strip().partition(" ")
+        if command == "q":
             return
-        if line.strip() == "r":
-            session = new_session()
+        if command == "r":
+            session, pending = new_session(), {kind: [] for kind in pending}
+            continue
+        if command.startswith("/") and command[1:] in pending:
+            if not rest.strip():
+                print(f"{command} needs a path", file=sys.stderr)
+                continue
+            pending[command[1:]].append(rest.strip())
             continue
         printer, last = _Printer(args.hide_thinking), None
-        for last in session.send(line, **options):
-            printer(last)
+        try:
+            for last in session.send(line, **pending, **options):
+                printer(last)
+        except InputError as e:  # a bad file or too long a turn: say so and keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        finally:
+            pending = {kind: [] for kind in pending}
         printer.close()
         if args.verbose and last is not None:
             print(f"(reused {session.reused_tokens} cached prompt tokens)", file=sys.stderr)

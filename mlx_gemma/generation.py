@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cache import reuse_prefix
+from .cache import reuse_prefix, vision_blocks
 from .errors import InputError
+from .prompt import MediaOptions, PromptInputs, token_types, user_content
 
 DEFAULT_MAX_TOKENS = 256
 # Prefill chunk: big enough to keep the matmuls efficient, small enough that the fp32
@@ -41,30 +43,56 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: Optional[str] = None
+    media_tokens: Optional[dict] = None  # prompt tokens per medium ("image", "audio", "video")
+    preprocess_time: float = 0.0  # seconds spent turning media files into arrays
+
+
+def _soft_slices(soft_tokens: Optional[dict], ids: np.ndarray):
+    """Per prefill chunk [start, end): the soft tokens of the placeholders inside it."""
+    if not soft_tokens:
+        return lambda start, end: None
+    before = {t: np.concatenate([[0], np.cumsum(ids == t)]) for t in soft_tokens}
+    return lambda start, end: {t: rows[int(before[t][start]):int(before[t][end])]
+                               for t, rows in soft_tokens.items()}
+
+
+def _block_safe_end(blocks: np.ndarray, start: int, end: int) -> int:
+    """Move a chunk end out of a vision block: back to the block's start, or, when the block
+    began at the chunk's start, past its end (a block is attended as a whole, spec 3)."""
+    if end >= len(blocks) or blocks[end] < 0 or blocks[end] != blocks[end - 1]:
+        return end
+    members = np.flatnonzero(blocks == blocks[end])
+    return int(members[0]) if members[0] > start else int(members[-1]) + 1
 
 
 def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optional[Callable] = None,
                   logits_processors: Optional[list] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                   prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
-                  progress: Optional[Callable[[int, int], None]] = None) -> Iterator[tuple[int, mx.array]]:
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  soft_tokens: Optional[dict] = None) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) after feeding `prompt` into `cache` (updated in place).
 
     `prefill_step_size` is a chunk size, or a function of the tokens already cached giving it
     (the memory planner shrinks chunks as the context grows, keeping peak memory flat).
+    Chunks never end inside an image or video frame. `soft_tokens` (`model.embed_media`)
+    fill the prompt's media placeholders.
 
     The next step is queued before a token is yielded (so the device never waits on Python):
     after the loop the cache holds the prompt and every yielded token, except the last one
     when `max_tokens` was reached.
     """
-    prompt = mx.array(list(prompt), dtype=mx.int32)
-    if prompt.size == 0:
+    ids = np.asarray(list(prompt), dtype=np.int32)
+    if ids.size == 0:
         raise InputError("prompt: no tokens to process")
+    prompt = mx.array(ids)
+    blocks = vision_blocks(token_types(ids, model.config))
+    soft_in = _soft_slices(soft_tokens, ids)
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     logits_processors = logits_processors or []
     history = prompt
 
-    def step(ids: mx.array):
-        logits = model(ids[None], cache=cache, logits_to_keep=1)[:, -1, :]
+    def step(tokens: mx.array, soft: Optional[dict] = None):
+        logits = model(tokens[None], cache=cache, logits_to_keep=1, soft_tokens=soft)[:, -1, :]
         for process in logits_processors:
             logits = process(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -73,15 +101,18 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
     chunk_size = prefill_step_size if callable(prefill_step_size) else (lambda _: prefill_step_size)
     total, done = prompt.size, 0
     while total - done > 1:
-        n = min(chunk_size(cache[0].offset), total - done - 1)
-        model(prompt[done:done + n][None], cache=cache, logits_to_keep=1)
+        end = _block_safe_end(blocks, done, done + min(chunk_size(cache[0].offset), total - done - 1))
+        if end >= total:  # the last block runs to the end: it goes in with the final step
+            break
+        n = end - done
+        model(prompt[done:end][None], cache=cache, logits_to_keep=1, soft_tokens=soft_in(done, end))
         mx.eval([c.state for c in cache])  # the logits of a prefill chunk are never computed
         done += n
         if progress:
             progress(done, total)
         mx.clear_cache()
 
-    y, logprobs = step(prompt[done:])
+    y, logprobs = step(prompt[done:], soft_in(done, total))
     mx.async_eval(y, logprobs)
     n = 0
     while True:
@@ -113,22 +144,35 @@ def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
     return sampler, make_logits_processors(logit_bias=bias or None)
 
 
-def prompt_to_ids(processor, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True,
-                  enable_thinking: bool = False) -> list[int]:
-    """A string goes through the chat template (unless disabled), messages always do,
-    token ids are used as they are."""
+def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True,
+                     enable_thinking: bool = False, image=(), audio=(), video=(),
+                     media_options: Optional[MediaOptions] = None) -> PromptInputs:
+    """A string goes through the chat template (unless disabled) as the user turn, with any
+    `image` / `audio` / `video` before its text; messages always go through the template;
+    token ids and `PromptInputs` are used as they are."""
+    if isinstance(prompt, PromptInputs):
+        return prompt
     if isinstance(prompt, str):
-        return processor.prompt_ids(prompt, system=system, chat_template=chat_template,
-                                    enable_thinking=enable_thinking)
+        has_media = bool(image or audio or video)
+        if not chat_template:
+            if has_media:
+                raise InputError("media need the chat template (drop --no-chat-template)")
+            return PromptInputs(processor.encode(prompt))
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user_content(prompt, image, audio, video) if has_media
+                         else prompt})
+        return processor.chat_inputs(messages, enable_thinking=enable_thinking, options=media_options)
     prompt = list(prompt)
     if prompt and isinstance(prompt[0], dict):
-        return processor.chat_ids(prompt, enable_thinking=enable_thinking)
-    return [int(t) for t in prompt]
+        return processor.chat_inputs(prompt, enable_thinking=enable_thinking, options=media_options)
+    return PromptInputs([int(t) for t in prompt])
 
 
-def check_context(limit: int, n_tokens: int, max_tokens: int) -> None:
+def check_context(limit: int, n_tokens: int, max_tokens: int, media_tokens: int = 0) -> None:
     if n_tokens >= limit:
-        raise InputError(f"prompt: {n_tokens} tokens, longer than the model's context of {limit} tokens")
+        of_which = f" ({media_tokens} of them for media)" if media_tokens else ""
+        raise InputError(f"prompt: needs {n_tokens} tokens{of_which}, more than the model's context "
+                         f"of {limit} tokens")
     if max_tokens <= 0:
         raise InputError(f"--max-tokens: must be a positive number, got {max_tokens}")
 
@@ -173,14 +217,20 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
                     prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
                     progress: Optional[Callable[[int, int], None]] = None,
-                    max_kv_size: Optional[int] = None) -> Iterator[GenerationResponse]:
+                    max_kv_size: Optional[int] = None, image=(), audio=(), video=(),
+                    media_options: Optional[MediaOptions] = None) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
     `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
-    `max_kv_size` caps prompt + reply (with what the cache already holds)."""
-    ids = prompt_to_ids(processor, prompt, system, chat_template, enable_thinking)
+    `max_kv_size` caps prompt + reply (with what the cache already holds). `image`, `audio`
+    and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt."""
+    inputs = prompt_to_inputs(processor, prompt, system, chat_template, enable_thinking, image, audio, video,
+                              media_options)
+    ids = inputs.ids
+    counts = {k: n for k, n in inputs.token_counts().items() if n}
     cache = model.make_cache() if cache is None else cache
     held = cache[0].offset
-    check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens)
+    check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens,
+                  sum(counts.values()))
     if max_kv_size is not None:
         if len(ids) + held >= max_kv_size:
             raise InputError(f"--max-kv-size {max_kv_size}: smaller than the prompt ({len(ids) + held} tokens)")
@@ -200,13 +250,16 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
             text=text, token=token, logprobs=logprobs,
             thinking=thoughts.thinking if thinking is None else thinking,
             prompt_tokens=len(ids), prompt_tps=len(ids) / prompt_time, generation_tokens=n,
-            generation_tps=n / elapsed, peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+            generation_tps=n / elapsed, peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+            media_tokens=counts, preprocess_time=inputs.preprocess_seconds)
 
     with wired_limit(model):
         tic = time.perf_counter()
         prompt_time, n, token, logprobs = 1e-9, 0, None, None
+        soft = model.embed_media(**inputs.arrays()) if inputs.has_media else None
         steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=logits_processors,
-                              max_tokens=max_tokens, prefill_step_size=prefill_step_size, progress=progress)
+                              max_tokens=max_tokens, prefill_step_size=prefill_step_size, progress=progress,
+                              soft_tokens=soft)
         for n, (token, logprobs) in enumerate(steps, start=1):
             if n == 1:
                 prompt_time = time.perf_counter() - tic
@@ -248,6 +301,10 @@ def print_stats(r: GenerationResponse, file=None) -> None:
     file = file or sys.stdout
     print("=" * 10, file=file)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    if r.media_tokens:
+        tokens = ", ".join(f"{kind} {n}" for kind, n in r.media_tokens.items())
+        print(f"Media: {tokens} tokens; preprocessing {r.preprocess_time:.3f} s, prefill "
+              f"{r.prompt_tokens / r.prompt_tps:.3f} s", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
@@ -261,27 +318,35 @@ class ChatSession:
     """
 
     def __init__(self, model, processor, system: Optional[str] = None, enable_thinking: bool = False,
-                 make_cache: Optional[Callable[[], list]] = None):
+                 make_cache: Optional[Callable[[], list]] = None, media_options: Optional[MediaOptions] = None):
         self.model, self.processor = model, processor
         self.enable_thinking = enable_thinking
+        self.media_options = media_options
         self.messages = [{"role": "system", "content": system}] if system else []
         self.make_cache = make_cache or model.make_cache
         self.cache = self.make_cache()
         self.cached_ids: list[int] = []
         self.reused_tokens = 0  # prompt tokens the last turn did not have to re-read
 
-    def send(self, content, **kwargs) -> Iterator[GenerationResponse]:
-        self.messages.append({"role": "user", "content": content})
-        ids = self.processor.chat_ids(self.messages, enable_thinking=self.enable_thinking)
-        keep = reuse_prefix(self.cache, self.cached_ids, ids)
+    def send(self, content, image=(), audio=(), video=(), **kwargs) -> Iterator[GenerationResponse]:
+        """One user turn: text, or a content list; `image` / `audio` / `video` join text."""
+        if isinstance(content, str) and (image or audio or video):
+            content = user_content(content, image, audio, video)
+        inputs = self.processor.chat_inputs(self.messages + [{"role": "user", "content": content}],
+                                            enable_thinking=self.enable_thinking, options=self.media_options)
+        keep = reuse_prefix(self.cache, self.cached_ids, inputs.ids,
+                            lambda n: inputs.split_point(n, self.model.config))
         if keep == 0 and self.cache[0].offset:
             self.cache = self.make_cache()
-        self.reused_tokens = keep
+        self.cached_ids, self.reused_tokens = inputs.ids[:keep], keep
         reply, tokens = [], []
-        for r in stream_generate(self.model, self.processor, ids[keep:], cache=self.cache, **kwargs):
+        for r in stream_generate(self.model, self.processor, inputs.tail(keep, self.model.config),
+                                 cache=self.cache, **kwargs):
             tokens.append(r.token)
             if not r.thinking:
                 reply.append(r.text)
             yield r
-        self.cached_ids = (ids + tokens)[:self.cache[0].offset]
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
+        self.cached_ids = (inputs.ids + tokens)[:self.cache[0].offset]
+        # The history keeps its media loaded: later turns re-render it without reading files.
+        self.messages = inputs.messages + [{"role": "assistant", "content": "".join(reply)}]
+

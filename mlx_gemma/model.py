@@ -11,10 +11,13 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from .cache import DEFAULT_SLIDING_SLACK, GlobalCache, SlidingWindowCache
+from .cache import DEFAULT_SLIDING_SLACK, GlobalCache, SlidingWindowCache, vision_blocks
 from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
 from .embedders import MultimodalEmbedder, VisionEmbedder
+from .errors import InputError
+from .prompt import token_types
 
 
 class RMSNorm(nn.Module):
@@ -141,13 +144,19 @@ class TextModel(nn.Module):
         # transformers casts sqrt(hidden) to the weight dtype first: 62.0, not 61.97, in bf16.
         return h * mx.array(self.config.embed_scale, mx.float32).astype(h.dtype)
 
-    def __call__(self, h: mx.array, cache: list) -> mx.array:
+    def __call__(self, h: mx.array, cache: list, blocks: Optional[np.ndarray] = None,
+                 vision_mask: str = "generate") -> mx.array:
+        """`blocks`: vision block ids of the new tokens. With vision_mask "generate" (the
+        intended semantics, spec 3) only sliding layers see a whole block, clipped by the
+        window; with "forward" (transformers' forward()) every layer does, unclipped."""
         L = h.shape[1]
+        forward = vision_mask == "forward"
         masks = {}
         for layer, spec, c in zip(self.layers, self.config.layers, cache):
             # Layers of one type share offset and window, hence one mask per type.
             if spec.layer_type not in masks:
-                masks[spec.layer_type] = c.make_mask(L)
+                overlay = blocks if (spec.is_sliding or forward) else None
+                masks[spec.layer_type] = c.make_mask(L, overlay, unclipped=forward)
             h = layer(h, masks[spec.layer_type], c)
         return self.norm(h)
 
@@ -158,8 +167,9 @@ class LanguageModel(nn.Module):
         self.model = TextModel(cfg)
         self.softcap = cfg.final_logit_softcapping
 
-    def __call__(self, h: mx.array, cache: list, logits_to_keep: int = 0) -> mx.array:
-        h = self.model(h, cache)
+    def __call__(self, h: mx.array, cache: list, logits_to_keep: int = 0,
+                 blocks: Optional[np.ndarray] = None, vision_mask: str = "generate") -> mx.array:
+        h = self.model(h, cache, blocks, vision_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.model.embed_tokens.as_linear(h)  # tied head
@@ -168,12 +178,23 @@ class LanguageModel(nn.Module):
         return logits
 
 
+VISION_MASKS = ("generate", "forward")
+
+
 class Model(nn.Module):
-    """`logits = model(input_ids, cache=None)`, input_ids [batch, length] -> [batch, length, vocab]."""
+    """`logits = model(input_ids, cache=None)`, input_ids [batch, length] -> [batch, length, vocab].
+
+    Media go in as transformers' processor arrays (`model(ids, pixel_values=...,
+    image_position_ids=...)`, what fine-tuning and evaluation use) or as soft tokens already
+    embedded (`soft_tokens=model.embed_media(...)`, what chunked prefill uses): either way
+    they replace the rows of their placeholder tokens, and image / video-frame tokens attend
+    to their whole block (`vision_mask`, spec 3).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.vision_mask = "generate"
         self.language_model = LanguageModel(config.text_config)
         if config.vision_config is not None:
             self.vision_embedder = VisionEmbedder(config.vision_config)
@@ -205,13 +226,63 @@ class Model(nn.Module):
             placeholder = placeholder | (input_ids == tid)
         return self.language_model.model.embed(mx.where(placeholder, pad, input_ids))
 
+    def embed_media(self, pixel_values=None, image_position_ids=None, pixel_values_videos=None,
+                    video_position_ids=None, input_features=None, input_features_mask=None,
+                    num_frames_per_video=None) -> dict:
+        """Soft tokens {placeholder id: rows [n, hidden]} from transformers' processor arrays
+        (numpy or mx), padding dropped: the rows fill that id's placeholders in prompt order
+        (so `num_frames_per_video` is not needed; it is accepted with the processor's output)."""
+        cfg, soft = self.config, {}
+        for token, pixels, positions in ((cfg.image_token_id, pixel_values, image_position_ids),
+                                         (cfg.video_token_id, pixel_values_videos, video_position_ids)):
+            if pixels is None:
+                continue
+            positions = np.asarray(positions).reshape(-1, 2)
+            # Padding rows are dropped before the embedder (every step is per row), not after.
+            keep = mx.array(np.flatnonzero((positions != -1).all(axis=-1)))
+            patches = mx.array(pixels).reshape(-1, pixels.shape[-1])[keep]
+            soft[token] = self.embed_vision(self.vision_embedder(patches, mx.array(positions)[keep]))
+        if input_features is not None:
+            mask = np.ones(input_features.shape[:2], bool) if input_features_mask is None \
+                else np.asarray(input_features_mask)
+            keep = mx.array(np.flatnonzero(mask.reshape(-1)))
+            frames = mx.array(input_features).reshape(-1, input_features.shape[-1])[keep]
+            soft[cfg.audio_token_id] = self.embed_audio(frames)
+        return soft
+
+    def embed_inputs(self, input_ids: mx.array, soft_tokens: Optional[dict] = None) -> mx.array:
+        """Token embeddings with each placeholder row replaced by its soft token."""
+        h = self.embed_text(input_ids)
+        ids = np.asarray(input_ids).reshape(-1)
+        soft_tokens = {t: r for t, r in (soft_tokens or {}).items() if r.shape[0] or np.any(ids == t)}
+        if not soft_tokens:
+            return h
+        index, rows, start = np.zeros(ids.size, np.int32), [], 0
+        for token, r in soft_tokens.items():
+            where = np.flatnonzero(ids == token)
+            if where.size != r.shape[0]:
+                raise InputError(f"prompt: {where.size} placeholder tokens (id {token}) for "
+                                 f"{r.shape[0]} soft tokens")
+            index[where] = start + np.arange(where.size)
+            rows.append(r.astype(h.dtype))
+            start += where.size
+        is_soft = mx.array(np.isin(ids, list(soft_tokens)).reshape(input_ids.shape))[..., None]
+        return mx.where(is_soft, mx.concatenate(rows)[mx.array(index)].reshape(h.shape), h)
+
     def __call__(self, input_ids: Optional[mx.array] = None, cache: Optional[list] = None,
-                 inputs_embeds: Optional[mx.array] = None, logits_to_keep: int = 0) -> mx.array:
+                 inputs_embeds: Optional[mx.array] = None, logits_to_keep: int = 0, *,
+                 soft_tokens: Optional[dict] = None, mm_token_type_ids=None, **media) -> mx.array:
         """Logits for the new tokens; `cache` is updated in place. `logits_to_keep=n` computes
-        only the last n positions' logits (prefill needs just the last one)."""
+        only the last n positions' logits (prefill needs just the last one).
+        `mm_token_type_ids` (for the vision blocks) defaults to what `input_ids` say."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        h = self.embed_text(input_ids) if inputs_embeds is None else inputs_embeds
+        if media:
+            soft_tokens = self.embed_media(**media)
+        h = self.embed_inputs(input_ids, soft_tokens) if inputs_embeds is None else inputs_embeds
+        if mm_token_type_ids is None and input_ids is not None and h.shape[1] > 1:
+            mm_token_type_ids = token_types(input_ids, self.config)
+        blocks = None if mm_token_type_ids is None else vision_blocks(np.asarray(mm_token_type_ids))
         if cache is None:
             cache = self.make_cache()
-        return self.language_model(h, cache, logits_to_keep)
+        return self.language_model(h, cache, logits_to_keep, blocks, self.vision_mask)

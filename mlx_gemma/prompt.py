@@ -1,17 +1,23 @@
-"""Text side of a prompt: the checkpoint's tokenizer, chat template and generation defaults."""
+"""A prompt as the model reads it: chat template, media placeholders expanded to the exact
+token ids transformers' processor produces (spec 6), the media arrays behind them, and the
+checkpoint's generation defaults."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+from . import media
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 # Special-token strings of the Gemma 4 vocabulary and the config key holding each one's id.
 SPECIAL_TOKENS = {
@@ -24,6 +30,104 @@ SPECIAL_TOKENS = {
     "<|audio|>": "audio_token_id",
 }
 THOUGHT_START, THOUGHT_END = "<|channel>", "<channel|>"
+IMAGE, VIDEO, AUDIO = "<|image|>", "<|video|>", "<|audio|>"
+BOI, EOI, BOA, EOA = "<|image>", "<image|>", "<|audio>", "<audio|>"
+PLACEHOLDER = re.compile("(" + "|".join(map(re.escape, (IMAGE, VIDEO, AUDIO))) + ")")
+# mm_token_type_ids: what each placeholder id is (everything else, boi/eoi/boa/eoa too, is 0).
+TYPE_IMAGE, TYPE_VIDEO, TYPE_AUDIO = 1, 2, 3
+
+
+def token_types(ids, config: ModelConfig) -> np.ndarray:
+    """Per-token modality (0 text, 1 image, 2 video, 3 audio), as `mm_token_type_ids`."""
+    ids = np.asarray(ids)
+    types = np.zeros(ids.shape, np.int32)
+    types[ids == config.image_token_id] = TYPE_IMAGE
+    types[ids == config.video_token_id] = TYPE_VIDEO
+    types[ids == config.audio_token_id] = TYPE_AUDIO
+    return types
+
+
+@dataclass
+class MediaOptions:
+    """How media become tokens; None budgets mean the checkpoint's processor defaults."""
+
+    image_budget: Optional[int] = None
+    video_budget: Optional[int] = None
+    fps: float = media.VIDEO_FPS
+    video_frames: Optional[int] = None  # transformers' rule: this many frames spread evenly
+    video_audio: bool = False  # a video's sound track goes in as audio right after its frames
+    allow_long: bool = False  # audio over 30 s / video over 60 s
+
+
+def user_content(text: str, image=(), audio=(), video=()) -> list:
+    """A user turn's content list: images, then audio, then video, then the text (the order
+    the CLI uses)."""
+    items = [{"type": "image", "image": i} for i in image] + [{"type": "audio", "audio": a} for a in audio]
+    items += [{"type": "video", "video": v} for v in video]
+    return items + [{"type": "text", "text": text}]
+
+
+@dataclass
+class PromptInputs:
+    """Token ids with every placeholder expanded, and the media behind them, in prompt order."""
+
+    ids: list
+    images: list = field(default_factory=list)  # media.VisionInput per image
+    videos: list = field(default_factory=list)  # media.Video per video
+    audio: list = field(default_factory=list)  # 16 kHz waveform per audio (sound tracks included)
+    preprocess_seconds: float = 0.0
+    messages: Optional[list] = None  # the conversation with its media already loaded
+
+    @property
+    def has_media(self) -> bool:
+        return bool(self.images or self.videos or self.audio)
+
+    def _sizes(self) -> dict:
+        """Placeholder tokens of each medium, by kind, in prompt order."""
+        return {"image": [i.num_tokens for i in self.images],
+                "video": [v.frames.num_tokens for v in self.videos],
+                "audio": [-(-len(a) // media.FRAME_SAMPLES) for a in self.audio]}
+
+    def token_counts(self) -> dict:
+        return {kind: sum(sizes) for kind, sizes in self._sizes().items()}
+
+    def split_point(self, start: int, config: ModelConfig) -> int:
+        """The latest position <= start that does not cut through a medium's placeholders."""
+        ids = np.asarray(self.ids)
+        for kind, sizes in self._sizes().items():
+            where = np.flatnonzero(ids == getattr(config, f"{kind}_token_id"))
+            before = int(np.searchsorted(where, start))
+            ends = np.cumsum([0] + sizes)
+            if before not in ends:  # medium k is cut: start at its first placeholder instead
+                start = min(start, int(where[ends[np.searchsorted(ends, before) - 1]]))
+        return start
+
+    def tail(self, start: int, config: ModelConfig) -> "PromptInputs":
+        """ids[start:] and the media whose placeholders lie there (`start` from split_point)."""
+        ids = np.asarray(self.ids)
+        done = {kind: int(np.sum(ids[:start] == getattr(config, f"{kind}_token_id")))
+                for kind in ("image", "video", "audio")}
+        skip = {kind: int(np.searchsorted(np.cumsum(sizes), done[kind], side="right"))
+                for kind, sizes in self._sizes().items()}
+        return PromptInputs(self.ids[start:], self.images[skip["image"]:], self.videos[skip["video"]:],
+                            self.audio[skip["audio"]:], self.preprocess_seconds, self.messages)
+
+    def arrays(self) -> dict:
+        """The media as transformers' processor returns them (numpy), by the same names."""
+        out = {}
+        if self.images:
+            out["pixel_values"] = np.concatenate([i.pixel_values for i in self.images])
+            out["image_position_ids"] = np.concatenate([i.position_ids for i in self.images])
+        if self.videos:
+            out["pixel_values_videos"] = np.concatenate([v.frames.pixel_values for v in self.videos])
+            out["video_position_ids"] = np.concatenate([v.frames.position_ids for v in self.videos])
+            out["num_frames_per_video"] = np.array([len(v.frames.pixel_values) for v in self.videos])
+        if self.audio:
+            frames = [media.audio_frames(a) for a in self.audio]
+            longest = max(len(f) for f in frames)
+            out["input_features"] = np.stack([np.pad(f, ((0, longest - len(f)), (0, 0))) for f in frames])
+            out["input_features_mask"] = np.stack([np.arange(longest) < len(f) for f in frames])
+        return out
 
 
 @dataclass
@@ -61,10 +165,12 @@ class GenerationDefaults:
 class Processor:
     """Tokenizer (mlx-lm's wrapper, for streaming detokenization) + chat template + defaults."""
 
-    def __init__(self, tokenizer: TokenizerWrapper, config: ModelConfig, defaults: GenerationDefaults):
+    def __init__(self, tokenizer: TokenizerWrapper, config: ModelConfig, defaults: GenerationDefaults,
+                 image_budget: int = media.DEFAULT_IMAGE_BUDGET, video_budget: int = media.DEFAULT_VIDEO_BUDGET):
         self.tokenizer = tokenizer
         self.config = config
         self.defaults = defaults
+        self.image_budget, self.video_budget = image_budget, video_budget
         vocab = tokenizer.get_vocab()
         for token, key in SPECIAL_TOKENS.items():
             if token in vocab and vocab[token] != getattr(config, key):
@@ -80,7 +186,7 @@ class Processor:
             tokenizer = load_tokenizer(path, eos_token_ids=defaults.eos_token_ids or None)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-        return cls(tokenizer, config, defaults)
+        return cls(tokenizer, config, defaults, *_processor_budgets(path))
 
     @property
     def eos_token_ids(self) -> set:
@@ -98,12 +204,92 @@ class Processor:
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
                  enable_thinking: bool = False) -> list[int]:
-        """Token ids of a conversation rendered by the checkpoint's chat template."""
+        """Token ids of a text-only conversation rendered by the checkpoint's chat template."""
+        inputs = self.chat_inputs(messages, add_generation_prompt, enable_thinking)
+        if inputs.has_media:
+            raise InputError("prompt: the conversation has media; use chat_inputs() to get them too")
+        return inputs.ids
+
+    def chat_inputs(self, messages: list[dict], add_generation_prompt: bool = True,
+                    enable_thinking: bool = False, options: Optional[MediaOptions] = None) -> PromptInputs:
+        """A conversation whose content lists may hold images, audio and video, in any order:
+        `{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio":
+        path | (samples, rate)}`, `{"type": "video", "video": path}`, `{"type": "text", ...}`."""
         if not self.has_chat_template:
             raise CheckpointError("tokenizer: the checkpoint has no chat template (use --no-chat-template)")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 enable_thinking=enable_thinking, tokenize=True)
-        return list(ids)
+        options = options or MediaOptions()
+        tic = time.perf_counter()
+        loaded, images, videos, audio = self._load_media(messages, options)
+        text = self.tokenizer.apply_chat_template(loaded, add_generation_prompt=add_generation_prompt,
+                                                  enable_thinking=enable_thinking, tokenize=False)
+        text = self._expand(text, images, videos, audio)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote <bos>
+        return PromptInputs(list(ids), images, videos, audio, time.perf_counter() - tic, loaded)
+
+    def _load_media(self, messages: list[dict], options: MediaOptions):
+        """Load every medium once; the returned messages hold the loaded media (so a chat can
+        re-render its history without reading files again), a video's sound track as an
+        audio item right after the video."""
+        image_budget = media.check_budget(options.image_budget or self.image_budget)
+        video_budget = media.check_budget(options.video_budget or self.video_budget, "--video-budget")
+        images, videos, audio, loaded = [], [], [], []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) or content is None:
+                loaded.append(message)
+                continue
+            items = []
+            for item in content:
+                kind = item.get("type")
+                if kind not in ("image", "audio", "video"):
+                    items.append(item)
+                    continue
+                source = item.get(kind, item.get("path"))
+                if source is None:
+                    raise InputError(f"prompt: a {kind} item without its {kind!r} (or 'path') entry")
+                if kind == "image":
+                    image = source if isinstance(source, media.VisionInput) else media.image_input(source, image_budget)
+                    images.append(image)
+                    items.append({"type": "image", "image": image})
+                elif kind == "audio":
+                    wave = media.load_audio(source, options.allow_long)
+                    audio.append(wave)
+                    items.append({"type": "audio", "audio": (wave, media.SAMPLE_RATE)})
+                else:
+                    video = source if isinstance(source, media.Video) else media.load_video(
+                        source, video_budget, options.fps, options.video_frames, options.video_audio,
+                        options.allow_long)
+                    videos.append(video)
+                    items.append({"type": "video", "video": media.Video(video.frames, video.timestamps)})
+                    if video.audio is not None:
+                        audio.append(video.audio)
+                        items.append({"type": "audio", "audio": (video.audio, media.SAMPLE_RATE)})
+            loaded.append({**message, "content": items})
+        return loaded, images, videos, audio
+
+    @staticmethod
+    def _expand(text: str, images: list, videos: list, audio: list) -> str:
+        """Each placeholder -> its tokens, exactly as transformers' processor writes them."""
+        pieces = PLACEHOLDER.split(text)
+        found = {p: pieces.count(p) for p in (IMAGE, VIDEO, AUDIO)}
+        for token, given, what in ((IMAGE, images, "images"), (VIDEO, videos, "videos"), (AUDIO, audio, "audio clips")):
+            if found[token] != len(given):
+                raise InputError(f"prompt: the rendered conversation has {found[token]} {token} placeholders "
+                                 f"but {len(given)} {what} were given")
+        queues = {IMAGE: iter(images), VIDEO: iter(videos), AUDIO: iter(audio)}
+        out = []
+        for piece in pieces:
+            if piece == IMAGE:
+                out.append(BOI + IMAGE * next(queues[IMAGE]).tokens_per_frame + EOI)
+            elif piece == VIDEO:
+                video = next(queues[VIDEO])
+                frame = BOI + VIDEO * video.frames.tokens_per_frame + EOI
+                out.append(" ".join(f"{media.timestamp(t)} {frame}" for t in video.timestamps))
+            elif piece == AUDIO:
+                out.append(BOA + AUDIO * -(-len(next(queues[AUDIO])) // media.FRAME_SAMPLES) + EOA)
+            else:
+                out.append(piece)
+        return "".join(out)
 
     def prompt_ids(self, prompt: str, system: Optional[str] = None, chat_template: bool = True,
                    enable_thinking: bool = False) -> list[int]:
@@ -112,3 +298,17 @@ class Processor:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
         return self.chat_ids(messages, enable_thinking=enable_thinking)
+
+
+def _processor_budgets(path: Path) -> tuple[int, int]:
+    """Default image and video budgets from the checkpoint's processor config (either the
+    nested processor_config.json or a flat preprocessor_config.json)."""
+    image, video = {}, {}
+    nested = path / "processor_config.json"
+    if nested.exists():
+        raw = json.loads(nested.read_text())
+        image, video = raw.get("image_processor", {}), raw.get("video_processor", {})
+    elif (path / "preprocessor_config.json").exists():
+        image = json.loads((path / "preprocessor_config.json").read_text())
+    return (media.check_budget(image.get("max_soft_tokens", media.DEFAULT_IMAGE_BUDGET), "max_soft_tokens"),
+            media.check_budget(video.get("max_soft_tokens", media.DEFAULT_VIDEO_BUDGET), "max_soft_tokens"))

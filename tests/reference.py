@@ -77,7 +77,7 @@ def make_config(**text_over):
     return Gemma4UnifiedConfig(
         text_config=text_config(**text_over),
         vision_config=dict(mm_embed_dim=width, output_proj_dims=width,
-                           mm_posemb_size=1120 if width >= 1024 else 64),
+                           mm_posemb_size=1120 if width >= 1024 else 64),  # 64 covers the test images' grids
         audio_config=dict(audio_embed_dim=640),
         **TOKEN_IDS,
     )
@@ -158,8 +158,22 @@ def build_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, stats=rando
         bos_token_id=2, pad_token_id=0, eos_token_id=[1, 106], do_sample=True, temperature=1.0,
         top_k=64, top_p=0.95)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    make_tokenizer().save_pretrained(path)
+    make_processor().save_pretrained(path)
     return Path(path)
+
+
+def make_processor(tokenizer=None):
+    """transformers' Gemma4UnifiedProcessor (default image / video / audio settings) on the
+    fixture tokenizer: what `save_pretrained` writes beside the weights, and the reference
+    the media tests compare with."""
+    from transformers import Gemma4UnifiedImageProcessor, Gemma4UnifiedProcessor, Gemma4UnifiedVideoProcessor
+    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
+        Gemma4UnifiedAudioFeatureExtractor)
+
+    return Gemma4UnifiedProcessor(feature_extractor=Gemma4UnifiedAudioFeatureExtractor(),
+                                  image_processor=Gemma4UnifiedImageProcessor(),
+                                  tokenizer=tokenizer or make_tokenizer(),
+                                  video_processor=Gemma4UnifiedVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
 
 def load_reference(path: Path, dtype=torch.float32):

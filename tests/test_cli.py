@@ -61,7 +61,7 @@ def test_chat_keeps_the_conversation(hf_checkpoint, model, processor):
 @pytest.mark.parametrize("args, message", [
     (["--max-tokens", "0"], "error: --max-tokens: must be a positive number, got 0"),
     (["--max-tokens", "-5"], "error: --max-tokens: must be a positive number, got -5"),
-    (["--prompt", "x" * 600], "error: prompt: {n} tokens, longer than the model's context of 512 tokens"),
+    (["--prompt", "x" * 600], "error: prompt: needs {n} tokens, more than the model's context of 512 tokens"),
 ])
 def test_bad_generation_input(hf_checkpoint, processor, args, message):
     message = message.format(n=len(processor.prompt_ids("x" * 600)))
@@ -76,3 +76,61 @@ def test_bad_model_path_is_one_line(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip() == f"error: {tmp_path / 'nowhere'}: neither a local directory nor a " \
                                  "Hugging Face repo id (owner/name)"
+
+
+MEDIA_STATS = re.compile(r"Prompt: (\d+) tokens, [\d.]+ tokens-per-sec\nMedia: image (\d+), audio (\d+) tokens; "
+                         r"preprocessing [\d.]+ s, prefill [\d.]+ s\nGeneration: ")
+
+
+def test_media_flags_reach_the_prompt_and_the_stats(hf_checkpoint, model, processor, tmp_path):
+    import media_files as mf
+    from PIL import Image
+
+    from mlx_gemma.prompt import MediaOptions, user_content
+
+    img, wav = tmp_path / "a.png", mf.write_wav(tmp_path / "a.wav", 44100, 0.5)
+    Image.fromarray(mf.noise_image(200, 300)).save(img)
+    run = run_cli("--model", str(hf_checkpoint), "--prompt", "what?", "--image", str(img), "--audio", str(wav),
+                  "--image-budget", "140", "--temp", "0", "--max-tokens", "6")
+    assert run.returncode == 0, run.stderr
+    stats = MEDIA_STATS.search(run.stdout)
+    assert stats, run.stdout
+    content = user_content("what?", [str(img)], [str(wav)])
+    inputs = processor.chat_inputs([{"role": "user", "content": content}], options=MediaOptions(image_budget=140))
+    counts = inputs.token_counts()
+    assert (int(stats.group(1)), int(stats.group(2)), int(stats.group(3))) == \
+           (len(inputs.ids), counts["image"], counts["audio"])
+    text = run.stdout[:run.stdout.index("==========")].removesuffix("\n")
+    assert text == generate(model, processor, inputs, temp=0.0, max_tokens=6)
+
+
+def test_chat_takes_media_in_a_later_turn(hf_checkpoint, model, processor, tmp_path):
+    import media_files as mf
+    from PIL import Image
+
+    img = tmp_path / "b.png"
+    Image.fromarray(mf.noise_image(100, 100)).save(img)
+    run = run_cli("--model", str(hf_checkpoint), "--chat", "--temp", "0", "--max-tokens", "5",
+                  "--image-budget", "70", stdin=f"hello\n/image {img}\nand this?\nq\n")
+    assert run.returncode == 0, run.stderr
+    from mlx_gemma.prompt import MediaOptions
+
+    chat = ChatSession(model, processor, media_options=MediaOptions(image_budget=70))
+    first = "".join(r.text for r in chat.send("hello", temp=0.0, max_tokens=5) if not r.thinking)
+    second = "".join(r.text for r in chat.send("and this?", image=[str(img)], temp=0.0, max_tokens=5)
+                     if not r.thinking)
+    assert chat.reused_tokens > 0  # the first turn stayed cached
+    assert run.stdout == ">> " + first + "\n>> >> " + second + "\n>> "
+
+
+def test_more_media_than_the_context_is_one_line(hf_checkpoint, tmp_path):
+    import media_files as mf
+    from PIL import Image
+
+    img = tmp_path / "big.png"
+    Image.fromarray(mf.noise_image(1000, 1000)).save(img)
+    run = run_cli("--model", str(hf_checkpoint), "--image", str(img), "--image", str(img), "--image-budget", "280")
+    assert run.returncode == 1
+    assert re.fullmatch(r"error: prompt: needs (\d+) tokens \((\d+) of them for media\), more than the model's "
+                        r"context of 512 tokens", run.stderr.strip().splitlines()[-1]), run.stderr
+    assert "Traceback" not in run.stderr
