@@ -253,8 +253,10 @@ class Model(nn.Module):
     def embed_inputs(self, input_ids: mx.array, soft_tokens: Optional[dict] = None) -> mx.array:
         """Token embeddings with each placeholder row replaced by its soft token."""
         h = self.embed_text(input_ids)
+        if not soft_tokens:  # decode steps: reading the ids on the host would wait for the sampler
+            return h
         ids = np.asarray(input_ids).reshape(-1)
-        soft_tokens = {t: r for t, r in (soft_tokens or {}).items() if r.shape[0] or np.any(ids == t)}
+        soft_tokens = {t: r for t, r in soft_tokens.items() if r.shape[0] or np.any(ids == t)}
         if not soft_tokens:
             return h
         index, rows, start = np.zeros(ids.size, np.int32), [], 0

@@ -145,10 +145,7 @@ class GenerationDefaults:
     def from_file(cls, path: Path) -> "GenerationDefaults":
         if not path.exists():
             return cls()
-        try:
-            g = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        g = _read_json(path)
         eos = g.get("eos_token_id", [])
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         sample = g.get("do_sample", True)
@@ -304,11 +301,18 @@ def _processor_budgets(path: Path) -> tuple[int, int]:
     """Default image and video budgets from the checkpoint's processor config (either the
     nested processor_config.json or a flat preprocessor_config.json)."""
     image, video = {}, {}
-    nested = path / "processor_config.json"
+    nested, flat = path / "processor_config.json", path / "preprocessor_config.json"
     if nested.exists():
-        raw = json.loads(nested.read_text())
+        raw = _read_json(nested)
         image, video = raw.get("image_processor", {}), raw.get("video_processor", {})
-    elif (path / "preprocessor_config.json").exists():
-        image = json.loads((path / "preprocessor_config.json").read_text())
+    elif flat.exists():
+        image = _read_json(flat)
     return (media.check_budget(image.get("max_soft_tokens", media.DEFAULT_IMAGE_BUDGET), "max_soft_tokens"),
             media.check_budget(video.get("max_soft_tokens", media.DEFAULT_VIDEO_BUDGET), "max_soft_tokens"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None

@@ -177,7 +177,9 @@ def test_mixed_media_keep_their_order(hf, processor, tmp_path):
 
 # --- bad input: one line naming the file and the problem --------------------------------------
 
-def _bad_files(tmp_path):
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bad")
     text_jpg = tmp_path / "notes.jpg"
     text_jpg.write_text("not an image\n")
     good = tmp_path / "good.jpg"
@@ -199,7 +201,7 @@ def _bad_files(tmp_path):
     no_video = mf.write_video(tmp_path / "sound-only.mp4", video=False)
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    return locals()
+    return tmp_path, locals()
 
 
 BAD = [
@@ -217,8 +219,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("kind,name,message", BAD, ids=[b[1] for b in BAD])
-def test_bad_media_give_one_line_errors(processor, tmp_path, kind, name, message):
-    files = _bad_files(tmp_path)
+def test_bad_media_give_one_line_errors(processor, bad_files, kind, name, message):
+    tmp_path, files = bad_files
     source = str(files.get(name, tmp_path / name))
     with pytest.raises(InputError) as e:
         processor.chat_inputs([{"role": "user", "content": [{"type": kind, kind: source}]}])
