@@ -84,6 +84,7 @@ class TextConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
     rms_norm_eps: float = 1e-6
     pad_token_id: int = 0
+    bos_token_id: int = 2
     rope_parameters: Optional[dict] = None
     sliding_window: int = 1024
     layer_types: Optional[list] = None

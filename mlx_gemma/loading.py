@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .backend import activation_dtype, set_dtype, split_matmuls
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Model
@@ -197,15 +198,20 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: Path) -> N
                                   f"expected {tuple(p.shape)}")
 
 
-def load_model(path: Path, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
-               progress: bool = False) -> Model:
+def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: bool = False,
+               progress: bool = False, split: Optional[int] = None) -> Model:
+    """`dtype`: an mx dtype, a name, None (as stored) or "auto" (backend.activation_dtype);
+    `split`: ways to split each quantized matmul (default: one per core on the CPU backend)."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint directory)")
     config = ModelConfig.from_file(config_file)
     model = build_model(config, load_weights(path, progress), path)
+    if isinstance(dtype, str):
+        dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
-        model.set_dtype(dtype)
+        set_dtype(model, dtype)
+    split_matmuls(model, split)
     if not lazy:
         try:
             mx.eval(model.parameters())
@@ -214,7 +220,7 @@ def load_model(path: Path, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
     return model
 
 
-def load(path_or_repo: Union[str, Path], dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+def load(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, None] = "auto", lazy: bool = False,
          progress: bool = False):
     """`model, processor = load("google/gemma-4-12B-it")`; a local directory works too."""
     from .prompt import Processor

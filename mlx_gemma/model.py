@@ -140,7 +140,9 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, ids: mx.array) -> mx.array:
-        h = self.embed_tokens(ids)
+        # The stream runs in the norms' dtype: a quantized table dequantizes to its scales' dtype,
+        # which may be narrower (backend.set_dtype).
+        h = self.embed_tokens(ids).astype(self.norm.weight.dtype)
         # transformers casts sqrt(hidden) to the weight dtype first: 62.0, not 61.97, in bf16.
         return h * mx.array(self.config.embed_scale, mx.float32).astype(h.dtype)
 

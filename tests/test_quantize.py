@@ -215,3 +215,20 @@ def test_generate_quantizes_a_checkpoint_that_does_not_fit_once(quant_source, tm
     assert off.returncode == 1 and off.stderr.startswith("error: needs ")  # does not fit unquantized
     fits = run("mlx_gemma.generate", *args[:-1], "1GB", env=env)
     assert fits.returncode == 0 and "4-bit" not in fits.stderr
+
+
+def test_backend_choices_keep_the_logits(quantized):
+    """Float32 activations with the scales as stored, and matmuls split over CPU streams: the
+    split runs the same kernel on blocks of rows, so the logits are bit-identical."""
+    from mlx_gemma.backend import SplitQuantizedEmbedding, activation_dtype
+    from mlx_gemma.loading import load_model
+
+    assert activation_dtype(True, "auto") == (mx.float32 if mx.default_device() == mx.cpu else None)
+    assert activation_dtype(False, "auto") is None and activation_dtype(True, "bfloat16") == mx.bfloat16
+    stored = load_weights(quantized)["language_model.model.embed_tokens.scales"].dtype
+    whole = load_model(quantized, dtype=mx.float32, split=1)
+    split = load_model(quantized, dtype=mx.float32, split=2)
+    head = split.language_model.model.embed_tokens
+    assert isinstance(head, SplitQuantizedEmbedding) and head.scales.dtype == stored
+    assert split.language_model.model.norm.weight.dtype == mx.float32
+    assert np.array_equal(np.array(whole(IDS)), np.array(split(IDS)))

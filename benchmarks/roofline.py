@@ -1,0 +1,86 @@
+"""What the hardware allows: bytes a decode step must read, FLOPs a prefill token costs, and the
+decode ceilings of Apple-Silicon chips from their published memory bandwidths.
+
+A decode step reads every language-model weight once (the tied embedding as the head; the
+lookup of one row is noise) and the whole KV cache: the sliding layers' last `window` tokens,
+the global layers' whole context. A prefill token costs 2 FLOPs per multiply-add of every
+projection, plus attention (QK^T and AV) over the keys it sees; the head runs for the last
+token only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from mlx.utils import tree_flatten
+
+from mlx_gemma.config import ModelConfig, TextConfig
+from mlx_gemma.memory import KVOptions, element_bytes
+from mlx_gemma.model import Model
+from mlx_gemma.quantization import QuantSpec, plan
+
+# Published unified-memory bandwidths, GB/s (Apple's spec sheets; the top configuration of each).
+CHIPS = {
+    "M1": 68.25, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
+    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
+    "M3": 100, "M3 Pro": 150, "M3 Max": 400, "M3 Ultra": 819,
+    "M4": 120, "M4 Pro": 273, "M4 Max": 546,
+}
+
+LANGUAGE = "language_model."
+
+
+def is_decode_weight(name: str) -> bool:
+    """Whether a decode step reads this tensor: the language model's (media embedders are
+    used by prefill only)."""
+    return name.startswith(LANGUAGE)
+
+
+def weight_bytes_min(config: ModelConfig, base: Optional[QuantSpec] = QuantSpec(), recipe: str = "default",
+                     float_bytes: int = 2) -> float:
+    """Bytes of the language-model weights under a quantization policy (None: unquantized),
+    from the config alone: the minimum a decode step reads."""
+    model = Model(config)  # lazy: nothing is allocated
+    chosen = plan(model, base, recipe) if base is not None else {}
+    total = 0.0
+    for name, p in tree_flatten(model.parameters()):
+        if not is_decode_weight(name):
+            continue
+        module = name.rsplit(".", 1)[0]
+        total += p.size * (chosen[module].bits_per_weight() / 8 if module in chosen else float_bytes)
+    return total
+
+
+def kv_bytes(text: TextConfig, context: int, kv: KVOptions, dtype_bytes: int) -> float:
+    """KV bytes a decode step at `context` reads: sliding layers hold at most `window` tokens."""
+    total = 0.0
+    for s in text.layers:
+        tokens = min(context, s.window) if s.is_sliding else context
+        tensors = 1 if (not s.is_sliding and kv.one_tensor and s.k_eq_v) else 2
+        per = element_bytes(dtype_bytes, None if s.is_sliding else kv.bits, kv.group_size)
+        total += tokens * tensors * s.num_kv_heads * s.head_dim * per
+    return total
+
+
+def prefill_flops(text: TextConfig, tokens: int, start: int = 0) -> float:
+    """FLOPs to prefill `tokens` tokens after `start` cached ones (the head once)."""
+    h, heads = text.hidden_size, text.num_attention_heads
+    total = 0.0
+    for s in text.layers:
+        d, kvh = s.head_dim, s.num_kv_heads
+        proj = h * heads * d * 2 + h * kvh * d * (1 if s.k_eq_v else 2) + 3 * h * text.intermediate_size
+        # Keys seen by the query at position p: p + 1, or at most the window.
+        q = range(start, start + tokens)
+        seen = sum(min(p + 1, s.window) if s.is_sliding else p + 1 for p in q)
+        total += 2 * proj * tokens + 2 * 2 * heads * d * seen
+    return total + 2 * h * text.vocab_size
+
+
+def chip_table(weights: float, kv_short: float, kv_long: float, long_context: int) -> str:
+    """Markdown: each chip's decode ceiling (bandwidth / bytes per step) for the given model."""
+    lines = ["| chip | bandwidth GB/s | decode ceiling, short context (tok/s) | "
+             f"decode ceiling at {long_context} tokens (tok/s) |", "|---|---|---|---|"]
+    for chip, bw in CHIPS.items():
+        lines.append(f"| {chip} | {bw:g} | {bw * 1e9 / (weights + kv_short):.1f} | "
+                     f"{bw * 1e9 / (weights + kv_long):.1f} |")
+    return "\n".join(lines)
