@@ -29,14 +29,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_gemma.backend import activation_dtype
+from mlx_gemma.backend import DTYPES, activation_dtype
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError, run_cli
 from mlx_gemma.loading import resolve_model_path
 from mlx_gemma.memory import KVOptions, activation_dtype_bytes, tensor_bytes
+from mlx_gemma.quantization import QuantSpec
 
 from . import roofline
-from .synthetic import synthetic_checkpoint
+from .synthetic import HUB_CONFIG, synthetic_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = {
@@ -140,8 +141,6 @@ def bytes_check(path: Path, config: ModelConfig) -> dict:
     """The decode weights the checkpoint holds vs the minimum for its quantization (config only)."""
     held = sum(n for name, n in tensor_bytes(path).items() if roofline.is_decode_weight(name))
     q = config.quantization
-    from mlx_gemma.quantization import QuantSpec
-
     base = QuantSpec(q["bits"], q["group_size"], q.get("mode", "affine")) if q else None
     minimum = roofline.weight_bytes_min(config, base)
     return {"decode_weight_bytes": held, "minimum_bytes": minimum, "ratio": held / minimum}
@@ -213,6 +212,11 @@ def plot(report: dict, path: Path) -> bool:
 
 
 def benchmark(args) -> dict:
+    layers = len(json.loads(HUB_CONFIG.read_text())["text_config"]["layer_types"])
+    if args.synthetic is not None and not 1 <= args.synthetic <= layers:
+        raise InputError(f"--synthetic: {args.synthetic} layers; the 12B has 1 to {layers}")
+    if args.repeats is not None and args.repeats < 1:
+        raise InputError(f"--repeats: must be at least 1, got {args.repeats}")
     if args.synthetic:
         path, model_name = synthetic_checkpoint(args.synthetic), f"synthetic 12B widths, {args.synthetic} layers"
     else:
@@ -230,19 +234,19 @@ def benchmark(args) -> dict:
         theirs = stored_dtype(path)
         if theirs != mine:
             plan.append((args.compare, theirs, "defaults", QUICK_PEER_DEFAULTS if args.quick else profile))
-    weights = sum(n for name, n in tensor_bytes(path).items() if roofline.is_decode_weight(name))
+    check = bytes_check(path, config)
     runs = []
     for name, dtype, setting, spec in plan:
         print(f"{name}, {setting} ({dtype}):", file=sys.stderr, flush=True)
         result = run_worker(name, path, dtype, spec)
         result["setting"] = setting
         layout = KVOptions(one_tensor=name == "mlx-gemma")  # mlx-vlm keeps keys and values
-        annotate(result, config, weights, layout)
+        annotate(result, config, check["decode_weight_bytes"], layout)
         runs.append(result)
     for r in runs[1:]:
         r["ratios"] = ratios(runs[0], r)
     text = config.text_config
-    real = ModelConfig.from_file(ROOT / "tests" / "data" / "gemma-4-12B-it.config.json")
+    real = ModelConfig.from_file(HUB_CONFIG)
     real_weights = roofline.weight_bytes_min(real)
     one = KVOptions()
     return {
@@ -252,7 +256,7 @@ def benchmark(args) -> dict:
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "profile": "quick" if args.quick else "full"},
         "runs": runs,
-        "bytes_check": bytes_check(path, config),
+        "bytes_check": check,
         "real_12b_decode_bytes": {"weights": real_weights,
                                   "kv_at_512": roofline.kv_bytes(real.text_config, 512, one, 2),
                                   "kv_at_32768": roofline.kv_bytes(real.text_config, 32768, one, 2)},
@@ -287,7 +291,7 @@ def main(argv=None) -> None:
                        help="a stand-in with the real widths and LAYERS layers (built once, cached)")
     p.add_argument("--quick", action="store_true", help="short prompts, few decode tokens, one small image")
     p.add_argument("--compare", choices=PEERS, default=None, help="run the peer on the same checkpoint too")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="our activation dtype (auto: mlx-gemma's per-backend choice); the peer runs at it too")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

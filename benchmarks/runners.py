@@ -47,14 +47,15 @@ class Implementation:
     def steps(self, ids: list, cache: list, max_tokens: int, arrays: dict):
         raise NotImplementedError
 
-    def store(self, cache, layer, x) -> None:
-        cache.update_and_fetch(x, x)
-
     def fill(self, cache: list, context: int) -> None:
         """`context` random tokens in every cache (a sliding one keeps its window's worth)."""
         for spec, c in zip(self.config.text_config.layers, cache):
             n = min(context, spec.window) if spec.is_sliding else context
-            self.store(c, spec, mx.random.normal((1, spec.num_kv_heads, n, spec.head_dim)).astype(self.dtype))
+            x = mx.random.normal((1, spec.num_kv_heads, n, spec.head_dim)).astype(self.dtype)
+            if getattr(c, "one_tensor", False):  # mlx-gemma's one-tensor global cache
+                c.update_and_fetch_values(x)
+            else:
+                c.update_and_fetch(x, x)
         mx.eval([c.state for c in cache])
 
 
@@ -70,12 +71,6 @@ class MlxGemma(Implementation):
 
     def make_cache(self):
         return self.model.make_cache()
-
-    def store(self, cache, spec, x):
-        if getattr(cache, "one_tensor", False):
-            cache.update_and_fetch_values(x)
-        else:
-            cache.update_and_fetch(x, x)
 
     def steps(self, ids, cache, max_tokens, arrays):
         from mlx_gemma.generation import generate_step

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import mlx.core as mx
 from tqdm import tqdm
 
+from .backend import DTYPES
 from .config import ModelConfig, hub_form
 from .errors import CheckpointError, InputError, run_cli
 from .loading import check_weights, load_weights, resolve_model_path
@@ -28,7 +29,6 @@ MAX_SHARD_BYTES = 5 << 30
 WEIGHT_INDEX = "model.safetensors.index.json"
 # Tokenizer, chat template, processor and generation files travel with the weights.
 SIDE_FILE_SUFFIXES = {".json", ".jinja", ".model", ".txt"}
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 def _prepare_destination(dst: Path, force: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .backend import activation_dtype
+from .backend import DTYPES, activation_dtype
 from .errors import InputError, run_cli
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
                          check_context, print_stats, prompt_to_inputs, stream_generate)
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's thoughts")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="activation dtype (auto: float32 for a quantized model on the CPU backend, "
                         "where it is ~8x faster, else as stored)")
     p.add_argument("--no-quantize", action="store_true",
@@ -147,6 +147,7 @@ def run(args) -> None:
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
+
     def dtype_bytes_of(path, config) -> int:
         dtype = activation_dtype(bool(config.quantization), args.dtype)
         return dtype.size if dtype is not None else activation_dtype_bytes(path)
