@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .backend import DTYPES
 from .config import ModelConfig, hub_form
-from .errors import CheckpointError, InputError, run_cli
+from .errors import ArgumentParser, CheckpointError, InputError, run_cli
 from .loading import check_weights, load_weights, resolve_model_path
 from .model import Model
 
@@ -137,8 +137,8 @@ def convert(hf_path: str, mlx_path: str, dtype: Optional[str] = None, force: boo
     return write_checkpoint(Path(mlx_path).expanduser(), src, tensors(), raw_config, total, force=force)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma.convert",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m mlx_gemma.convert",
                                 description="Convert a Gemma 4 unified Hugging Face checkpoint to MLX.")
     p.add_argument("--hf-path", required=True, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory")

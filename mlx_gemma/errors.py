@@ -1,4 +1,14 @@
-"""Errors users can act on. CLIs print them as one line and exit non-zero."""
+"""Errors users can act on, and how a CLI reports them: one line on stderr, exit non-zero.
+
+Imports nothing heavy: every CLI answers `--help` and argument errors without loading MLX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
 
 
 class MlxGemmaError(Exception):
@@ -17,11 +27,36 @@ class InputError(MlxGemmaError):
     pass
 
 
-def run_cli(action, interrupted: str = ""):
-    """Run a CLI's work: an MlxGemmaError becomes one `error: ...` line and exit code 1,
-    Ctrl-C exit code 130; otherwise the work's result is returned."""
-    import sys
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C so that every `finally` and cleanup runs."""
 
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: argument --temp: ...`) and defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def run_cli(action, interrupted: str = "interrupted"):
+    """Run a CLI's work: an MlxGemmaError becomes one `error: ...` line and exit code 1;
+    Ctrl-C, SIGTERM and SIGHUP unwind (cleanups run) and exit 128 + the signal; a closed
+    stdout (`| head`) ends quietly. Otherwise the work's result is returned."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         return action()
     except MlxGemmaError as e:
@@ -29,4 +64,12 @@ def run_cli(action, interrupted: str = ""):
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
+    except Terminated as e:
+        print(f"{interrupted} ({signal.Signals(e.signum).name})", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except BrokenPipeError:
+        # The reader went away: nothing more can be said on stdout, and Python's own flush at
+        # exit would print a traceback, so point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -9,7 +9,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .backend import DTYPES, activation_dtype
-from .errors import InputError, run_cli
+from .errors import ArgumentParser, InputError, run_cli
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
                          check_context, print_stats, prompt_to_inputs, stream_generate)
 from .media import BUDGETS, VIDEO_FPS
@@ -22,8 +22,8 @@ DEFAULT_MODEL = "google/gemma-4-12B-it"
 CHAT_CONTEXT = 32768  # --chat plans for this many tokens unless --max-kv-size says otherwise
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma.generate",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m mlx_gemma.generate",
                                 description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--prompt", "-p", default=None, help="the user message ('-' reads standard input)")

@@ -16,7 +16,7 @@ from typing import Optional
 
 
 from .convert import drain, read_source, write_checkpoint
-from .errors import run_cli
+from .errors import ArgumentParser, run_cli
 from .model import Model
 from .quantization import BITS, GROUP_SIZES, MODES, RECIPES, QuantSpec, plan, quantization_entry, quantize
 
@@ -51,8 +51,8 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="which tensors get how many bits (README: Quantization policy)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma.quantize",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m mlx_gemma.quantize",
                                 description="Quantize a Gemma 4 unified checkpoint for MLX (streaming).")
     p.add_argument("--model", required=True, help="unquantized checkpoint directory or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output directory")
