@@ -32,7 +32,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import media_files  # noqa: E402  (the tests' synthetic media)
 
-TEXT_IDS = (1000, 200_000)  # ordinary vocabulary, clear of every special token
+TEXT_IDS = (1000, 200_000)  # Gemma 4's ordinary vocabulary, clear of every special token
+
+
+def text_ids(config: ModelConfig) -> np.ndarray:
+    """Ids to draw text from: Gemma 4's ordinary range cut to the checkpoint's vocabulary (a
+    small test vocabulary keeps its upper seven eighths), without the config's special ids."""
+    vocab = config.text_config.vocab_size
+    ids = np.arange(min(TEXT_IDS[0], vocab // 8), min(TEXT_IDS[1], vocab))
+    special = [config.image_token_id, config.video_token_id, config.audio_token_id, config.boi_token_id,
+               config.eoi_token_id, config.boa_token_id, config.eoa_token_index, config.text_config.bos_token_id]
+    return ids[~np.isin(ids, special)]
 
 
 class Implementation:
@@ -112,8 +122,10 @@ def prompt(config: ModelConfig, kind: str, value: int, seed: int = 0):
     """(ids, media arrays, preprocessing seconds) for a case."""
     rng = np.random.default_rng(seed)
 
+    ordinary = text_ids(config)
+
     def text(n):
-        return rng.integers(*TEXT_IDS, n).tolist()
+        return rng.choice(ordinary, n).tolist()
 
     bos = config.text_config.bos_token_id
     if kind in ("prefill", "decode"):

@@ -11,7 +11,7 @@ import mlx.core as mx
 from .backend import DTYPES, activation_dtype
 from .errors import ArgumentParser, InputError, run_cli
 from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
-                         check_context, print_stats, prompt_to_inputs, stream_generate)
+                         check_context, check_sampling, print_stats, prompt_to_inputs, stream_generate)
 from .media import BUDGETS, VIDEO_FPS
 from .model import VISION_MASKS
 from .prompt import MediaOptions
@@ -126,6 +126,11 @@ def run(args) -> None:
         raise InputError(f"--max-tokens: must be a positive number, got {args.max_tokens}")
     if args.prefill_step_size <= 0:
         raise InputError(f"--prefill-step-size: must be a positive number, got {args.prefill_step_size}")
+    if args.max_kv_size is not None and args.max_kv_size <= 0:
+        raise InputError(f"--max-kv-size: must be a positive number, got {args.max_kv_size}")
+    check_sampling(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
+    media_options = MediaOptions(args.image_budget, args.video_budget, args.fps, args.video_frames,
+                                 args.video_audio, args.allow_long_media)
     if args.seed is not None:
         mx.random.seed(args.seed)
     path = resolve_model_path(args.model)
@@ -134,8 +139,6 @@ def run(args) -> None:
     config = ModelConfig.from_file(path / "config.json")
     processor = Processor.from_pretrained(path, config)
     limit = config.text_config.max_position_embeddings
-    media_options = MediaOptions(args.image_budget, args.video_budget, args.fps, args.video_frames,
-                                 args.video_audio, args.allow_long_media)
     if args.chat:
         inputs, ids, context = None, [], args.max_kv_size or min(limit, CHAT_CONTEXT)
     else:

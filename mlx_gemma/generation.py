@@ -7,6 +7,7 @@ prefix owns the cache and trims it (see `ChatSession`).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -81,9 +82,14 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
     after the loop the cache holds the prompt and every yielded token, except the last one
     when `max_tokens` was reached.
     """
-    ids = np.asarray(list(prompt), dtype=np.int32)
+    try:
+        ids = np.asarray(list(prompt), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError("prompt: token ids must be whole numbers") from None
     if ids.size == 0:
         raise InputError("prompt: no tokens to process")
+    check_tokens(ids, model.config.text_config.vocab_size)
+    ids = ids.astype(np.int32)
     prompt = mx.array(ids)
     blocks = vision_blocks(token_types(ids, model.config))
     soft_in = _soft_slices(soft_tokens, ids)
@@ -133,13 +139,48 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
             mx.clear_cache()
 
 
+def _number(name: str, value, low: float, high: float, integer: bool = False, what: str = "") -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value) == int(value)
+    if not ok or not math.isfinite(value) or not low <= value <= high:
+        kind = "a whole number" if integer else "a number"
+        span = f">= {low:g}" if high == math.inf else f"from {low:g} to {high:.0f}" if integer else \
+            f"from {low:g} to {high:g}"
+        raise InputError(f"{name} {value!r}: must be {kind} {span}{what}")
+
+
+def check_sampling(temp=None, top_p=None, top_k=None, min_p=None, seed=None) -> None:
+    """Sampling values as a user gives them (None: the checkpoint's default). Checked before
+    mlx-lm's sampler is built: its compiled sampling functions are left unusable for the rest
+    of the process by a value they reject."""
+    if temp is not None:
+        _number("--temp", temp, 0, math.inf, what=" (0 is greedy)")
+    if top_p is not None:
+        _number("--top-p", top_p, 0, 1, what=" (1 or 0 turns it off)")
+    if top_k is not None:
+        _number("--top-k", top_k, 0, math.inf, integer=True, what=" (0 turns it off)")
+    if min_p is not None:
+        _number("--min-p", min_p, 0, 1, what=" (0 turns it off)")
+    if seed is not None:
+        _number("--seed", seed, 0, 2**32 - 1, integer=True)
+
+
+def check_tokens(ids: np.ndarray, vocab_size: int) -> None:
+    """Token ids must index the vocabulary: MLX does not bounds-check an embedding lookup."""
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+        raise InputError(f"prompt: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})")
+
+
 def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
     """mlx-lm's sampler and logits processors; unset values come from generation_config.json."""
+    check_sampling(temp, top_p, top_k, min_p)
     d = processor.defaults
     sampler = make_sampler(temp=d.temperature if temp is None else temp,
                            top_p=d.top_p if top_p is None else top_p,
                            min_p=d.min_p if min_p is None else min_p,
-                           top_k=d.top_k if top_k is None else top_k)
+                           top_k=int(d.top_k if top_k is None else top_k))
     bias = {t: -float("inf") for t in d.suppress_tokens}
     return sampler, make_logits_processors(logit_bias=bias or None)
 
@@ -162,9 +203,16 @@ def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, ch
         messages.append({"role": "user", "content": user_content(prompt, image, audio, video) if has_media
                          else prompt})
         return processor.chat_inputs(messages, enable_thinking=enable_thinking, options=media_options)
-    prompt = list(prompt)
+    if not isinstance(prompt, (list, tuple, np.ndarray, mx.array)):
+        raise InputError(f"prompt: a {type(prompt).__name__} is not a prompt (give a string, chat messages "
+                         "or a list of token ids)")
+    prompt = prompt.tolist() if isinstance(prompt, (np.ndarray, mx.array)) else list(prompt)
     if prompt and isinstance(prompt[0], dict):
         return processor.chat_inputs(prompt, enable_thinking=enable_thinking, options=media_options)
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        bad = next(t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+        raise InputError(f"prompt: {bad!r} is not a token id (a prompt is a string, chat messages or "
+                         "a list of token ids)")
     return PromptInputs([int(t) for t in prompt])
 
 

@@ -61,9 +61,19 @@ class Video:
 
 
 def check_budget(budget: int, flag: str = "--image-budget") -> int:
-    if budget not in BUDGETS:
-        raise InputError(f"{flag} {budget}: not a visual budget; use one of {', '.join(map(str, BUDGETS))}")
-    return budget
+    if isinstance(budget, bool) or budget not in BUDGETS:
+        raise InputError(f"{flag} {budget!r}: not a visual budget; use one of {', '.join(map(str, BUDGETS))}")
+    return int(budget)
+
+
+def check_sampling_rate(fps: Optional[float], num_frames: Optional[int]) -> None:
+    """Video frame sampling: `fps` frames per second, or `num_frames` spread over the clip."""
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer))
+                                   or num_frames < 1):
+        raise InputError(f"--video-frames {num_frames!r}: must be a whole number of at least 1")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float, np.number))
+                            or not math.isfinite(fps) or fps <= 0):
+        raise InputError(f"--fps {fps!r}: must be a number of frames per second above 0")
 
 
 def _warn_long(source, seconds: float, limit: float, what: str) -> None:
@@ -181,8 +191,11 @@ def open_image(source: ImageSource) -> np.ndarray:
             if not Path(source).is_file():
                 raise InputError(f"{name}: no such file")
             image = Image.open(source)
-        else:
+        elif isinstance(source, Image.Image):
             image = source
+        else:
+            raise InputError(f"image: a {type(source).__name__} is not an image (give a path, a PIL image "
+                             "or a uint8 array)")
         if image.width == 0 or image.height == 0:
             raise InputError(f"{name}: image has no pixels ({image.width}x{image.height})")
         image.load()
@@ -245,8 +258,13 @@ def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
     import soundfile
 
     if isinstance(source, tuple):
+        if len(source) != 2:
+            raise InputError(f"audio: expected (samples, sample_rate), got a tuple of {len(source)} items")
         name, (samples, rate) = "audio", source
-        samples = np.asarray(samples)
+        try:
+            samples = np.asarray(samples)
+        except ValueError:
+            raise InputError("audio: samples must be a 1-D or 2-D array of numbers") from None
         if samples.ndim == 2 and samples.shape[0] < samples.shape[1]:
             samples = samples.T  # (channels, samples) as most libraries return it
     else:
@@ -260,6 +278,14 @@ def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
                              f"{_audio_formats()}") from None
     if samples.size == 0:
         raise InputError(f"{name}: the audio has no samples")
+    if not np.issubdtype(samples.dtype, np.number) or samples.ndim not in (1, 2):
+        raise InputError(f"{name}: samples must be a 1-D (mono) or 2-D (multichannel) array of numbers, "
+                         f"got {samples.dtype} with shape {samples.shape}")
+    if not np.all(np.isfinite(samples)):
+        raise InputError(f"{name}: the audio holds NaN or infinite samples")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)) or not 0 < rate < 10_000_000 \
+            or rate != int(rate):
+        raise InputError(f"{name}: sample rate {rate!r} is not a whole number of Hz above 0")
     seconds = len(samples) / rate
     _check_length(name, seconds, AUDIO_LIMIT_S, "audio", allow_long)
     wave = to_16k_mono(samples, int(rate))
@@ -291,8 +317,7 @@ def load_video(source: Union[str, Path], budget: int = DEFAULT_VIDEO_BUDGET, fps
     import av
 
     check_budget(budget, "--video-budget")
-    if num_frames is not None and num_frames < 1:
-        raise InputError(f"--video-frames {num_frames}: must be at least 1")
+    check_sampling_rate(fps, num_frames)
     if not Path(source).is_file():
         raise InputError(f"{source}: no such file")
     try:

@@ -85,6 +85,8 @@ class KVOptions:
     sliding_slack: int = 128
 
     def check(self, text: TextConfig) -> None:
+        if self.quantized_start < 0:
+            raise InputError(f"--quantized-kv-start: must be 0 or more, got {self.quantized_start}")
         if self.bits is not None and self.bits not in KV_BITS:
             raise InputError(f"--kv-bits: {self.bits} is not supported (valid: {', '.join(map(str, KV_BITS))})")
         if self.bits is not None and self.group_size not in (32, 64, 128):

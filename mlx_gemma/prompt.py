@@ -58,6 +58,13 @@ class MediaOptions:
     video_audio: bool = False  # a video's sound track goes in as audio right after its frames
     allow_long: bool = False  # audio over 30 s / video over 60 s
 
+    def __post_init__(self):
+        if self.image_budget is not None:
+            media.check_budget(self.image_budget)
+        if self.video_budget is not None:
+            media.check_budget(self.video_budget, "--video-budget")
+        media.check_sampling_rate(self.fps, self.video_frames)
+
 
 def user_content(text: str, image=(), audio=(), video=()) -> list:
     """A user turn's content list: images, then audio, then video, then the text (the order
@@ -179,6 +186,8 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
         defaults = GenerationDefaults.from_file(path / "generation_config.json")
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            raise CheckpointError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
         try:
             tokenizer = load_tokenizer(path, eos_token_ids=defaults.eos_token_ids or None)
         except Exception as e:
@@ -227,8 +236,8 @@ class Processor:
         """Load every medium once; the returned messages hold the loaded media (so a chat can
         re-render its history without reading files again), a video's sound track as an
         audio item right after the video."""
-        image_budget = media.check_budget(options.image_budget or self.image_budget)
-        video_budget = media.check_budget(options.video_budget or self.video_budget, "--video-budget")
+        image_budget = self.image_budget if options.image_budget is None else options.image_budget
+        video_budget = self.video_budget if options.video_budget is None else options.video_budget
         images, videos, audio, loaded = [], [], [], []
         for message in messages:
             content = message.get("content")

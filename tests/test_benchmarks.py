@@ -85,3 +85,23 @@ def test_decode_bytes_match_the_planner_and_prefill_flops_the_parameters():
     weights = roofline.weight_bytes_min(config)
     counted = sum(p.size for k, p in tree_flatten(model.parameters()) if k.startswith("language_model."))
     assert 0.5 * counted < weights < 0.6 * counted  # 4 bits + a bfloat16 scale and bias per 64
+
+
+def test_quick_profile_runs_on_a_small_vocabulary(hf_checkpoint, tmp_path):
+    """Prompt ids come from the checkpoint's own vocabulary (the tiny one has 512 ids): the worker
+    used to draw ids up to 200,000 and crash the process on anything smaller than Gemma's."""
+    from benchmarks.runners import prompt, text_ids
+
+    config = ModelConfig.from_file(hf_checkpoint / "config.json")
+    ordinary = text_ids(config)
+    assert ordinary.max() < config.text_config.vocab_size
+    assert config.image_token_id not in ordinary and config.text_config.bos_token_id not in ordinary
+    ids, _, _ = prompt(config, "image", 70)
+    assert max(ids) < config.text_config.vocab_size
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--model", str(hf_checkpoint), "--quick",
+                           "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cases = json.loads((out / "speed.json").read_text())["runs"][0]["cases"]
+    assert {c["kind"] for c in cases} == {"prefill", "decode", "image"}
+    assert all(c["tokens_per_s"] > 0 for c in cases)

@@ -99,11 +99,161 @@ def check_case(case: Case, ws: Path, substitutions: dict, output: Optional[str] 
     return run
 
 
-SETUPS: dict = {}
+def _bad_png(ws: Path, subs: dict) -> None:
+    (ws / "cut.png").write_bytes(Path(subs["img"]).read_bytes()[:80])
 
-GENERATE_CASES: list[Case] = []
+
+def _wav(ws: Path, name: str, samples) -> None:
+    import numpy as np
+    import soundfile
+
+    soundfile.write(str(ws / name), np.asarray(samples, np.float32), 16000, subtype="FLOAT")
+
+
+def _checkpoint_copy(ws: Path, subs: dict) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(subs["ckpt"], ws / "ckpt"))
+
+
+def _corrupt(ws: Path, subs: dict, name: str, data: bytes) -> None:
+    (_checkpoint_copy(ws, subs) / name).write_bytes(data)
+
+
+SETUPS: dict = {
+    "cut_png": _bad_png,
+    "nan_wav": lambda ws, subs: _wav(ws, "nan.wav", [0.1, float("nan")] * 4000),
+    "silent_wav": lambda ws, subs: _wav(ws, "silent.wav", [0.0] * 8000),
+    "bad_config": lambda ws, subs: _corrupt(ws, subs, "config.json", b"{not json"),
+    "cut_shard": lambda ws, subs: _corrupt(ws, subs, "model.safetensors",
+                                           (Path(subs["ckpt"]) / "model.safetensors").read_bytes()[:5000]),
+    "bad_generation_config": lambda ws, subs: _corrupt(ws, subs, "generation_config.json", b"[1, 2"),
+    "no_tokenizer": lambda ws, subs: (_checkpoint_copy(ws, subs) / "tokenizer.json").unlink(),
+}
+
+M = ["--model", "{ckpt}", "--max-tokens", "2"]
+GENERATE_CASES = [
+    Case("temp-negative", "generate", M + ["--temp", "-1"], r"--temp -1.0: must be a number >= 0"),
+    Case("temp-nan", "generate", M + ["--temp", "nan"], r"--temp nan: must be a number >= 0"),
+    Case("temp-inf", "generate", M + ["--temp", "inf"], r"--temp inf: must be a number >= 0"),
+    Case("top-p-2", "generate", M + ["--top-p", "2"], r"--top-p 2.0: must be a number from 0 to 1"),
+    Case("top-k-negative", "generate", M + ["--top-k", "-5"], r"--top-k -5: must be a whole number >= 0"),
+    Case("min-p-5", "generate", M + ["--min-p", "5"], r"--min-p 5.0: must be a number from 0 to 1"),
+    Case("seed-negative", "generate", M + ["--seed", "-1"], r"--seed -1: must be a whole number from 0 to 4294967295"),
+    Case("fps-0", "generate", M + ["--fps", "0"], r"--fps 0.0: must be a number of frames per second above 0"),
+    Case("fps-nan", "generate", M + ["--fps", "nan"], r"--fps nan: must be a number"),
+    Case("image-budget-0", "generate", M + ["--image", "{img}", "--image-budget", "0"],
+         r"--image-budget 0: not a visual budget; use one of 70, 140, 280, 560, 1120"),
+    Case("video-budget-99", "generate", M + ["--video-budget", "99"], r"--video-budget 99: not a visual budget"),
+    Case("video-frames-0", "generate", M + ["--video-frames", "0"], r"--video-frames 0: must be a whole number"),
+    Case("max-tokens-0", "generate", M + ["--max-tokens", "0"], r"--max-tokens: must be a positive number, got 0"),
+    Case("max-tokens-negative", "generate", M + ["--max-tokens", "-5"], r"--max-tokens: must be a positive number"),
+    Case("max-kv-size-0", "generate", M + ["--max-kv-size", "0"], r"--max-kv-size: must be a positive number"),
+    Case("max-kv-size-below-prompt", "generate", M + ["--max-kv-size", "3"],
+         r"--max-kv-size 3: smaller than the prompt \(\d+ tokens\)"),
+    Case("prefill-step-0", "generate", M + ["--prefill-step-size", "0"], r"--prefill-step-size: must be a positive"),
+    Case("quantized-kv-start-negative", "generate", M + ["--quantized-kv-start", "-3"],
+         r"--quantized-kv-start: must be 0 or more, got -3"),
+    Case("kv-bits-3", "generate", M + ["--kv-bits", "3"], r"--kv-bits: 3 is not supported \(valid: 4, 8\)"),
+    Case("kv-group-size-7", "generate", M + ["--kv-bits", "8", "--kv-group-size", "7"],
+         r"--kv-group-size: 7 is not supported"),
+    Case("temp-not-a-number", "generate", M + ["--temp", "warm"], r"argument --temp: invalid float value: 'warm'",
+         code=2),
+    Case("unknown-flag", "generate", M + ["--bogus"], r"unrecognized arguments: --bogus", code=2),
+    Case("vision-mask-bad", "generate", M + ["--vision-mask", "both"], r"argument --vision-mask: invalid choice",
+         code=2),
+    Case("model-missing", "generate", ["--model", "{ws}/nowhere"],
+         r"{ws}/nowhere: neither a local directory nor a Hugging Face repo id"),
+    Case("model-is-a-file", "generate", ["--model", "{ws}/sentinel.txt"], r"sentinel.txt: is a file"),
+    Case("model-not-a-checkpoint", "generate", ["--model", "{ws}"], r"{ws}: no config.json"),
+    Case("model-bad-config", "generate", ["--model", "{ws}/ckpt"], r"ckpt/config.json: not valid JSON",
+         setup="bad_config"),
+    Case("model-truncated-shard", "generate", ["--model", "{ws}/ckpt", "--prompt", "hi"],
+         r"model.safetensors: (corrupt or )?truncated", setup="cut_shard"),
+    Case("model-bad-generation-config", "generate", ["--model", "{ws}/ckpt"],
+         r"generation_config.json: not valid JSON", setup="bad_generation_config"),
+    Case("model-no-tokenizer", "generate", ["--model", "{ws}/ckpt"], r"ckpt: no tokenizer \(tokenizer.json or tokenizer.model\)",
+         setup="no_tokenizer"),
+    Case("image-missing", "generate", M + ["--image", "{ws}/none.png"], r"none.png: no such file"),
+    Case("image-not-an-image", "generate", M + ["--image", "{ws}/sentinel.txt"],
+         r"sentinel.txt: not an image file Pillow can read"),
+    Case("image-truncated", "generate", M + ["--image", "{ws}/cut.png"], r"cut.png: truncated or corrupt image",
+         setup="cut_png"),
+    Case("audio-missing", "generate", M + ["--audio", "{ws}/none.wav"], r"none.wav: no such file"),
+    Case("audio-not-audio", "generate", M + ["--audio", "{ws}/sentinel.txt"], r"sentinel.txt: cannot read audio"),
+    Case("audio-nan", "generate", M + ["--audio", "{ws}/nan.wav"], r"nan.wav: the audio holds NaN or infinite",
+         setup="nan_wav"),
+    Case("audio-silent", "generate", M + ["--audio", "{ws}/silent.wav"], r"silent.wav: the audio is silent",
+         setup="silent_wav"),
+    Case("video-missing", "generate", M + ["--video", "{ws}/none.mp4"], r"none.mp4: no such file"),
+    Case("video-not-a-video", "generate", M + ["--video", "{ws}/sentinel.txt"], r"sentinel.txt: cannot decode video"),
+    Case("media-without-template", "generate", M + ["--image", "{img}", "--no-chat-template"],
+         r"media need the chat template"),
+    Case("prompt-over-context", "generate", M + ["--prompt", "x" * 600],
+         r"prompt: needs \d+ tokens, more than the model's context of 512 tokens"),
+    Case("memory-limit-unreadable", "generate", M + ["--memory-limit", "lots"], r"--memory-limit: cannot read 'lots'"),
+    Case("memory-limit-too-small", "generate", M + ["--memory-limit", "1MB", "--no-quantize"],
+         r"the weights alone need .* budget"),
+]
 
 
 @pytest.mark.parametrize("case", GENERATE_CASES, ids=lambda c: c.id)
-def test_cli_error_table(case, workspace, hf_checkpoint, media_paths):
+def test_generate_error_table(case, workspace, hf_checkpoint, media_paths):
     check_case(case, workspace, {"ckpt": str(hf_checkpoint), "ws": str(workspace), **media_paths})
+
+
+# --- the Python API: the same checks, the package's own errors, and the next call works -------
+
+def _nan_audio():
+    import numpy as np
+
+    return [(np.array([0.1, np.nan] * 800, np.float32), 16000)]
+
+
+API_CASES = [
+    ("id-over-vocab", dict(prompt=[2, 106, 600_000]), r"prompt: token id 600000 is outside the vocabulary \(0 to 511\)"),
+    ("id-negative", dict(prompt=[2, -5, 7]), r"prompt: token id -5 is outside the vocabulary"),
+    ("id-not-a-number", dict(prompt=[2, "x", 7]), r"prompt: 'x' is not a token id"),
+    ("prompt-none", dict(prompt=None), r"prompt: a NoneType is not a prompt"),
+    ("prompt-empty", dict(prompt=[]), r"prompt: no tokens to process"),
+    ("temp-negative", dict(temp=-1.0), r"--temp -1.0: must be a number >= 0"),
+    ("min-p-5", dict(min_p=5.0), r"--min-p 5.0: must be a number from 0 to 1"),
+    ("top-p-2", dict(top_p=2.0), r"--top-p 2.0: must be a number from 0 to 1"),
+    ("top-k-fraction", dict(top_k=2.5), r"--top-k 2.5: must be a whole number"),
+    ("max-tokens-0", dict(max_tokens=0), r"--max-tokens: must be a positive number, got 0"),
+    ("max-kv-size-below-prompt", dict(max_kv_size=2), r"--max-kv-size 2: smaller than the prompt"),
+    ("image-missing", dict(image=["/nonexistent/a.png"]), r"/nonexistent/a.png: no such file"),
+    ("image-wrong-type", dict(image=[123]), r"image: a int is not an image"),
+    ("image-float-array", dict(image=[[[0.5]]]), r"image: a list is not an image"),
+    ("audio-nan", dict(audio=_nan_audio()), r"audio: the audio holds NaN or infinite samples"),
+    ("audio-rate-0", dict(audio=[([0.1, 0.2] * 800, 0)]), r"audio: sample rate 0 is not a whole number of Hz"),
+    ("audio-bad-tuple", dict(audio=[(1, 2, 3)]), r"audio: expected \(samples, sample_rate\)"),
+    ("audio-empty", dict(audio=[([], 16000)]), r"audio: the audio has no samples"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, expect", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_error_table(model, processor, name, kwargs, expect):
+    from mlx_gemma import MlxGemmaError, generate
+
+    kwargs = {"prompt": "hi", "max_tokens": 3, **kwargs}
+    with pytest.raises(MlxGemmaError, match=expect):
+        generate(model, processor, kwargs.pop("prompt"), **kwargs)
+    # Still usable, greedy and sampled alike (a sampler that raised inside mlx-lm's compiled
+    # functions used to break every later sampled call of the process).
+    assert generate(model, processor, "hi", max_tokens=3, temp=0.0) == \
+        generate(model, processor, "hi", max_tokens=3, temp=0.0)
+    generate(model, processor, "hi", max_tokens=3, temp=0.7, top_p=0.9, min_p=0.05, top_k=20)
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: __import__("mlx_gemma.prompt").prompt.MediaOptions(fps=0), r"--fps 0: must be a number"),
+    (lambda: __import__("mlx_gemma.prompt").prompt.MediaOptions(image_budget=0), r"--image-budget 0: not a visual"),
+    (lambda: __import__("mlx_gemma.prompt").prompt.MediaOptions(video_frames=-2), r"--video-frames -2"),
+    (lambda: __import__("mlx_gemma").load("/nonexistent/model"), r"/nonexistent/model: neither a local directory"),
+], ids=["media-fps-0", "media-budget-0", "media-frames-negative", "load-missing"])
+def test_api_constructors_raise_package_errors(make, expect):
+    from mlx_gemma import MlxGemmaError
+
+    with pytest.raises(MlxGemmaError, match=expect):
+        make()
