@@ -66,12 +66,46 @@ class MediaOptions:
         media.check_sampling_rate(self.fps, self.video_frames)
 
 
+def _many(media) -> list:
+    """`image="a.png"` means one image, not one per character."""
+    return [media] if isinstance(media, (str, Path, np.ndarray)) or not isinstance(media, (list, tuple)) \
+        else list(media)
+
+
 def user_content(text: str, image=(), audio=(), video=()) -> list:
     """A user turn's content list: images, then audio, then video, then the text (the order
     the CLI uses)."""
+    image, video = _many(image), _many(video)
+    audio = [audio] if isinstance(audio, tuple) and len(audio) == 2 and not isinstance(audio[0], (str, Path)) \
+        else _many(audio)
     items = [{"type": "image", "image": i} for i in image] + [{"type": "audio", "audio": a} for a in audio]
     items += [{"type": "video", "video": v} for v in video]
     return items + [{"type": "text", "text": text}]
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages) -> None:
+    """Chat messages as the template expects them: dicts with a known role and a string or a
+    list of typed items as content."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("prompt: chat messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise InputError(f"prompt: message {i} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise InputError(f"prompt: message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"prompt: message {i} content is a {type(content).__name__}; give a string or a list "
+                             "of items such as {'type': 'text', 'text': ...}")
+        for j, item in enumerate(content, start=1):
+            if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                raise InputError(f"prompt: message {i} item {j} is not a dict with a 'type' "
+                                 "('text', 'image', 'audio' or 'video')")
 
 
 @dataclass
@@ -223,11 +257,16 @@ class Processor:
         path | (samples, rate)}`, `{"type": "video", "video": path}`, `{"type": "text", ...}`."""
         if not self.has_chat_template:
             raise CheckpointError("tokenizer: the checkpoint has no chat template (use --no-chat-template)")
+        check_messages(messages)
         options = options or MediaOptions()
         tic = time.perf_counter()
         loaded, images, videos, audio = self._load_media(messages, options)
-        text = self.tokenizer.apply_chat_template(loaded, add_generation_prompt=add_generation_prompt,
-                                                  enable_thinking=enable_thinking, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(loaded, add_generation_prompt=add_generation_prompt,
+                                                      enable_thinking=enable_thinking, tokenize=False)
+        except Exception as e:  # the template's own raise_exception(), or a jinja error
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"prompt: the chat template cannot render this conversation ({first})") from None
         text = self._expand(text, images, videos, audio)
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote <bos>
         return PromptInputs(list(ids), images, videos, audio, time.perf_counter() - tic, loaded)

@@ -229,6 +229,15 @@ API_CASES = [
     ("audio-rate-0", dict(audio=[([0.1, 0.2] * 800, 0)]), r"audio: sample rate 0 is not a whole number of Hz"),
     ("audio-bad-tuple", dict(audio=[(1, 2, 3)]), r"audio: expected \(samples, sample_rate\)"),
     ("audio-empty", dict(audio=[([], 16000)]), r"audio: the audio has no samples"),
+    ("image-one-path-not-a-list", dict(image="/nonexistent/b.png"), r"^/nonexistent/b.png: no such file"),
+    ("message-not-a-dict", dict(prompt=[{"role": "user", "content": "a"}, "b"]), r"prompt: message 2 is a str"),
+    ("message-without-role", dict(prompt=[{"content": "hi"}]), r"prompt: message 1 has role None"),
+    ("message-unknown-role", dict(prompt=[{"role": "wizard", "content": "hi"}]), r"message 1 has role 'wizard'"),
+    ("content-a-number", dict(prompt=[{"role": "user", "content": 5}]), r"message 1 content is a int"),
+    ("content-item-untyped", dict(prompt=[{"role": "user", "content": [{"text": "hi"}]}]),
+     r"message 1 item 1 is not a dict with a 'type'"),
+    ("media-item-without-source", dict(prompt=[{"role": "user", "content": [{"type": "image"}]}]),
+     r"a image item without its 'image'"),
 ]
 
 
