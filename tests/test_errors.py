@@ -266,3 +266,23 @@ def test_api_constructors_raise_package_errors(make, expect):
 
     with pytest.raises(MlxGemmaError, match=expect):
         make()
+
+
+def test_chat_session_survives_a_bad_turn(model, processor):
+    from mlx_gemma import MlxGemmaError
+    from mlx_gemma.generation import ChatSession
+
+    def reply(chat, text, **kw):
+        return "".join(r.text for r in chat.send(text, temp=0.0, max_tokens=4, **kw) if not r.thinking)
+
+    chat, clean = ChatSession(model, processor), ChatSession(model, processor)
+    first = reply(chat, "hello")
+    assert first == reply(clean, "hello")
+    for bad in (dict(image=["/nonexistent/c.png"]), dict(audio=[([float("inf")] * 900, 16000)])):
+        with pytest.raises(MlxGemmaError):
+            reply(chat, "and this?", **bad)
+    with pytest.raises(MlxGemmaError, match="--temp"):
+        list(chat.send("and this?", temp=-2.0))
+    # The failed turns left no trace: the next turn is what a session without them says.
+    assert reply(chat, "and then?") == reply(clean, "and then?")
+    assert chat.reused_tokens > 0
