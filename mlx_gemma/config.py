@@ -19,6 +19,31 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,)}
+
+
+def _check_fields(obj) -> None:
+    """Each value of the right JSON type; sizes and counts positive (a string or negative
+    width would otherwise fail deep inside MLX, far from the config that caused it)."""
+    for f in fields(obj):
+        if not f.init:
+            continue
+        value, kind = getattr(obj, f.name), f.type.removeprefix("Optional[").removesuffix("]")
+        if value is None and f.type.startswith("Optional["):
+            continue
+        allowed = _TYPES.get(kind)
+        if allowed is None:
+            continue
+        wrong = not isinstance(value, allowed) or (kind in ("int", "float") and isinstance(value, bool))
+        if not wrong and kind in ("int", "float"):
+            may_be_zero = f.name.endswith(("_id", "_index")) or f.name == "num_kv_shared_layers"
+            floor = 0 if may_be_zero else 1e-12
+            wrong = not math.isfinite(value) or value < floor
+        if wrong:
+            raise ConfigError(f"config.json: {f.name} is {value!r}, expected "
+                              f"{'a positive ' + kind if kind in ('int', 'float') else 'a ' + kind}")
+
+
 def _pick(cls, d: dict) -> dict:
     """Keep only the keys that are fields of dataclass `cls`."""
     names = {f.name for f in fields(cls)}
@@ -98,6 +123,7 @@ class TextConfig:
     layers: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
+        _check_fields(self)
         if self.num_kv_shared_layers:
             raise ConfigError("config.json: num_kv_shared_layers > 0 (KV-shared layers) is not supported")
         if self.attention_bias:
@@ -161,6 +187,9 @@ class VisionConfig:
     output_proj_dims: int = 3840
     rms_norm_eps: float = 1e-6
 
+    def __post_init__(self):
+        _check_fields(self)
+
     @property
     def model_patch_size(self) -> int:
         return self.patch_size * self.pooling_kernel_size
@@ -174,6 +203,9 @@ class VisionConfig:
 class AudioConfig:
     audio_embed_dim: int = 640
     rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        _check_fields(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AudioConfig":
@@ -208,6 +240,9 @@ class ModelConfig:
                               "(mlx-gemma runs Gemma 4 unified checkpoints only)")
         if "text_config" not in d:
             raise ConfigError(f"{source}: no text_config")
+        for key in ("text_config", "vision_config", "audio_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{source}: {key} is a {type(d[key]).__name__}, expected an object")
         try:
             text = TextConfig(**_pick(TextConfig, d["text_config"]))
             vision = VisionConfig(**_pick(VisionConfig, d["vision_config"])) if d.get("vision_config") else None

@@ -226,7 +226,11 @@ class Processor:
             tokenizer = load_tokenizer(path, eos_token_ids=defaults.eos_token_ids or None)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-        return cls(tokenizer, config, defaults, *_processor_budgets(path))
+        budgets = _processor_budgets(path)
+        try:
+            return cls(tokenizer, config, defaults, *budgets)
+        except CheckpointError as e:  # the tokenizer and config.json disagree
+            raise CheckpointError(f"{path}: {e}") from None
 
     @property
     def eos_token_ids(self) -> set:

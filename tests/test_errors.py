@@ -120,7 +120,20 @@ def _corrupt(ws: Path, subs: dict, name: str, data: bytes) -> None:
     (_checkpoint_copy(ws, subs) / name).write_bytes(data)
 
 
+def _edit_config(ws: Path, subs: dict, edit) -> None:
+    import json
+
+    config = _checkpoint_copy(ws, subs) / "config.json"
+    raw = json.loads(config.read_text())
+    edit(raw)
+    config.write_text(json.dumps(raw))
+
+
 SETUPS: dict = {
+    "width_a_string": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(hidden_size="wide")),
+    "negative_heads": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(head_dim=-16)),
+    "other_model": lambda ws, subs: _edit_config(ws, subs, lambda c: c.update(model_type="gemma3")),
+    "token_ids_disagree": lambda ws, subs: _edit_config(ws, subs, lambda c: c.update(image_token_id=99)),
     "cut_png": _bad_png,
     "nan_wav": lambda ws, subs: _wav(ws, "nan.wav", [0.1, float("nan")] * 4000),
     "silent_wav": lambda ws, subs: _wav(ws, "silent.wav", [0.0] * 8000),
@@ -172,6 +185,15 @@ GENERATE_CASES = [
          r"model.safetensors: (corrupt or )?truncated", setup="cut_shard"),
     Case("model-bad-generation-config", "generate", ["--model", "{ws}/ckpt"],
          r"generation_config.json: not valid JSON", setup="bad_generation_config"),
+    Case("config-width-a-string", "generate", ["--model", "{ws}/ckpt"],
+         r"ckpt/config.json: hidden_size is 'wide', expected a positive int", setup="width_a_string"),
+    Case("config-negative-head-dim", "generate", ["--model", "{ws}/ckpt"],
+         r"ckpt/config.json: head_dim is -16, expected a positive int", setup="negative_heads"),
+    Case("config-another-model", "generate", ["--model", "{ws}/ckpt"],
+         r"ckpt/config.json: model_type is 'gemma3', expected 'gemma4_unified'", setup="other_model"),
+    Case("config-and-tokenizer-disagree", "generate", ["--model", "{ws}/ckpt"],
+         r"ckpt: tokenizer: <\|image\|> has id \d+ but config.json says image_token_id = 99",
+         setup="token_ids_disagree"),
     Case("model-no-tokenizer", "generate", ["--model", "{ws}/ckpt"], r"ckpt: no tokenizer \(tokenizer.json or tokenizer.model\)",
          setup="no_tokenizer"),
     Case("image-missing", "generate", M + ["--image", "{ws}/none.png"], r"none.png: no such file"),
