@@ -190,7 +190,7 @@ def test_unwritable_destination_is_a_clear_error(quant_source, tmp_path, monkeyp
 
 
 def test_interrupted_quantize_leaves_nothing(quant_source, tmp_path, monkeypatch):
-    import mlx_gemma.quantize as qmod
+    import mlx_gemma.checkpoint as qmod
 
     def boom(*a, **k):
         raise KeyboardInterrupt
