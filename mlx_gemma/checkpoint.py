@@ -108,6 +108,8 @@ def check_destination(dst: Path, force: bool) -> Path:
             raise InputError(f"{dst}: --force replaces only a folder mlx-gemma wrote, and this one {reason}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{dst.parent}: exists and is not a directory") from None
     except OSError as e:
         raise CheckpointError(f"{dst.parent}: cannot create ({e.strerror})") from None
     return target
