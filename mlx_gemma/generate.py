@@ -120,7 +120,7 @@ def run(args) -> None:
     from .config import ModelConfig
     from .loading import load_model, resolve_model_path
     from .prompt import Processor
-    from .quantize import quantized_copy
+    from .checkpoint import pull_estimate, quantized_copy
 
     if args.max_tokens <= 0:
         raise InputError(f"--max-tokens: must be a positive number, got {args.max_tokens}")
@@ -159,11 +159,15 @@ def run(args) -> None:
     kv, budget = kv_options(args), memory_budget(args.memory_limit)
     plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
     if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
-        # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac).
-        path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
-        config = ModelConfig.from_file(path / "config.json")
-        dtype_bytes = dtype_bytes_of(path, config)
-        plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
+        # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
+        # 4-bit copy, made only if the config says it will fit; if not, the refusal below is about it.
+        q_config, q_bytes = pull_estimate(config, activation_dtype_bytes(path))
+        if make_plan(q_config, q_bytes, context, budget, kv, dtype_bytes_of(path, q_config),
+                     args.prefill_step_size).fits:
+            path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
+            q_config, q_bytes = ModelConfig.from_file(path / "config.json"), weight_bytes(path)
+        config, dtype_bytes = q_config, dtype_bytes_of(path, q_config)
+        plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size)
     if args.plan:
         print(plan.table())
         return

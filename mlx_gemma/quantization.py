@@ -8,6 +8,7 @@ exactly, so its dequantized values equal the input bit for bit.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,15 +28,22 @@ RECIPES = ("default", "quality", "small")
 # Parameter paths (module names) by role, as in model.py.
 EMBEDDING = "language_model.model.embed_tokens"
 MULTIMODAL_PREFIXES = ("vision_embedder.", "embed_vision.", "embed_audio.")
+# The multimodal projectors (embedders.MultimodalEmbedder) cast their input to the dtype of
+# their scales, which mxfp4 stores as uint8: quantized_matmul then refuses every image and
+# audio prompt. Under mxfp4 they are stored affine instead.
+PROJECTORS = ("embed_vision.embedding_projection", "embed_audio.embedding_projection")
+MODE_GROUP_SIZE = {"affine": 64, "mxfp4": 32}  # the group size a mode gets when none is asked for
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 4
-    group_size: int = 64
+    group_size: Optional[int] = None  # None: the mode's own (MODE_GROUP_SIZE)
     mode: str = "affine"
 
     def __post_init__(self):
+        if self.group_size is None and self.mode in MODE_GROUP_SIZE:
+            object.__setattr__(self, "group_size", MODE_GROUP_SIZE[self.mode])
         if self.mode not in MODES:
             raise InputError(f"--mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.mode == "mxfp4" and (self.bits, self.group_size) != (4, 32):
@@ -49,21 +57,37 @@ class QuantSpec:
     def entry(self) -> dict:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
-    def bits_per_weight(self) -> float:
-        """Stored bits per weight: the codes plus a 16-bit scale and bias per group
-        (mxfp4: an 8-bit shared exponent per group, no bias)."""
-        extra = 8 if self.mode == "mxfp4" else 32
+    def bits_per_weight(self, float_bytes: int = 2) -> float:
+        """Stored bits per weight: the codes plus a scale and a bias per group in the weights'
+        floating dtype (mxfp4: an 8-bit shared exponent per group, no bias)."""
+        extra = 8 if self.mode == "mxfp4" else 2 * 8 * float_bytes
         return self.bits + extra / self.group_size
+
+
+def check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise InputError(f"--recipe: {recipe!r} is not one of {', '.join(RECIPES)}")
+
+
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    """The quantization flags shared by `quantize` and `convert -q`."""
+    p.add_argument("--bits", type=int, choices=BITS, default=4)
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                   help="default: 64 for affine, 32 for mxfp4 (the only size it has)")
+    p.add_argument("--mode", choices=MODES, default="affine")
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="which tensors get how many bits (README: Quantization policy)")
 
 
 def module_spec(path: str, base: QuantSpec, recipe: str) -> Optional[QuantSpec]:
     """How the module at `path` (a Linear or the Embedding) is stored under `recipe`;
     None keeps it in floating point."""
-    if recipe not in RECIPES:
-        raise InputError(f"--recipe: {recipe!r} is not one of {', '.join(RECIPES)}")
+    check_recipe(recipe)
     multimodal = path.startswith(MULTIMODAL_PREFIXES)
     eight = QuantSpec(8, base.group_size if base.mode == "affine" else 64, "affine")
     if recipe == "small":
+        if base.mode == "mxfp4" and path in PROJECTORS:
+            return QuantSpec(base.bits, base.group_size, "affine")  # as small, and servable
         return base
     if recipe == "quality":
         if path == EMBEDDING or multimodal:
@@ -186,17 +210,18 @@ def quantize(w: mx.array, spec: QuantSpec) -> dict[str, mx.array]:
             "biases": mx.array(bi_np).astype(biases.dtype).reshape(biases.shape)}
 
 
-def quantized_size(config: ModelConfig, base: QuantSpec, recipe: str) -> dict[str, float]:
-    """Bytes of the real model under a policy, from the config alone (no weights needed)."""
+def quantized_size(config: ModelConfig, base: QuantSpec, recipe: str, float_bytes: int = 2) -> dict[str, float]:
+    """Bytes of a model under a policy, from the config alone (no weights needed); what is not
+    quantized, and the scales, stay in a floating dtype of `float_bytes` (bfloat16: 2)."""
     model = Model(config)  # lazy: nothing is allocated
     chosen = plan(model, base, recipe)
     total = quantized = 0.0
     for name, p in tree_flatten(model.parameters()):
         module = name.rsplit(".", 1)[0]
         if module in chosen and name.endswith(".weight"):
-            b = p.size * chosen[module].bits_per_weight() / 8
+            b = p.size * chosen[module].bits_per_weight(float_bytes) / 8
             quantized += b
         else:
-            b = p.size * 2  # bfloat16
+            b = p.size * float_bytes
         total += b
     return {"total_bytes": total, "quantized_bytes": quantized}

@@ -89,8 +89,9 @@ def check_case(case: Case, ws: Path, substitutions: dict, output: Optional[str] 
     if case.setup:
         SETUPS[case.setup](ws, substitutions)
     args = [a.format(**substitutions) for a in case.args]
+    env = {k: v.format(**substitutions) for k, v in case.env.items()}
     before = snapshot(ws)
-    run = run_entry(case.entry, args, ws, case.stdin, case.env)
+    run = run_entry(case.entry, args, ws, case.stdin, env)
     assert_one_line_error(run, case.expect.format(**substitutions), case.code)
     after = snapshot(ws)
     after.pop(".cache", None)
@@ -308,3 +309,184 @@ def test_chat_session_survives_a_bad_turn(model, processor):
     # The failed turns left no trace: the next turn is what a session without them says.
     assert reply(chat, "and then?") == reply(clean, "and then?")
     assert chat.reused_tokens > 0
+
+# --- convert and quantize ---------------------------------------------------------------------
+# {qckpt}: a checkpoint every group size divides. Refusals come before any work: arguments,
+# then the destination, then the source.
+
+def _copy_ckpt(ws: Path, subs: dict, name: str) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(subs["ckpt"], ws / name))
+
+
+def _taken(ws, subs):
+    (ws / "out").mkdir()
+    (ws / "out" / "keep.txt").write_text("mine")
+
+
+def _ours_plus_a_user_file(ws, subs):
+    from mlx_gemma.checkpoint import MARKER
+
+    (ws / "out").mkdir()
+    (ws / "out" / "config.json").write_text("{}")
+    (ws / "out" / MARKER).write_text('{"written_by": "mlx-gemma", "files": ["config.json"]}')
+    (ws / "out" / "notes.txt").write_text("mine")
+
+
+def _home(ws, subs):
+    (ws / "home").mkdir()
+    (ws / "home" / "notes.txt").write_text("mine")
+
+
+def _not_a_checkpoint(ws, subs):
+    (ws / "src").mkdir()
+    (ws / "src" / "readme.txt").write_text("not weights")
+
+
+def _quantized_source(ws, subs):
+    import json
+
+    src = _copy_ckpt(ws, subs, "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4, "group_size": 64}}))
+
+
+def _truncated_shard(ws, subs):
+    shard = _copy_ckpt(ws, subs, "src") / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def _missing_shard(ws, subs):
+    import json
+
+    src = _copy_ckpt(ws, subs, "src")
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"x": "model.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+
+
+def _read_only_parent(ws, subs):
+    (ws / "locked").mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits: a read-only file system instead
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=4k", "tmpfs", str(ws / "locked")], check=True)
+    else:
+        (ws / "locked").chmod(0o555)
+
+
+SETUPS.update(taken=_taken, ours_plus_a_user_file=_ours_plus_a_user_file, home=_home,
+              not_a_checkpoint=_not_a_checkpoint, quantized_source=_quantized_source,
+              truncated_shard=_truncated_shard, missing_shard=_missing_shard, read_only_parent=_read_only_parent,
+              source_copy=lambda ws, subs: _copy_ckpt(ws, subs, "src"))
+
+CONVERT = ["--hf-path", "{ckpt}", "--mlx-path"]
+QUANTIZE = ["--model", "{qckpt}", "--out"]
+
+CHECKPOINT_CASES: list[Case] = [
+    Case("convert-existing-output", "convert", [*CONVERT, "out"], r"^error: out: exists and is not empty "
+         r"\(use --force to replace it\)$", setup="taken"),
+    Case("quantize-existing-output", "quantize", [*QUANTIZE, "out"], r"^error: out: exists and is not empty",
+         setup="taken"),
+    Case("force-on-a-folder-not-ours", "convert", [*CONVERT, "out", "--force"],
+         r"^error: out: --force replaces only a folder mlx-gemma wrote, and this one has no "
+         r"\.mlx-gemma-output\.json manifest$", setup="taken"),
+    Case("force-on-ours-plus-a-user-file", "quantize", [*QUANTIZE, "out", "--force"],
+         r"^error: out: --force replaces only a folder mlx-gemma wrote, and this one holds notes\.txt, "
+         r"which mlx-gemma did not write$", setup="ours_plus_a_user_file"),
+    Case("force-on-the-source-itself", "convert", ["--hf-path", "src", "--mlx-path", "src", "--force"],
+         r"^error: src: --force replaces only a folder mlx-gemma wrote", setup="source_copy"),
+    Case("force-on-the-current-folder", "convert", [*CONVERT, ".", "--force"],
+         r"^error: \.: is the current folder or one above it; name a new folder for the output$"),
+    Case("current-folder-without-force", "quantize", [*QUANTIZE, "."], r"^error: \.: is the current folder"),
+    Case("force-on-the-parent-folder", "convert", [*CONVERT, "..", "--force"],
+         r"^error: \.\.: is the current folder or one above it"),
+    Case("force-on-home", "quantize", [*QUANTIZE, "~", "--force"],
+         r"^error: {ws}/home: is the home folder; name a new folder for the output$", setup="home",
+         env={"HOME": "{ws}/home"}),
+    Case("output-is-a-file", "convert", [*CONVERT, "sentinel.txt", "--force"],
+         r"^error: sentinel\.txt: exists and is not a directory$"),
+    Case("output-parent-is-a-file", "convert", [*CONVERT, "sentinel.txt/out"],
+         r"^error: sentinel\.txt: exists and is not a directory$"),
+    Case("unwritable-parent", "convert", [*CONVERT, "locked/out"],
+         r"^error: locked/out: cannot write \((Read-only file system|Permission denied)\)$",
+         setup="read_only_parent"),
+    Case("source-missing", "convert", ["--hf-path", "{ws}/missing", "--mlx-path", "out"],
+         r"^error: {ws}/missing: neither a local directory nor a Hugging Face repo id"),
+    Case("source-not-a-checkpoint", "quantize", ["--model", "src", "--out", "out"],
+         r"^error: src: no config\.json \(not a model checkpoint directory\)$", setup="not_a_checkpoint"),
+    Case("source-already-quantized", "quantize", ["--model", "src", "--out", "out"],
+         r"^error: src: already quantized \(4-bit\); start from the unquantized checkpoint$",
+         setup="quantized_source"),
+    Case("source-truncated-shard", "convert", ["--hf-path", "src", "--mlx-path", "out"],
+         r"^error: src/model\.safetensors: (corrupt or )?truncated safetensors file", setup="truncated_shard"),
+    Case("source-index-names-a-missing-shard", "quantize", ["--model", "src", "--out", "out"],
+         r"^error: src/model\.safetensors\.index\.json: names shard model-00002-of-00002\.safetensors, "
+         r"which is missing from src$", setup="missing_shard"),
+    Case("bits-not-offered", "quantize", [*QUANTIZE, "out", "--bits", "3"],
+         r"^error: argument --bits: invalid choice: 3", code=2),
+    Case("group-size-not-offered", "convert", [*CONVERT, "out", "-q", "--group-size", "48"],
+         r"^error: argument --group-size: invalid choice: 48", code=2),
+    Case("mode-not-offered", "quantize", [*QUANTIZE, "out", "--mode", "nf4"],
+         r"^error: argument --mode: invalid choice: 'nf4'", code=2),
+    Case("dtype-not-offered", "convert", [*CONVERT, "out", "--dtype", "int8"],
+         r"^error: argument --dtype: invalid choice: 'int8'", code=2),
+    Case("mxfp4-with-group-size-64", "quantize", [*QUANTIZE, "out", "--mode", "mxfp4", "--group-size", "64"],
+         r"^error: --mode mxfp4 needs --bits 4 --group-size 32 \(got 4 and 64\)"),
+    Case("mxfp4-with-8-bits", "convert", [*CONVERT, "out", "-q", "--mode", "mxfp4", "--bits", "8"],
+         r"^error: --mode mxfp4 needs --bits 4 --group-size 32 \(got 8 and 32\)"),
+    Case("group-size-does-not-divide", "quantize", ["--model", "{ckpt}", "--out", "out", "--group-size", "128"],
+         r"^error: --group-size 128: does not divide the input size 64 of embed_vision\.embedding_projection$"),
+]
+
+
+def _checkpoint_subs(ws, hf_checkpoint, quant_source) -> dict:
+    return {"ckpt": str(hf_checkpoint), "qckpt": str(quant_source), "ws": str(ws)}
+
+
+def _unmount(ws: Path):
+    if os.path.ismount(ws / "locked"):
+        subprocess.run(["umount", str(ws / "locked")], check=True)
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES, ids=lambda c: c.id)
+def test_checkpoint_error_table(case, workspace, hf_checkpoint, quant_source):
+    try:
+        check_case(case, workspace, _checkpoint_subs(workspace, hf_checkpoint, quant_source))
+    finally:
+        _unmount(workspace)
+
+
+@pytest.mark.parametrize("case", [c for c in CHECKPOINT_CASES if c.code == 1], ids=lambda c: c.id)
+def test_checkpoint_api_errors(case, workspace, hf_checkpoint, quant_source, monkeypatch):
+    """The same refusals through the Python API: the package's own class, the CLI's message, the
+    workspace unchanged, and the next call works."""
+    from mlx_gemma import MlxGemmaError
+    from mlx_gemma.checkpoint import convert, quantize_checkpoint
+    from mlx_gemma.convert import build_parser as convert_parser
+    from mlx_gemma.quantize import build_parser as quantize_parser
+
+    subs = _checkpoint_subs(workspace, hf_checkpoint, quant_source)
+    if case.setup:
+        SETUPS[case.setup](workspace, subs)
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v.format(**subs))
+    monkeypatch.chdir(workspace)
+    args = [a.format(**subs) for a in case.args]
+    before = snapshot(workspace)
+    try:
+        with pytest.raises(MlxGemmaError) as e:
+            if case.entry == "convert":
+                a = convert_parser().parse_args(args)
+                if a.quantize:
+                    quantize_checkpoint(a.hf_path, a.mlx_path, a.bits, a.group_size, a.mode, a.recipe, force=a.force)
+                else:
+                    convert(a.hf_path, a.mlx_path, dtype=a.dtype, force=a.force)
+            else:
+                a = quantize_parser().parse_args(args)
+                quantize_checkpoint(a.model, a.out, a.bits, a.group_size, a.mode, a.recipe, force=a.force)
+        after = snapshot(workspace)
+    finally:
+        _unmount(workspace)
+    assert re.search(case.expect.format(**subs), f"error: {e.value}"), str(e.value)
+    assert after == before
+    assert (convert(subs["ckpt"], str(workspace / "next")) / "config.json").exists()

@@ -190,7 +190,7 @@ def test_unwritable_destination_is_a_clear_error(quant_source, tmp_path, monkeyp
 
 
 def test_interrupted_quantize_leaves_nothing(quant_source, tmp_path, monkeypatch):
-    import mlx_gemma.quantize as qmod
+    import mlx_gemma.checkpoint as qmod
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -232,3 +232,90 @@ def test_backend_choices_keep_the_logits(quantized):
     assert isinstance(head, SplitQuantizedEmbedding) and head.scales.dtype == stored
     assert split.language_model.model.norm.weight.dtype == mx.float32
     assert np.array_equal(np.array(whole(IDS)), np.array(split(IDS)))
+
+
+def test_mxfp4_picks_its_group_size(quant_source, tmp_path):
+    r = run("mlx_gemma.quantize", "--model", str(quant_source), "--out", str(tmp_path / "m"), "--mode", "mxfp4")
+    assert r.returncode == 0, r.stderr
+    entry = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
+    assert (entry["bits"], entry["group_size"], entry["mode"]) == (4, 32, "mxfp4")
+    assert QuantSpec(mode="mxfp4").group_size == 32 and QuantSpec().group_size == 64
+
+
+def test_mxfp4_small_serves_image_and_audio_prompts(quant_source, tmp_path):
+    """The multimodal projectors cast their input to their scales' dtype, uint8 under mxfp4:
+    every image or audio prompt used to fail in quantized_matmul. They are stored affine."""
+    import media_files as mf
+    from PIL import Image
+
+    from mlx_gemma.generation import generate, prompt_to_inputs
+
+    out = quantize_checkpoint(str(quant_source), str(tmp_path / "m"), mode="mxfp4", recipe="small")
+    model, processor = load(out)
+    stored = {p: (m.mode, m.bits, m.group_size) for p, m in model.named_modules() if hasattr(m, "bits")}
+    projectors = {"embed_vision.embedding_projection", "embed_audio.embedding_projection"}
+    assert {p for p, s in stored.items() if s != ("mxfp4", 4, 32)} == projectors
+    assert {stored[p] for p in projectors} == {("affine", 4, 32)}
+    Image.fromarray(mf.noise_image(64, 96)).save(tmp_path / "a.png")
+    wav = mf.write_wav(tmp_path / "a.wav", 16000, 0.5)
+    inputs = prompt_to_inputs(processor, "describe", image=[str(tmp_path / "a.png")], audio=[str(wav)])
+    assert inputs.token_counts()["image"] > 0 and inputs.token_counts()["audio"] > 0
+    generate(model, processor, inputs, max_tokens=2, temp=0.0)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return dst
+
+
+def test_pull_cache_is_keyed_by_the_checkpoint_not_the_text(quant_source, smooth_checkpoint, tmp_path,
+                                                            monkeypatch):
+    from mlx_gemma.checkpoint import quantized_copy
+
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    for where, src in (("a", quant_source), ("b", smooth_checkpoint)):  # two checkpoints, both "./ckpt"
+        (tmp_path / where).mkdir()
+        copy_checkpoint(src, tmp_path / where / "ckpt")
+    monkeypatch.chdir(tmp_path / "a")
+    a = quantized_copy("ckpt", Path("ckpt"), "test")
+    monkeypatch.chdir(tmp_path / "b")
+    b = quantized_copy("ckpt", Path("ckpt"), "test")
+    assert a != b and a.name.startswith("ckpt-") and b.name.startswith("ckpt-")
+    name = "language_model.model.layers.0.mlp.down_proj.scales"
+    for copy, src in ((a, quant_source), (b, smooth_checkpoint)):  # each copy is of its own checkpoint
+        assert mx.array_equal(load_weights(copy)[name], quantize(load_weights(src)[name[:-6] + "weight"],
+                                                                 QuantSpec())["scales"]).item()
+    # the same checkpoint, however it is named, is one copy, reused
+    made = (a / "config.json").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert quantized_copy("a/ckpt", Path("a/ckpt"), "test") == a
+    assert (a / "config.json").stat().st_mtime_ns == made
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    # the checkpoint changed in place (its weights file rewritten): a new copy
+    shard = tmp_path / "a" / "ckpt" / "model.safetensors"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert quantized_copy("a/ckpt", Path("a/ckpt"), "test") != a
+
+
+def test_pull_estimate_is_the_size_of_the_copy(quant_source, quantized):
+    from mlx_gemma.checkpoint import pull_estimate
+    from mlx_gemma.config import ModelConfig
+    from mlx_gemma.memory import activation_dtype_bytes, weight_bytes
+
+    config = ModelConfig.from_file(quant_source / "config.json")
+    q_config, size = pull_estimate(config, activation_dtype_bytes(quant_source))
+    assert size == weight_bytes(quantized)  # the module fixture is the default 4-bit policy
+    assert q_config.quantization == {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
+def test_generate_refuses_a_copy_that_would_not_fit_before_making_it(quant_source, tmp_path):
+    env = dict(os.environ, MLX_GEMMA_CACHE=str(tmp_path / "cache"))
+    args = ("--model", str(quant_source), "--prompt", "hi", "--max-tokens", "2", "--memory-limit", "2MB")
+    four_bit, as_is = (run("mlx_gemma.generate", *args, *extra, env=env) for extra in ((), ("--no-quantize",)))
+    for r in (four_bit, as_is):
+        assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    # the 4-bit weights (about 1.4 MB) would fit, their KV cache and activations not; unquantized,
+    # the weights alone do not fit
+    assert re.fullmatch(r"error: needs [\d.]+ MB, budget 2.1 MB: use a larger --memory-limit\n", four_bit.stderr)
+    assert as_is.stderr.startswith("error: the weights alone need 8.0 MB, budget 2.1 MB")
+    assert not (tmp_path / "cache").exists()  # refused before minutes were spent making the copy
