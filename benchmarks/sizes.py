@@ -12,7 +12,7 @@ Mac, `python -m mlx_gemma.generate --plan` uses the real value.
 from pathlib import Path
 
 from mlx_gemma.config import ModelConfig, parameter_count
-from mlx_gemma.memory import GB, KVOptions, global_bytes_per_token, make_plan
+from mlx_gemma.memory import GB, KVOptions, global_bytes_per_token, human, longest_context, make_plan
 from mlx_gemma.quantization import QuantSpec, quantized_size
 
 HUB_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "gemma-4-12B-it.config.json"
@@ -20,17 +20,6 @@ SETTINGS = [(4, 64, "default"), (4, 64, "small"), (4, 64, "quality"), (4, 32, "d
 KV_KINDS = [("two tensors, bfloat16", KVOptions(one_tensor=False)), ("one tensor, bfloat16", KVOptions()),
             ("one tensor, 8-bit", KVOptions(bits=8)), ("one tensor, 4-bit", KVOptions(bits=4))]
 MACS = (16, 24, 32)
-
-
-def longest_context(cfg, weights: int, budget: int, kv: KVOptions) -> int:
-    lo, hi = 0, cfg.text_config.max_position_embeddings
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if make_plan(cfg, weights, mid, budget, kv).fits:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def main() -> None:
@@ -48,7 +37,7 @@ def main() -> None:
     for label, kv in KV_KINDS:
         per_token = global_bytes_per_token(cfg.text_config, kv, 2)
         contexts = [longest_context(cfg, weights, int(m * 2**30 * 2 / 3), kv) for m in MACS]
-        print(f"| {label} | {per_token / 1024:.2f} KiB | " + " | ".join(f"{c:,}" for c in contexts) + " |")
+        print(f"| {label} | {human(per_token)} | " + " | ".join(f"{c:,}" for c in contexts) + " |")
     for label, kv in KV_KINDS[1:3]:
         print(f"\nThe full 262,144-token context on a 16 GB Mac, global KV cache {label}:\n")
         print(make_plan(cfg, weights, 262_144, int(16 * 2**30 * 2 / 3), kv).table())

@@ -27,6 +27,14 @@ class InputError(MlxGemmaError):
     pass
 
 
+class ContextError(InputError):
+    """A prompt (with what the cache already holds) that leaves no room in the context."""
+
+    def __init__(self, message: str, needed: int, limit: int):
+        super().__init__(message)
+        self.needed, self.limit = needed, limit
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP: unwinds like Ctrl-C so that every `finally` and cleanup runs."""
 
@@ -35,11 +43,20 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, except where its help text already says what it is."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (`error: argument --temp: ...`) and defaults in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -58,7 +75,9 @@ def run_cli(action, interrupted: str = "interrupted"):
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     try:
-        return action()
+        result = action()
+        sys.stdout.flush()  # a reader gone by now is a BrokenPipeError here, not a traceback at exit
+        return result
     except MlxGemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,64 +1,94 @@
-"""`python -m mlx_gemma.generate`: chat with Gemma 4 12B from the command line."""
+"""`python -m mlx_gemma.generate`: chat with Gemma 4 12B from the command line.
+
+The parser imports nothing heavy (mlx-lm pulls in transformers and torch, seconds of start-up):
+`--help` and argument errors answer at once, the library is imported when the run starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 
-from .backend import DTYPES, activation_dtype
-from .errors import ArgumentParser, InputError, run_cli
-from .generation import (DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP, ChatSession, GenerationResponse,
-                         check_context, check_sampling, print_stats, prompt_to_inputs, stream_generate)
+from .backend import DTYPES
+from .errors import ArgumentParser, ContextError, InputError, run_cli
 from .media import BUDGETS, VIDEO_FPS
-from .model import VISION_MASKS
-from .prompt import MediaOptions
-from .memory import (KVOptions, activation_dtype_bytes, human, make_plan, memory_budget, prefill_chunk,
-                     refusal, weight_bytes)
 
 DEFAULT_MODEL = "google/gemma-4-12B-it"
-CHAT_CONTEXT = 32768  # --chat plans for this many tokens unless --max-kv-size says otherwise
+# The library's defaults, repeated here so that --help shows them without importing the library
+# (tests/test_cli.py checks they agree with generation.py and model.py).
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_PREFILL_STEP = 512
+VISION_MASKS = ("generate", "forward")
+
+
+def _bool(text: str) -> bool:
+    """mlx-lm's `--verbose True` / `--verbose False`."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.generate",
-                                description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
+                       description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
-    p.add_argument("--prompt", "-p", default=None, help="the user message ('-' reads standard input)")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--prompt", "-p", default=None,
+                   help="the user message; '-' reads standard input (UTF-8) (default: hello)")
+    p.add_argument("--system", "--system-prompt", dest="system", default=None,
+                   help="system prompt (--system-prompt is mlx-lm's name) (default: none)")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="most tokens to generate (per reply in --chat)")
     p.add_argument("--temp", type=float, default=None, help="sampling temperature; 0 is greedy "
                    "(default: the checkpoint's generation_config.json)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold (default: the checkpoint's generation_config.json)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k likeliest tokens (default: the checkpoint's generation_config.json)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below this fraction of the likeliest one's probability "
+                        "(default: the checkpoint's generation_config.json)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
+    p.add_argument("--no-chat-template", "--ignore-chat-template", action="store_true",
+                   help="feed the prompt as raw text (--ignore-chat-template is mlx-lm's name)")
     p.add_argument("--enable-thinking", action="store_true", help="turn on the model's thinking mode")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's thoughts")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
-    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
+    p.add_argument("--chat", action="store_true",
+                   help="interactive multi-turn chat ('q' quits, 'r' restarts, Ctrl-C stops a reply)")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP,
+                   help="most prompt tokens per prefill chunk (smaller chunks as the context grows)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="activation dtype (auto: float32 for a quantized model on the CPU backend, "
                         "where it is ~8x faster, else as stored)")
     p.add_argument("--no-quantize", action="store_true",
                    help="never quantize an unquantized checkpoint that does not fit the memory budget")
-    p.add_argument("--memory-limit", default=None,
-                   help="memory budget, e.g. 10.5GB (default: Metal's recommended working set on a Mac, "
-                        "physical memory elsewhere)")
-    p.add_argument("--max-kv-size", type=int, default=None, help="cap on the context (prompt + reply) in tokens")
-    p.add_argument("--kv-bits", type=int, default=None, help="quantize the global layers' KV cache (4 or 8)")
-    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory budget in decimal units as mlx-lm prints them (10GB = 10^10 bytes; "
+                        "GiB/MiB for binary), e.g. 10.5GB (default: Metal's recommended working set on "
+                        "a Mac, physical memory elsewhere)")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="cap on the context (prompt + reply) in tokens (default: prompt + --max-tokens; "
+                        "in --chat the longest context that fits the memory budget)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="quantize the global layers' KV cache to 4 or 8 bits (default: not quantized)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of the KV cache quantization")
     p.add_argument("--quantized-kv-start", type=int, default=0,
                    help="keep the KV cache unquantized until it holds this many tokens")
     p.add_argument("--kv-two-tensor", action="store_true",
                    help="store keys and values separately on global layers (default: one tensor, half the memory)")
     m = p.add_argument_group("media (they go into the user turn before the prompt: images, audio, video)")
-    m.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    m.add_argument("--audio", action="append", default=[], metavar="PATH", help="a sound file (repeatable)")
-    m.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (repeatable)")
+    m.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
+                   help="one or more images; the flag may also be repeated (default: none)")
+    m.add_argument("--audio", action="extend", nargs="+", default=[], metavar="PATH",
+                   help="one or more sound files (WAV, FLAC, MP3, OGG, M4A/AAC, ...) (default: none)")
+    m.add_argument("--video", action="extend", nargs="+", default=[], metavar="PATH",
+                   help="one or more video files (default: none)")
     m.add_argument("--image-budget", type=int, default=None, metavar="N",
                    help=f"soft tokens per image, one of {'/'.join(map(str, BUDGETS))} "
                         "(default: the checkpoint's processor setting)")
@@ -66,7 +96,7 @@ def build_parser() -> ArgumentParser:
                    "(default: the checkpoint's processor setting, 70)")
     m.add_argument("--fps", type=float, default=VIDEO_FPS, help="video frames sampled per second")
     m.add_argument("--video-frames", type=int, default=None, metavar="N",
-                   help="sample N frames spread over the video instead (transformers' rule)")
+                   help="sample N frames spread over the video instead, transformers' rule (default: use --fps)")
     m.add_argument("--video-audio", action="store_true",
                    help="also feed each video's sound track, as audio right after its frames")
     m.add_argument("--allow-long-media", action="store_true",
@@ -75,7 +105,9 @@ def build_parser() -> ArgumentParser:
                    help="image attention: 'generate' (whole image on sliding layers, the intended one) or "
                         "'forward' (also on global layers, as transformers' forward() does)")
     p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
-    p.add_argument("--verbose", action="store_true", help="print loading details and the memory plan")
+    p.add_argument("--verbose", type=_bool, nargs="?", const=True, default=None, metavar="True|False",
+                   help="True (or the flag alone): also print loading details and the memory plan; False: "
+                        "print only the generated text (default: the text and the stats block)")
     return p
 
 
@@ -105,22 +137,70 @@ class _Printer:
         print()
 
 
-def _prefill_progress(done: int, total: int) -> None:
-    if total > 2 * DEFAULT_PREFILL_STEP or (done < total and sys.stderr.isatty()):
-        end = "\n" if done == total else ""
-        print(f"\rPrefill: {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
+class _Progress:
+    """Prefill progress, on stderr only. A terminal shows one line, rewritten in place and erased
+    before the first token is printed (the answer never starts after it); elsewhere (a log) only
+    long prefills print, a full line per chunk."""
+
+    def __init__(self, step: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.long = 2 * step
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.tty:
+            if done < total:
+                self._write(f"\r\033[KPrefill: {done}/{total} tokens")
+                self.shown = True
+            else:
+                self.clear()
+        elif total > self.long:
+            self._write(f"Prefill: {done}/{total} tokens\n")
+
+    def clear(self) -> None:
+        if self.shown:
+            self._write("\r\033[K")
+            self.shown = False
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
 
-def kv_options(args) -> KVOptions:
+def _utf8(text: Optional[str], what: str) -> Optional[str]:
+    """Command-line text that is not UTF-8 reaches Python with surrogates: refuse it in one line."""
+    try:
+        text is not None and text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what}: not UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at position "
+                         f"{e.start})") from None
+    return text
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what}: not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start})") from None
+
+
+def kv_options(args):
+    from .memory import KVOptions
+
     return KVOptions(one_tensor=not args.kv_two_tensor, bits=args.kv_bits, group_size=args.kv_group_size,
                      quantized_start=args.quantized_kv_start)
 
 
 def run(args) -> None:
+    from .backend import activation_dtype
     from .config import ModelConfig
-    from .loading import load_model, resolve_model_path
-    from .prompt import Processor
+    from .generation import check_context, check_sampling, print_stats, prompt_to_inputs, stream_generate
     from .checkpoint import pull_estimate, quantized_copy
+    from .loading import load_model, resolve_model_path
+    from .memory import (KVOptions, activation_dtype_bytes, human, longest_context, make_plan, memory_budget,
+                         prefill_chunk, refusal, weight_bytes)
+    from .prompt import MediaOptions, Processor
 
     if args.max_tokens <= 0:
         raise InputError(f"--max-tokens: must be a positive number, got {args.max_tokens}")
@@ -131,6 +211,9 @@ def run(args) -> None:
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     media_options = MediaOptions(args.image_budget, args.video_budget, args.fps, args.video_frames,
                                  args.video_audio, args.allow_long_media)
+    _utf8(args.prompt, "--prompt")
+    _utf8(args.system, "--system")
+    budget = memory_budget(args.memory_limit)  # a bad --memory-limit is refused before anything is read
     if args.seed is not None:
         mx.random.seed(args.seed)
     path = resolve_model_path(args.model)
@@ -140,9 +223,12 @@ def run(args) -> None:
     processor = Processor.from_pretrained(path, config)
     limit = config.text_config.max_position_embeddings
     if args.chat:
-        inputs, ids, context = None, [], args.max_kv_size or min(limit, CHAT_CONTEXT)
+        inputs, ids, context = None, [], args.max_kv_size or limit  # without --max-kv-size: what fits, below
     else:
-        prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt if args.prompt is not None else "hello")
+        if args.prompt == "-":
+            prompt = _decode(sys.stdin.buffer.read(), "--prompt -: standard input")
+        else:
+            prompt = args.prompt if args.prompt is not None else "hello"
         inputs = prompt_to_inputs(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking,
                                   args.image, args.audio, args.video, media_options)
         ids = inputs.ids
@@ -155,8 +241,14 @@ def run(args) -> None:
         dtype = activation_dtype(bool(config.quantization), args.dtype)
         return dtype.size if dtype is not None else activation_dtype_bytes(path)
 
+    def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
+        return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,
+                               args.prefill_step_size, most)
+
     dtype_bytes = dtype_bytes_of(path, config)
-    kv, budget = kv_options(args), memory_budget(args.memory_limit)
+    kv = kv_options(args)
+    if args.chat and args.max_kv_size is None:
+        context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
     plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
     if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
         # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
@@ -168,6 +260,9 @@ def run(args) -> None:
             q_config, q_bytes = ModelConfig.from_file(path / "config.json"), weight_bytes(path)
         config, dtype_bytes = q_config, dtype_bytes_of(path, q_config)
         plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size)
+    if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
+        context = fitting(kv) or context
+        plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
     if args.plan:
         print(plan.table())
         return
@@ -179,7 +274,7 @@ def run(args) -> None:
         q = config.quantization
         weights = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
         print(f"Loaded {args.model} from {path} ({mx.default_device()}); weights {weights}, "
-              f"{weight_bytes(path) / 1e9:.2f} GB\n{plan.table()}", file=sys.stderr)
+              f"{human(weight_bytes(path))}\n{plan.table()}", file=sys.stderr)
 
     def make_cache():
         return model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size,
@@ -188,24 +283,105 @@ def run(args) -> None:
     def chunk(done: int) -> int:
         return prefill_chunk(config.text_config, done, args.prefill_step_size, dtype_bytes)
 
+    progress = _Progress(args.prefill_step_size)
     options = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   prefill_step_size=chunk, progress=_prefill_progress, max_kv_size=context)
+                   prefill_step_size=chunk, progress=progress, max_kv_size=context)
     if args.chat:
+        if args.max_kv_size is not None:
+            more = fitting(kv)
+            why, restart = "set by --max-kv-size", [f"--max-kv-size {more}"] if more > context else []
+        elif context >= limit:
+            why, restart = "the model's maximum", []
+        else:
+            why, restart = f"what fits the memory budget of {human(budget)}", []
+            if kv.bits is None:
+                eight = KVOptions(kv.one_tensor, 8, kv.group_size, kv.quantized_start, kv.sliding_slack)
+                try:
+                    if fitting(eight) > context:
+                        restart.append("--kv-bits 8")
+                except InputError:  # the group size does not suit this model's head dims
+                    pass
+            restart.append("a larger --memory-limit")
+        full = (f"the chat's context holds {context:,} tokens ({why}): start a new conversation with 'r'"
+                + (f", or restart with {' or '.join(restart)}" if restart else ""))
         return chat_loop(model, processor, args, dict(options, max_tokens=args.max_tokens), make_cache,
-                         media_options)
+                         media_options, progress, full)
     printer, last = _Printer(args.hide_thinking), None
     for last in stream_generate(model, processor, inputs, cache=make_cache(), max_tokens=args.max_tokens,
                                 **options):
         printer(last)
     printer.close()
-    print_stats(last)
+    if args.verbose is not False:
+        print_stats(last)
 
 
-CHAT_HELP = ("Chat with the model: 'q' or Ctrl-D to quit, 'r' to restart; '/image PATH', '/audio PATH' "
-             "and '/video PATH' add media to your next message.")
+CHAT_HELP = ("Chat with the model: 'q' or Ctrl-D quits, 'r' starts a new conversation, Ctrl-C stops a reply "
+             "(at the prompt it quits); '/image PATH...', '/audio PATH...' and '/video PATH...' add media to "
+             "your next message (quote or backslash-escape spaces, as a shell does).")
+MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
 
 
-def chat_loop(model, processor, args, options, make_cache, media_options) -> None:
+class _StopReply(Exception):
+    """Ctrl-C during a prefill: raised between chunks, where the cache is whole."""
+
+
+class _Interrupt:
+    """While a reply streams, Ctrl-C asks it to stop at the next token or prefill chunk, where the
+    conversation's cache is consistent; a second Ctrl-C before then interrupts at once."""
+
+    def __init__(self):
+        self.pending = False
+
+    def _handler(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __enter__(self):
+        self.pending = False
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _read_line(prompt: str) -> Optional[str]:
+    """One line from standard input (bytes, decoded here so that a line that is not UTF-8 is
+    reported and skipped); None at end of input or on Ctrl-C."""
+    try:
+        print(prompt, end="", flush=True)
+        raw = sys.stdin.buffer.readline()
+    except KeyboardInterrupt:
+        print()
+        return None
+    if not raw:
+        print()
+        return None
+    return _decode(raw.rstrip(b"\r\n"), "standard input: this line")
+
+
+def _media_paths(command: str, rest: str) -> list:
+    """The paths after /image, /audio or /video: quoted or backslash-escaped as a shell takes them
+    (what dragging a file from the Finder types), or one path typed as it is; each must be a file."""
+    if rest.strip() and Path(rest.strip()).is_file():
+        return [rest.strip()]
+    try:
+        paths = shlex.split(rest)
+    except ValueError as e:
+        raise InputError(f"{command}: cannot read the paths ({e})") from None
+    if not paths:
+        raise InputError(f"{command}: needs a path")
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{command}: {path}: no such file")
+    return paths
+
+
+def chat_loop(model, processor, args, options, make_cache, media_options, progress: Optional[_Progress] = None,
+              context_advice: str = "") -> None:
+    from .generation import ChatSession, print_stats
+
     def new_session():
         return ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking,
                            make_cache=make_cache, media_options=media_options)
@@ -213,36 +389,62 @@ def chat_loop(model, processor, args, options, make_cache, media_options) -> Non
     session = new_session()
     # Media given on the command line open the first turn.
     pending = {"image": list(args.image), "audio": list(args.audio), "video": list(args.video)}
-    print(CHAT_HELP, file=sys.stderr)
+    interrupt = _Interrupt()
+
+    def on_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if interrupt.pending and done < total:
+            raise _StopReply
+
+    if sys.stdin.isatty():
+        print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
-            line = input(">> ")
-        except EOFError:
-            print()
+            line = _read_line(">> ")
+        except InputError as e:
+            print(f"error: {e}; it was not sent", file=sys.stderr)
+            continue
+        if line is None:  # Ctrl-D, end of input, or Ctrl-C at the prompt: quit (exit status 0)
             return
         command, _, rest = line.strip().partition(" ")
+        if not command:
+            continue
         if command == "q":
             return
         if command == "r":
             session, pending = new_session(), {kind: [] for kind in pending}
             continue
-        if command.startswith("/") and command[1:] in pending:
-            if not rest.strip():
-                print(f"{command} needs a path", file=sys.stderr)
-                continue
-            pending[command[1:]].append(rest.strip())
+        if command in MEDIA_COMMANDS:
+            try:
+                pending[MEDIA_COMMANDS[command]] += _media_paths(command, rest)
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
         printer, last = _Printer(args.hide_thinking), None
-        try:
-            for last in session.send(line, **pending, **options):
-                printer(last)
-        except InputError as e:  # a bad file or too long a turn: say so and keep chatting
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        finally:
-            pending = {kind: [] for kind in pending}
+        with interrupt:
+            reply = session.send(line, **pending, **dict(options, progress=on_progress))
+            try:
+                for last in reply:
+                    printer(last)
+                    if interrupt.pending:
+                        break
+            except _StopReply:
+                pass
+            except ContextError as e:  # the conversation is kept; the turn was not sent
+                print(f"error: this message brings the conversation to {e.needed:,} tokens; {context_advice}",
+                      file=sys.stderr)
+                continue
+            except InputError as e:  # a bad file: say so and keep chatting
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            finally:
+                reply.close()  # a reply stopped early is kept in the conversation as far as it got
+                if progress is not None:
+                    progress.clear()
+                pending = {kind: [] for kind in pending}
         printer.close()
-        if args.verbose and last is not None:
+        if args.verbose and last is not None and not interrupt.pending:
             print(f"(reused {session.reused_tokens} cached prompt tokens)", file=sys.stderr)
             print_stats(last, file=sys.stderr)
 

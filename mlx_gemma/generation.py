@@ -19,7 +19,7 @@ from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .cache import reuse_prefix, vision_blocks
-from .errors import InputError
+from .errors import ContextError, InputError
 from .prompt import MediaOptions, PromptInputs, token_types, user_content
 
 DEFAULT_MAX_TOKENS = 256
@@ -219,8 +219,8 @@ def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, ch
 def check_context(limit: int, n_tokens: int, max_tokens: int, media_tokens: int = 0) -> None:
     if n_tokens >= limit:
         of_which = f" ({media_tokens} of them for media)" if media_tokens else ""
-        raise InputError(f"prompt: needs {n_tokens} tokens{of_which}, more than the model's context "
-                         f"of {limit} tokens")
+        raise ContextError(f"prompt: needs {n_tokens} tokens{of_which}, more than the model's context "
+                           f"of {limit} tokens", n_tokens, limit)
     if max_tokens <= 0:
         raise InputError(f"--max-tokens: must be a positive number, got {max_tokens}")
 
@@ -281,7 +281,8 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                   sum(counts.values()))
     if max_kv_size is not None:
         if len(ids) + held >= max_kv_size:
-            raise InputError(f"--max-kv-size {max_kv_size}: smaller than the prompt ({len(ids) + held} tokens)")
+            raise ContextError(f"--max-kv-size {max_kv_size}: smaller than the prompt ({len(ids) + held} tokens)",
+                               len(ids) + held, max_kv_size)
         max_tokens = min(max_tokens, max_kv_size - len(ids) - held)
     if sampler is None or logits_processors is None:
         default_sampler, default_processors = make_sampling(processor, temp, top_p, top_k, min_p)
@@ -388,13 +389,19 @@ class ChatSession:
             self.cache = self.make_cache()
         self.cached_ids, self.reused_tokens = inputs.ids[:keep], keep
         reply, tokens = [], []
-        for r in stream_generate(self.model, self.processor, inputs.tail(keep, self.model.config),
-                                 cache=self.cache, **kwargs):
-            tokens.append(r.token)
-            if not r.thinking:
-                reply.append(r.text)
-            yield r
-        self.cached_ids = (inputs.ids + tokens)[:self.cache[0].offset]
-        # The history keeps its media loaded: later turns re-render it without reading files.
-        self.messages = inputs.messages + [{"role": "assistant", "content": "".join(reply)}]
+        try:
+            for r in stream_generate(self.model, self.processor, inputs.tail(keep, self.model.config),
+                                     cache=self.cache, **kwargs):
+                tokens.append(r.token)
+                if not r.thinking:
+                    reply.append(r.text)
+                yield r
+        finally:
+            # Also for a reply stopped early (the caller closed this generator at a token, or
+            # prefill was interrupted between chunks): `cached_ids` says what the cache holds, and
+            # a partial reply stays in the conversation (as Ollama keeps it).
+            self.cached_ids = (inputs.ids + tokens)[:self.cache[0].offset]
+            if tokens:
+                # The history keeps its media loaded: later turns re-render it without reading files.
+                self.messages = inputs.messages + [{"role": "assistant", "content": "".join(reply)}]
 

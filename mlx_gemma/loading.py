@@ -136,7 +136,10 @@ def load_weights(path: Path, progress: bool = False) -> dict[str, mx.array]:
     for i, f in enumerate(files):
         header = read_safetensors_header(f)
         if progress and len(files) > 1:
-            print(f"\rLoading shard {i + 1}/{len(files)}: {f.name}", end="", file=sys.stderr, flush=True)
+            # A terminal shows one line, rewritten in place; a log gets one line per shard.
+            tty = sys.stderr.isatty()
+            line = f"Loading shard {i + 1}/{len(files)}: {f.name}"
+            print("\r\033[K" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
         try:
             tensors = mx.load(str(f))
         except Exception as e:
@@ -147,8 +150,8 @@ def load_weights(path: Path, progress: bool = False) -> dict[str, mx.array]:
             name = sanitize(k)
             if name is not None:
                 weights[name] = v
-    if progress and len(files) > 1:
-        print(file=sys.stderr)
+    if progress and len(files) > 1 and sys.stderr.isatty():
+        print("\r\033[K", end="", file=sys.stderr, flush=True)  # cleared: the answer starts on a clean line
     return weights
 
 

@@ -252,8 +252,35 @@ def to_16k_mono(samples: np.ndarray, rate: int) -> np.ndarray:
     return samples
 
 
+def _decode_audio(container, stream) -> Optional[np.ndarray]:
+    """Every sample of an audio stream as float32 [samples, channels]; None when there are none."""
+    import av
+
+    to_float = av.AudioResampler(format="fltp")  # any sample format -> float planar, same rate
+    chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
+    chunks += [f.to_ndarray() for f in to_float.resample(None)]
+    return np.concatenate(chunks, axis=1).T.astype(np.float32) if chunks else None
+
+
+def _read_audio_av(source) -> tuple:
+    """(samples [n, channels], rate) of a file's first audio stream with PyAV, (None, None) if it has none
+    or FFmpeg cannot read it."""
+    import av
+
+    try:
+        with av.open(str(source)) as container:
+            if not container.streams.audio:
+                return None, None
+            stream = container.streams.audio[0]
+            samples = _decode_audio(container, stream)
+            return (np.zeros((0, 1), np.float32) if samples is None else samples), stream.rate
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError):
+        return None, None
+
+
 def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
-    """A sound file soundfile reads (WAV, FLAC, OGG, MP3, ...) or (samples, rate) -> 16 kHz mono
+    """A sound file soundfile reads (WAV, FLAC, OGG, MP3, ...; others, such as AAC in .m4a, through
+    PyAV) or (samples, rate) -> 16 kHz mono
     float32. Empty and all-silent audio are errors (the model would hear nothing)."""
     import soundfile
 
@@ -274,8 +301,11 @@ def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
         try:
             samples, rate = soundfile.read(str(source), dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-            raise InputError(f"{name}: cannot read audio ({str(e).splitlines()[0]}); readable formats: "
-                             f"{_audio_formats()}") from None
+            # What libsndfile cannot open (AAC in .m4a / .mp4, ...) FFmpeg may: through PyAV.
+            samples, rate = _read_audio_av(source)
+            if samples is None:
+                raise InputError(f"{name}: cannot read audio ({str(e).splitlines()[0]}); readable formats: "
+                                 f"{_audio_formats()}, and M4A/AAC through FFmpeg") from None
     if samples.size == 0:
         raise InputError(f"{name}: the audio has no samples")
     if not np.issubdtype(samples.dtype, np.number) or samples.ndim not in (1, 2):
@@ -358,18 +388,13 @@ def _count_frames(container) -> int:
 
 
 def _sound_track(container, source, allow_long: bool) -> np.ndarray:
-    import av
-
     if not container.streams.audio:
         raise InputError(f"{source}: --video-audio asked for the sound track, but the file has none")
     container.seek(0)
     stream = container.streams.audio[0]
-    to_float = av.AudioResampler(format="fltp")  # any sample format -> float planar, same rate
-    chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
-    chunks += [f.to_ndarray() for f in to_float.resample(None)]
-    if not chunks:
+    samples = _decode_audio(container, stream)  # [samples, channels]
+    if samples is None:
         raise InputError(f"{source}: the sound track has no samples")
-    samples = np.concatenate(chunks, axis=1).T  # [samples, channels]
     _check_length(f"{source} (sound track)", len(samples) / stream.rate, AUDIO_LIMIT_S, "audio", allow_long)
     return to_16k_mono(samples, stream.rate)
 

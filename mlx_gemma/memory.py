@@ -16,19 +16,24 @@ from .config import FULL, SLIDING, ModelConfig, TextConfig
 from .errors import InputError
 from .loading import SAFETENSORS_DTYPE_BYTES, read_safetensors_header, weight_files
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
+# Decimal units as mlx-lm and macOS print them (1 GB = 1e9 bytes); KiB/MiB/GiB/TiB are binary.
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+SIZE_EXAMPLES = "examples: 10GB, 10.5GB, 512MB, 12GiB; GB = 10^9 bytes, GiB = 2^30"
 
 
-def parse_size(text: str) -> int:
-    """'10.5GB', '512M', '1e9' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?B?)\s*", text.upper())
-    if not m:
-        raise InputError(f"--memory-limit: cannot read {text!r} (examples: 10.5GB, 512MB)")
-    try:
-        return int(float(m.group(1)) * _UNITS[m.group(2)])
-    except ValueError:
-        raise InputError(f"--memory-limit: cannot read {text!r} (examples: 10.5GB, 512MB)") from None
+def parse_size(text: str, flag: str = "--memory-limit") -> int:
+    """'10GB' -> 10**9 * 10 bytes, '512MB', '1e9', '12GiB' (binary) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    unit = m and m.group(2)
+    if not m or unit not in _UNITS:
+        raise InputError(f"{flag}: cannot read {text!r} ({SIZE_EXAMPLES})")
+    n = float(m.group(1)) if m.group(1).count(".") <= 1 and m.group(1) != "." else None
+    if n is None or n * _UNITS[unit] >= 2**63:
+        raise InputError(f"{flag}: cannot read {text!r} ({SIZE_EXAMPLES})")
+    if n * _UNITS[unit] < 1:
+        raise InputError(f"{flag}: must be at least 1 byte, got {text!r}")
+    return int(n * _UNITS[unit])
 
 
 def memory_budget(limit: Optional[str] = None) -> int:
@@ -137,7 +142,10 @@ def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: in
 
 
 def human(n: float) -> str:
-    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+    """Bytes in decimal units, as mlx-lm prints them (1 GB = 1e9 bytes)."""
+    if n >= 0.1 * GB:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.2f} KB"
 
 
 @dataclass
@@ -162,7 +170,7 @@ class Plan:
         return [("context (tokens)", f"{self.context:,}"),
                 ("weights", human(self.weights)),
                 ("sliding-window KV (bounded)", human(self.sliding)),
-                ("global KV per token", f"{self.global_per_token / 1024:.2f} KiB"),
+                ("global KV per token", human(self.global_per_token)),
                 ("global KV at this context", human(self.global_total)),
                 ("activations (peak, prefill chunk)", human(self.activations)),
                 ("total", human(self.total)),
@@ -185,6 +193,20 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
                 activations=activation_bytes(text, chunk, context, dtype_bytes, kv), budget=budget)
 
 
+def longest_context(config: ModelConfig, weights: int, budget: int, kv: KVOptions, dtype_bytes: int = 2,
+                    step: int = 512, most: Optional[int] = None) -> int:
+    """The longest context (prompt + reply, tokens) whose plan fits `budget`, at most `most`
+    (default: the model's max_position_embeddings); 0 when not even one token fits."""
+    lo, hi = 0, config.text_config.max_position_embeddings if most is None else most
+    while lo < hi:  # fitting is monotonic in the context: binary search
+        mid = (lo + hi + 1) // 2
+        if make_plan(config, weights, mid, budget, kv, dtype_bytes, step).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def refusal(plan: Plan, config: ModelConfig, kv: KVOptions, dtype_bytes: int = 2, step: int = 512) -> str:
     """One line saying what needs changing for a plan that does not fit."""
     fixes = []
@@ -202,13 +224,7 @@ def refusal(plan: Plan, config: ModelConfig, kv: KVOptions, dtype_bytes: int = 2
             if fits:
                 fixes.append(f"--kv-bits {bits}")
                 break
-    lo, hi = 0, plan.context
-    while lo < hi:  # the longest context that fits as configured
-        mid = (lo + hi + 1) // 2
-        if make_plan(config, plan.weights, mid, plan.budget, kv, dtype_bytes, step).fits:
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = longest_context(config, plan.weights, plan.budget, kv, dtype_bytes, step, plan.context)
     if lo > 0:
         fixes.append(f"--max-kv-size {lo}")
     advice = " or ".join(fixes) if fixes else "a larger --memory-limit"

@@ -189,7 +189,7 @@ class GenerationDefaults:
         g = _read_json(path)
         eos = g.get("eos_token_id", [])
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        sample = g.get("do_sample", True)
+        sample = g.get("do_sample", False)  # absent means greedy, as in transformers
         return cls(
             temperature=float(g.get("temperature", 1.0)) if sample else 0.0,
             top_k=int(g.get("top_k") or 0),

@@ -173,7 +173,6 @@ GENERATE_CASES = [
          r"--kv-group-size: 7 is not supported"),
     Case("temp-not-a-number", "generate", M + ["--temp", "warm"], r"argument --temp: invalid float value: 'warm'",
          code=2),
-    Case("unknown-flag", "generate", M + ["--bogus"], r"unrecognized arguments: --bogus", code=2),
     Case("vision-mask-bad", "generate", M + ["--vision-mask", "both"], r"argument --vision-mask: invalid choice",
          code=2),
     Case("model-missing", "generate", ["--model", "{ws}/nowhere"],
@@ -210,8 +209,6 @@ GENERATE_CASES = [
          setup="silent_wav"),
     Case("video-missing", "generate", M + ["--video", "{ws}/none.mp4"], r"none.mp4: no such file"),
     Case("video-not-a-video", "generate", M + ["--video", "{ws}/sentinel.txt"], r"sentinel.txt: cannot decode video"),
-    Case("media-without-template", "generate", M + ["--image", "{img}", "--no-chat-template"],
-         r"media need the chat template"),
     Case("prompt-over-context", "generate", M + ["--prompt", "x" * 600],
          r"prompt: needs \d+ tokens, more than the model's context of 512 tokens"),
     Case("memory-limit-unreadable", "generate", M + ["--memory-limit", "lots"], r"--memory-limit: cannot read 'lots'"),
@@ -490,3 +487,57 @@ def test_checkpoint_api_errors(case, workspace, hf_checkpoint, quant_source, mon
     assert re.search(case.expect.format(**subs), f"error: {e.value}"), str(e.value)
     assert after == before
     assert (convert(subs["ckpt"], str(workspace / "next")) / "config.json").exists()
+# --- `python -m mlx_gemma.generate` at the terminal: arguments, standard input, chat commands --------
+
+NOT_UTF8 = "caf\udce9"  # what Python makes of the bytes b"caf\xe9" on a command line; passed back as them
+
+CLI_CASES: list[Case] = [
+    Case("unknown-flag", "generate", ["--frobnicate"], r"unrecognized arguments: --frobnicate", code=2),
+    Case("missing-value", "generate", ["--max-tokens"], r"argument --max-tokens/-m: expected one argument", code=2),
+    Case("not-a-number", "generate", ["--max-tokens", "many"], r"argument --max-tokens/-m: invalid int value: "
+         r"'many'", code=2),
+    Case("image-without-path", "generate", ["--image"], r"argument --image: expected at least one argument",
+         code=2),
+    Case("verbose-not-bool", "generate", ["--verbose", "maybe"],
+         r"argument --verbose: expected True or False, got 'maybe'", code=2),
+    Case("dtype-choice", "generate", ["--dtype", "fp8"], r"argument --dtype: invalid choice: 'fp8'", code=2),
+    Case("memory-limit-text", "generate", ["--model", "{ckpt}", "--memory-limit", "ten gigs"],
+         r"^error: --memory-limit: cannot read 'ten gigs' \(examples: 10GB, .*GB = 10\^9 bytes, GiB = 2\^30\)$"),
+    Case("memory-limit-unit", "generate", ["--model", "{ckpt}", "--memory-limit", "10XB"],
+         r"^error: --memory-limit: cannot read '10XB' \("),
+    Case("memory-limit-zero", "generate", ["--model", "{ckpt}", "--memory-limit", "0GB"],
+         r"^error: --memory-limit: must be at least 1 byte, got '0GB'$"),
+    Case("memory-limit-overflow", "generate", ["--model", "{ckpt}", "--memory-limit", "1e999GB"],
+         r"^error: --memory-limit: cannot read '1e999GB' \("),
+    Case("stdin-not-utf8", "generate", ["--model", "{ckpt}", "--prompt", "-"],
+         r"^error: --prompt -: standard input: not UTF-8 text \(byte 0xe9 at position 3\)$", stdin=b"caf\xe9 ?\n"),
+    Case("prompt-not-utf8", "generate", ["--model", "{ckpt}", "--prompt", NOT_UTF8],
+         r"^error: --prompt: not UTF-8 text \(byte 0xe9 at position 3\)$"),
+    Case("system-not-utf8", "generate", ["--model", "{ckpt}", "--system-prompt", NOT_UTF8],
+         r"^error: --system: not UTF-8 text \(byte 0xe9 at position 3\)$"),
+    Case("image-nonexistent", "generate", ["--model", "{ckpt}", "--image", "{img}", "{ws}/nope.png"],
+         r"^error: {ws}/nope\.png: no such file$"),
+    Case("audio-nonexistent", "generate", ["--model", "{ckpt}", "--audio", "{ws}/nope.m4a"],
+         r"^error: {ws}/nope\.m4a: no such file$"),
+    Case("video-nonexistent", "generate", ["--model", "{ckpt}", "--video", "{ws}/nope.mp4"],
+         r"^error: {ws}/nope\.mp4: no such file$"),
+    Case("media-without-template", "generate", ["--model", "{ckpt}", "--image", "{img}", "--ignore-chat-template"],
+         r"^error: media need the chat template \(drop --no-chat-template\)$"),
+    # In --chat a bad line is reported and the chat goes on: it ends normally at 'q'.
+    Case("chat-line-not-utf8", "generate", ["--model", "{ckpt}", "--chat"],
+         r"^error: standard input: this line: not UTF-8 text \(byte 0xff at position 2\); it was not sent$",
+         code=0, stdin=b"hi\xff\nq\n"),
+    Case("chat-image-nonexistent", "generate", ["--model", "{ckpt}", "--chat"],
+         r"^error: /image: {ws}/my photo\.png: no such file$", code=0, stdin=b"/image '{ws}/my photo.png'\nq\n"),
+    Case("chat-unbalanced-quote", "generate", ["--model", "{ckpt}", "--chat"],
+         r"^error: /audio: cannot read the paths \(No closing quotation\)$", code=0, stdin=b"/audio 'a b.wav\nq\n"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+def test_generate_cli_error_table(case, workspace, hf_checkpoint, media_paths):
+    substitutions = {"ckpt": str(hf_checkpoint), "ws": str(workspace), **media_paths}
+    if case.stdin is not None:  # chat commands name workspace paths too
+        case = Case(**{**case.__dict__, "stdin": case.stdin.decode("utf-8", "surrogateescape")
+                       .format(**substitutions).encode("utf-8", "surrogateescape")})
+    check_case(case, workspace, substitutions)
