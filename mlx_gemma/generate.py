@@ -10,6 +10,7 @@ import argparse
 import shlex
 import signal
 import sys
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -452,6 +453,19 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
     run_cli(lambda: run(args))
+
+
+class _Module(types.ModuleType):
+    """Once this CLI module is imported, Python sets it as the package's `generate` attribute,
+    hiding the function `from mlx_gemma import generate` means: calling the module runs it."""
+
+    def __call__(self, *args, **kwargs):
+        from .generation import generate
+
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _Module
 
 
 if __name__ == "__main__":

@@ -541,3 +541,12 @@ def test_generate_cli_error_table(case, workspace, hf_checkpoint, media_paths):
         case = Case(**{**case.__dict__, "stdin": case.stdin.decode("utf-8", "surrogateescape")
                        .format(**substitutions).encode("utf-8", "surrogateescape")})
     check_case(case, workspace, substitutions)
+
+
+def test_generate_is_the_function_after_the_cli_module_is_imported(model, processor):
+    import mlx_gemma.generate  # noqa: F401  (what `python -m mlx_gemma.generate` and the CLI tests do)
+    from mlx_gemma import generate
+    from mlx_gemma.generation import generate as the_function
+
+    assert generate(model, processor, "hi", max_tokens=3, temp=0.0) == \
+        the_function(model, processor, "hi", max_tokens=3, temp=0.0)
