@@ -309,27 +309,28 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
         steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=logits_processors,
                               max_tokens=max_tokens, prefill_step_size=prefill_step_size, progress=progress,
                               soft_tokens=soft)
+        # One response per generated token (the caller can rebuild what the cache holds from
+        # them); the last one carries the finish reason.
         for n, (token, logprobs) in enumerate(steps, start=1):
             if n == 1:
                 prompt_time = time.perf_counter() - tic
                 tic = time.perf_counter()
-            if token in eos:
-                break
+            finish = "stop" if token in eos else "length" if n == max_tokens else None
             was_thinking = thoughts.thinking
-            if thoughts.marker(token):
+            if finish != "stop" and thoughts.marker(token):
+                # The text before a channel marker belongs to the channel the marker closes.
                 detokenizer.finalize()
                 text = thoughts.clean(detokenizer.last_segment)
                 detokenizer.reset()
-                if text:
-                    yield response(text, token, logprobs, n, thinking=was_thinking)
+                yield response(text, token, logprobs, n, finish, thinking=was_thinking)
                 continue
-            detokenizer.add_token(token)
-            if n == max_tokens:
-                break
-            yield response(thoughts.clean(detokenizer.last_segment), token, logprobs, n)
-        detokenizer.finalize()
-        finish = "stop" if token in eos else "length"
-        yield response(thoughts.clean(detokenizer.last_segment), token, logprobs, n, finish)
+            if finish != "stop":
+                detokenizer.add_token(token)
+            if finish:
+                detokenizer.finalize()
+            yield response(thoughts.clean(detokenizer.last_segment), token, logprobs, n, finish)
+            if finish:
+                return
 
 
 def generate(model, processor, prompt: Prompt, verbose: bool = False, **kwargs) -> str:

@@ -72,3 +72,32 @@ def test_generation_config_defaults_and_suppressed_tokens(tmp_path, model, proce
 
 def test_checkpoint_eos_ids_are_stop_tokens(processor):
     assert {1, 106} <= processor.eos_token_ids
+
+
+@pytest.mark.parametrize("max_tokens", [50, 3])
+def test_one_response_per_generated_token(model, processor, max_tokens):
+    """Channel markers and the stop token included, none twice (also when the budget ends on a
+    marker): ChatSession rebuilds what its cache holds from these tokens."""
+    script = [tok(processor, "<|channel>"), "thought\nhm", tok(processor, "<channel|>"), "yes", tok(processor, "<turn|>")]
+    sampler, ids = scripted(processor, script)
+    ids = ids[:max_tokens]
+    if max_tokens == 3:
+        ids[-1] = tok(processor, "<channel|>")
+        sampler, _ = scripted(processor, ids)
+    out = list(stream_generate(model, processor, "q", sampler=sampler, max_tokens=max_tokens))
+    assert [r.token for r in out] == ids
+    assert [r.generation_tokens for r in out] == list(range(1, len(ids) + 1))
+    assert [r.finish_reason for r in out] == [None] * (len(ids) - 1) + ["stop" if max_tokens == 50 else "length"]
+
+
+def test_chat_cache_ids_match_the_cache_in_thinking_mode(model, processor):
+    from mlx_gemma.generation import ChatSession
+
+    chat = ChatSession(model, processor, enable_thinking=True)
+    sampler, _ = scripted(processor, [tok(processor, "<|channel>"), "thought\nhm", tok(processor, "<channel|>"), "ok",
+                                      tok(processor, "<turn|>")])
+    list(chat.send("q", sampler=sampler, max_tokens=50))
+    assert len(chat.cached_ids) == chat.cache[0].offset
+    # What the cache holds is the prompt and the reply as generated, markers included.
+    tail = [tok(processor, "<channel|>"), *processor.encode("ok", add_special_tokens=False), tok(processor, "<turn|>")]
+    assert chat.cached_ids[-len(tail):] == tail
