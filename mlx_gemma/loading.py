@@ -44,6 +44,7 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     if not _REPO_ID.match(name):
         raise CheckpointError(f"{name}: neither a local directory nor a Hugging Face repo id (owner/name)")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
@@ -51,9 +52,16 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
         try:
             return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except Exception:
-            reason = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
-            raise CheckpointError(f"{name}: could not download it and it is not in the local "
-                                  f"Hugging Face cache ({reason})") from None
+            pass
+        if isinstance(online_error, GatedRepoError):
+            raise CheckpointError(f"{name}: the repo is gated: accept its licence at https://huggingface.co/{name} "
+                                  "and log in with `hf auth login` (or set HF_TOKEN)") from None
+        if isinstance(online_error, RepositoryNotFoundError):
+            raise CheckpointError(f"{name}: no such repo on the Hugging Face Hub, or a private one (log in with "
+                                  "`hf auth login`)") from None
+        reason = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
+        raise CheckpointError(f"{name}: could not download it and it is not in the local "
+                              f"Hugging Face cache ({reason})") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

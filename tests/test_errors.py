@@ -550,3 +550,33 @@ def test_generate_is_the_function_after_the_cli_module_is_imported(model, proces
 
     assert generate(model, processor, "hi", max_tokens=3, temp=0.0) == \
         the_function(model, processor, "hi", max_tokens=3, temp=0.0)
+
+
+@pytest.mark.parametrize("error, expect", [
+    ("GatedRepoError", r"google/gemma-4-12B-it: the repo is gated: accept its licence at "
+                       r"https://huggingface.co/google/gemma-4-12B-it and log in with `hf auth login`"),
+    ("RepositoryNotFoundError", r"google/gemma-4-12B-it: no such repo on the Hugging Face Hub, or a private one"),
+    ("LocalEntryNotFoundError", r"could not download it and it is not in the local Hugging Face cache \(offline\)"),
+])
+def test_hub_refusals_say_what_to_do(monkeypatch, tmp_path, error, expect):
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    from mlx_gemma import MlxGemmaError
+    from mlx_gemma.loading import resolve_model_path
+
+    def refuse(*args, **kwargs):
+        cls = getattr(huggingface_hub.errors, error)
+        if issubclass(cls, huggingface_hub.errors.HfHubHTTPError):
+            import importlib
+
+            from huggingface_hub.errors import Response  # whichever HTTP library this hub version uses
+
+            request = importlib.import_module(Response.__module__).Request("GET", "https://huggingface.co")
+            raise cls("refused", response=Response(401, request=request))
+        raise cls("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MlxGemmaError, match=expect):
+        resolve_model_path("google/gemma-4-12B-it")
