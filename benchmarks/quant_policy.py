@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from mlx_gemma.config import ModelConfig, parameter_count  # noqa: E402
 from mlx_gemma.loading import load_model  # noqa: E402
 from mlx_gemma.quantization import QuantSpec, quantized_size  # noqa: E402
-from mlx_gemma.quantize import quantize_checkpoint  # noqa: E402
+from mlx_gemma.checkpoint import quantize_checkpoint  # noqa: E402
 
 HUB_CONFIG = ROOT / "tests" / "data" / "gemma-4-12B-it.config.json"
 CANDIDATES = [  # (label, bits, group size, recipe): the recipes at the ecosystem's 4-bit gs64

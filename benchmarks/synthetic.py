@@ -19,10 +19,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma.config import ModelConfig
-from mlx_gemma.convert import write_checkpoint
+from mlx_gemma.checkpoint import write_checkpoint
 from mlx_gemma.model import Model
 from mlx_gemma.quantization import QuantSpec, plan, quantization_entry
-from mlx_gemma.quantize import cache_root
+from mlx_gemma.checkpoint import cache_root
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_CONFIG = ROOT / "tests" / "data" / "gemma-4-12B-it.config.json"

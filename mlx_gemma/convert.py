@@ -10,11 +10,8 @@ import sys
 from typing import Optional
 
 from .backend import DTYPES
-from .checkpoint import convert, quantize_checkpoint, write_checkpoint  # noqa: F401 (write_checkpoint: old import path)
 from .errors import ArgumentParser, run_cli
 from .quantization import add_quant_flags
-
-__all__ = ["convert", "main"]
 
 
 def build_parser() -> ArgumentParser:
@@ -22,7 +19,7 @@ def build_parser() -> ArgumentParser:
                        description="Convert a Gemma 4 unified Hugging Face checkpoint to MLX.")
     p.add_argument("--hf-path", required=True, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating weights (default: keep)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating weights to this dtype (default: keep them as stored)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize (as python -m mlx_gemma.quantize)")
     add_quant_flags(p)
     p.add_argument("--force", action="store_true",
@@ -34,6 +31,8 @@ def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
 
     def work():
+        from .checkpoint import convert, quantize_checkpoint  # after parsing: --help stays instant
+
         if not args.quantize:
             return convert(args.hf_path, args.mlx_path, dtype=args.dtype, force=args.force)
         return quantize_checkpoint(args.hf_path, args.mlx_path, args.bits, args.group_size, args.mode,

@@ -49,6 +49,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         if "(default" in (action.help or ""):
             return action.help
+        if action.required:
+            return f"{action.help} (required)"
         return super()._get_help_string(action)
 
 

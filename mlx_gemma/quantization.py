@@ -18,7 +18,6 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import InputError
-from .model import Model
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -71,10 +70,11 @@ def check_recipe(recipe: str) -> None:
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     """The quantization flags shared by `quantize` and `convert -q`."""
-    p.add_argument("--bits", type=int, choices=BITS, default=4)
+    p.add_argument("--bits", type=int, choices=BITS, default=4, help="bits per quantized weight")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
-                   help="default: 64 for affine, 32 for mxfp4 (the only size it has)")
-    p.add_argument("--mode", choices=MODES, default="affine")
+                   help="weights per scale (default: 64 for affine, 32 for mxfp4, the only size it has)")
+    p.add_argument("--mode", choices=MODES, default="affine", help="affine: a scale and a bias per group; "
+                   "mxfp4: 4-bit floats with a shared exponent per group")
     p.add_argument("--recipe", choices=RECIPES, default="default",
                    help="which tensors get how many bits (README: Quantization policy)")
 
@@ -213,6 +213,8 @@ def quantize(w: mx.array, spec: QuantSpec) -> dict[str, mx.array]:
 def quantized_size(config: ModelConfig, base: QuantSpec, recipe: str, float_bytes: int = 2) -> dict[str, float]:
     """Bytes of a model under a policy, from the config alone (no weights needed); what is not
     quantized, and the scales, stay in a floating dtype of `float_bytes` (bfloat16: 2)."""
+    from .model import Model  # imported here: the CLIs' --help reads this module's constants
+
     model = Model(config)  # lazy: nothing is allocated
     chosen = plan(model, base, recipe)
     total = quantized = 0.0

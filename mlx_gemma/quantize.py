@@ -10,11 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from .checkpoint import cache_root, quantize_checkpoint  # noqa: F401 (cache_root: old import path)
 from .errors import ArgumentParser, run_cli
 from .quantization import add_quant_flags
-
-__all__ = ["quantize_checkpoint", "main"]
 
 
 def build_parser() -> ArgumentParser:
@@ -30,8 +27,14 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
-    out = run_cli(lambda: quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.mode,
-                                              args.recipe, force=args.force), "interrupted: nothing was written")
+
+    def work():
+        from .checkpoint import quantize_checkpoint  # after parsing: --help stays instant
+
+        return quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.mode, args.recipe,
+                                   force=args.force)
+
+    out = run_cli(work, "interrupted: nothing was written")
     print(f"Wrote {out}", file=sys.stderr)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma.checkpoint import MARKER
-from mlx_gemma.convert import convert
+from mlx_gemma.checkpoint import convert
 from mlx_gemma.errors import CheckpointError, InputError
 from mlx_gemma.loading import load, load_weights
 

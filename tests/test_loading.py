@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma.convert import write_checkpoint
+from mlx_gemma.checkpoint import write_checkpoint
 from mlx_gemma.errors import CheckpointError, ConfigError
 from mlx_gemma.loading import load, load_model, load_weights
 

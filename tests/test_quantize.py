@@ -17,7 +17,7 @@ from mlx_gemma.config import hub_form
 from mlx_gemma.errors import CheckpointError, InputError
 from mlx_gemma.loading import load, load_weights
 from mlx_gemma.quantization import QuantSpec, quantize
-from mlx_gemma.quantize import quantize_checkpoint
+from mlx_gemma.checkpoint import quantize_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = mx.array([[2] + list(range(30, 80))])
