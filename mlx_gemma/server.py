@@ -302,7 +302,7 @@ def convert_messages(messages, policy: MediaPolicy, temp_files: list) -> list:
     """OpenAI chat messages -> the library's (media decoded; paths only as the policy allows)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: must be a non-empty list", param="messages")
-    out = []
+    out, call_names = [], {}
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}]: must be an object with 'role' and 'content'", param="messages")
@@ -337,10 +337,12 @@ def convert_messages(messages, policy: MediaPolicy, temp_files: list) -> list:
             if not isinstance(m["tool_calls"], list):
                 raise ApiError(400, f"messages[{i}].tool_calls: must be a list", param="messages")
             message["tool_calls"] = [_tool_call_for_template(c, i, j) for j, c in enumerate(m["tool_calls"])]
+            call_names.update((c["id"], c["function"]["name"]) for c in message["tool_calls"])
         if role == "tool":
-            for key in ("tool_call_id", "name"):
-                if isinstance(m.get(key), str):
-                    message[key] = m[key]
+            # Gemma 4 names the function in its response block; OpenAI gives only the call's id.
+            call_id = m.get("tool_call_id")
+            name = m.get("name") if isinstance(m.get("name"), str) else call_names.get(call_id)
+            message.update({k: v for k, v in (("tool_call_id", call_id), ("name", name)) if isinstance(v, str)})
         out.append(message)
     return out
 
@@ -515,7 +517,7 @@ class Engine:
                     raise Cancelled()
                 generated = r.generation_tokens
                 if r.text:
-                    job.emit("text", r.text, r.thinking)
+                    job.emit("text", r.text, r.thinking, generated)
                 if r.finish_reason:
                     finish = r.finish_reason
             consistent = True
@@ -719,6 +721,7 @@ def create_app(engine: Engine, args, served: str):
 
         async def pieces():
             """(kind, text) until the reply ends; then ('finish', reason, generated tokens)."""
+            generated = 0
             while True:
                 event = await next_event()
                 if event[0] == "error":
@@ -729,7 +732,7 @@ def create_app(engine: Engine, args, served: str):
                         yield ("content", tail)
                     yield ("finish", event[1], event[2])
                     return
-                _, text, thinking = event
+                _, text, thinking, generated = event
                 if thinking:
                     yield ("reasoning", text)
                     continue
@@ -738,7 +741,7 @@ def create_app(engine: Engine, args, served: str):
                     yield ("content", text)
                 if stops.stopped:
                     job.cancelled.set()  # the worker stops at its next step
-                    yield ("finish", "stop", None)
+                    yield ("finish", "stop", generated)
                     return
 
         if not params.stream:
@@ -753,13 +756,11 @@ def create_app(engine: Engine, args, served: str):
                 return JSONResponse({}, status_code=499)
             finally:
                 job.cancelled.set()
-            if generated is None:  # cut by a stop string: the worker's count is not needed
-                generated = len(engine.processor.encode("".join(content), add_special_tokens=False))
             usage["generated"] = generated
             text = "".join(content)
             if chat:
                 text, calls = _tool_calls(text) if tools else (text, [])
-                message: dict[str, Any] = {"role": "assistant", "content": text}
+                message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
                 if reasoning:
                     message["reasoning"] = "".join(reasoning)
                 if calls:
@@ -782,6 +783,9 @@ def create_app(engine: Engine, args, served: str):
                 return [{"index": 0, "delta": fields, "finish_reason": finish, "logprobs": None}]
             return [{"index": 0, "text": fields.get("content", ""), "finish_reason": finish, "logprobs": None}]
 
+        def indexed(calls: list, before: int) -> list:
+            return [dict(c, index=before + k) for k, c in enumerate(calls)]
+
         async def events():
             generated, held, calls_sent = 0, "", 0
             try:
@@ -789,38 +793,24 @@ def create_app(engine: Engine, args, served: str):
                     yield sse(delta({"role": "assistant", "content": ""}))
                 async for piece in pieces():
                     if piece[0] == "finish":
-                        finish = piece[1]
-                        generated = piece[2] if piece[2] is not None else generated
-                        if held:
-                            text, calls = _tool_calls(held)
-                            if text:
-                                yield sse(delta({"content": text}))
-                            if calls:
-                                yield sse(delta({"tool_calls": [dict(c, index=calls_sent + k)
-                                                                for k, c in enumerate(calls)]}))
-                                calls_sent += len(calls)
+                        finish, generated = piece[1], piece[2]
+                        if held:  # an unfinished call is text after all
+                            yield sse(delta({"content": held}))
                         if calls_sent:
                             finish = "tool_calls"
                         yield sse(delta({}, finish))
                         break
-                    generated += 1
                     if piece[0] == "reasoning":
                         yield sse(delta({"reasoning": piece[1]}))
                         continue
-                    text = piece[1]
+                    text, calls = piece[1], []
                     if tools:  # a call is sent whole, once its end marker has arrived
-                        held += text
-                        text, held = _split_calls(held)
-                        while True:
-                            done, calls, held = _complete_call(held)
-                            if not done:
-                                break
-                            if calls:
-                                yield sse(delta({"tool_calls": [dict(c, index=calls_sent + k)
-                                                                for k, c in enumerate(calls)]}))
-                                calls_sent += len(calls)
+                        text, calls, held = take_calls(held + text)
                     if text:
                         yield sse(delta({"content": text}))
+                    if calls:
+                        yield sse(delta({"tool_calls": indexed(calls, calls_sent)}))
+                        calls_sent += len(calls)
                 usage["generated"] = generated
                 if params.include_usage:
                     yield sse([], {"usage": usage_body(generated)})
@@ -915,28 +905,30 @@ def create_app(engine: Engine, args, served: str):
     return app
 
 
-def _split_calls(held: str) -> tuple[str, str]:
-    """(text that is surely not part of a tool call, what must wait for more tokens)."""
+def take_calls(held: str) -> tuple[str, list, str]:
+    """Streamed text so far -> (text to send now, whole tool calls, what must wait: a call
+    without its end marker yet, or a tail that may begin one)."""
     from mlx_lm.tool_parsers import gemma4
 
-    start = gemma4.tool_call_start
-    at = held.find(start)
-    if at >= 0:
-        return held[:at], held[at:]
-    keep = max((k for k in range(1, len(start)) if held.endswith(start[:k])), default=0)
-    return held[:len(held) - keep], held[len(held) - keep:]
-
-
-def _complete_call(held: str) -> tuple[bool, list, str]:
-    """A whole call at the front of `held`: (True, its tool_calls, what follows); else (False, [], held)."""
-    from mlx_lm.tool_parsers import gemma4
-
-    end = gemma4.tool_call_end
-    if not held.startswith(gemma4.tool_call_start) or end not in held:
-        return False, [], held
-    block, _, rest = held.partition(end)
-    text, calls = _tool_calls(block + end)
-    return True, calls, text + rest if not calls else rest
+    start, end = gemma4.tool_call_start, gemma4.tool_call_end
+    content, calls = [], []
+    while True:
+        at = held.find(start)
+        if at < 0:
+            keep = max((k for k in range(1, len(start)) if held.endswith(start[:k])), default=0)
+            content.append(held[:len(held) - keep])
+            held = held[len(held) - keep:]
+            break
+        content.append(held[:at])
+        held = held[at:]
+        close = held.find(end)
+        if close < 0:
+            break
+        block, held = held[:close + len(end)], held[close + len(end):]
+        text, found = _tool_calls(block)
+        content.append(text)
+        calls += found
+    return "".join(content), calls, held
 
 
 def default_cache_bytes(path: Path) -> int:

@@ -35,11 +35,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, log: Path, *flags):
+    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server")):
         self.port, self.log_path, self.model = free_port(), log, str(checkpoint)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_gemma.server", "--model", str(checkpoint), "--port", str(self.port),
+            [sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
              "--api-key", KEY, "--max-tokens", "16", "--max-body-bytes", str(MAX_BODY), *flags],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -464,3 +464,138 @@ def test_a_full_queue_answers_503_with_retry_after(hf_checkpoint, tmp_path):
         assert s.request("GET", "/health")[0] == 200
     finally:
         s.stop()
+
+
+# --- tool calling -------------------------------------------------------------------------------
+
+# A tool-capable template written to Gemma 4's format (spec 6.1; the real one ships with the
+# checkpoint): tools declared in the system turn, calls and their responses in the model turn.
+# ({{ '{' }} is a literal brace right before a Jinja tag, which would otherwise open one.)
+TOOL_TEMPLATE = (
+    "{%- macro render(content) -%}{% if content is string %}{{ content }}{% elif content %}"
+    "{% for item in content %}{% if item['type'] == 'image' %}<|image|>{% elif item['type'] == 'audio' %}<|audio|>"
+    "{% elif item['type'] == 'video' %}<|video|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{%- endmacro -%}"
+    "{{ bos_token }}"
+    "{% set has_system = messages[0]['role'] == 'system' %}"
+    "{% if has_system or tools or enable_thinking %}<|turn>system\n{% if enable_thinking %}<|think|>\n{% endif %}"
+    "{% if has_system %}{{ render(messages[0]['content']) }}{% endif %}"
+    "{% for tool in tools or [] %}{% set f = tool['function'] %}"
+    "<|tool>declaration:{{ f['name'] }}{description:<|\"|>{{ f.description | default('') }}<|\"|>,parameters:{properties:{{ '{' }}"
+    "{% for key, p in f['parameters']['properties'] | dictsort %}{{ key }}:{description:<|\"|>"
+    "{{ p.description | default('') }}<|\"|>,type:<|\"|>{{ p['type'] | upper }}<|\"|>}{% if not loop.last %},{% endif %}"
+    "{% endfor %}},required:[{% for r in f['parameters'].required | default([]) %}<|\"|>{{ r }}<|\"|>"
+    "{% if not loop.last %},{% endif %}{% endfor %}],type:<|\"|>OBJECT<|\"|>}}<tool|>{% endfor %}<turn|>\n{% endif %}"
+    "{% set ns = namespace(open=false) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% if ns.open %}<turn|>\n{% set ns.open = false %}{% endif %}"
+    "<|turn>user\n{{ render(message['content']) }}<turn|>\n"
+    "{% elif message['role'] == 'assistant' %}{% if not ns.open %}<|turn>model\n{% endif %}"
+    "{{ render(message['content']) }}"
+    "{% for call in message['tool_calls'] | default([]) %}<|tool_call>call:{{ call['function']['name'] }}{{ '{' }}"
+    "{% for k, v in call['function']['arguments'] | dictsort %}{{ k }}:{% if v is string %}<|\"|>{{ v }}<|\"|>"
+    "{% else %}{{ v | tojson }}{% endif %}{% if not loop.last %},{% endif %}{% endfor %}}<tool_call|>{% endfor %}"
+    "{% if message['tool_calls'] %}{% set ns.open = true %}{% else %}<turn|>\n{% set ns.open = false %}{% endif %}"
+    "{% elif message['role'] == 'tool' %}<|tool_response>response:{{ message['name'] }}{value:<|\"|>"
+    "{{ message['content'] }}<|\"|>}<tool_response|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and not ns.open %}<|turn>model\n{% endif %}"
+)
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "its name"}},
+                   "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "the time somewhere",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}, "hours": {"type": "integer"}}}}}]
+CALLS = ('<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+         '<|tool_call>call:get_time{hours:2,zone:<|"|>CET<|"|>}<tool_call|>')
+
+# The server with one test hook: while the last message is the user's and tools are given,
+# its sampler emits CALLS (token ids in argv[1]) and then the end of the turn, as a model
+# that decided to call two tools would. Everything else (template, parsing, HTTP) is the server's.
+FORCING_BOOT = """
+import sys
+import mlx.core as mx
+import mlx_gemma.generation as generation
+import mlx_gemma.server as server
+forced, state = [int(t) for t in sys.argv.pop(1).split(",")], {"force": False}
+real_sampling, real_run = generation.make_sampling, server.Engine._run
+def make_sampling(processor, **kwargs):
+    sampler, processors = real_sampling(processor, **kwargs)
+    if not state["force"]:
+        return sampler, processors
+    tokens = iter(forced)
+    return (lambda logprobs: mx.array([next(tokens, forced[-1])])), processors
+def run(self, job):
+    state["force"] = bool(job.tools) and job.messages[-1]["role"] == "user"
+    return real_run(self, job)
+generation.make_sampling, server.Engine._run = make_sampling, run
+server.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def tool_checkpoint(hf_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tools") / "tiny-with-tools"
+    d.mkdir()
+    for f in hf_checkpoint.iterdir():
+        if f.name not in ("chat_template.jinja", "config.json"):
+            (d / f.name).symlink_to(f)
+    (d / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+    # Declarations in byte tokens are long: a longer context (RoPE has no position table).
+    config = json.loads((hf_checkpoint / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 2048
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_checkpoint, processor, tmp_path_factory):
+    forced = processor.encode(CALLS, add_special_tokens=False)
+    assert processor.decode(forced) == CALLS
+    forced.append(next(iter(processor.eos_token_ids)))
+    s = Server(tool_checkpoint, tmp_path_factory.mktemp("tool-server") / "log",
+               boot=["-c", FORCING_BOOT, ",".join(map(str, forced))])
+    yield s
+    s.stop()
+
+
+def test_tool_calls_parsed_streamed_and_fed_back(tool_server, tool_checkpoint):
+    from mlx_gemma import load
+
+    model, tools_processor = load(tool_checkpoint)
+    client = tool_server.client()
+    ask = [{"role": "system", "content": "use tools"}, user("weather and time in Paris?")]
+    r = client.chat.completions.create(model=tool_server.model, messages=ask, tools=TOOLS, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {"hours": 2, "zone": "CET"})]
+    assert r.usage.prompt_tokens == len(tools_processor.chat_inputs(ask, tools=TOOLS).ids)
+    assert r.usage.prompt_tokens > len(tools_processor.chat_inputs(ask).ids)  # the declarations are in
+
+    stream = list(client.chat.completions.create(model=tool_server.model, messages=ask, tools=TOOLS, max_tokens=200,
+                                                 stream=True))
+    deltas = [d for c in stream for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(0, *calls[0]), (1, *calls[1])]
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == ""
+    assert stream[-1].choices[0].finish_reason == "tool_calls"
+
+    back = ask + [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
+                  {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "sunny"},
+                  {"role": "tool", "tool_call_id": choice.message.tool_calls[1].id, "content": "14:00"}]
+    reply = client.chat.completions.create(model=tool_server.model, messages=back, tools=TOOLS, temperature=0,
+                                           max_tokens=8)
+    library = ask + [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
+        {"role": "tool", "name": "get_weather", "content": "sunny"},
+        {"role": "tool", "name": "get_time", "content": "14:00"}]
+    inputs = tools_processor.chat_inputs(library, tools=TOOLS)
+    rendered = tools_processor.decode(inputs.ids)
+    assert rendered.endswith(CALLS + '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>'
+                             '<|tool_response>response:get_time{value:<|"|>14:00<|"|>}<tool_response|>')
+    assert reply.usage.prompt_tokens == len(inputs.ids)
+    assert reply.choices[0].message.content == generate(model, tools_processor, inputs, temp=0.0, max_tokens=8)
