@@ -463,6 +463,7 @@ class Engine:
         from .prompt_cache import prompt_key
 
         inputs = self._inputs(job)
+        remove_files(job.temp_files)  # decoded: an uploaded video is not kept while it is answered
         ids, p = inputs.ids, job.params
         if len(ids) >= self.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {self.context}",

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -384,20 +385,40 @@ def test_hostile_requests_get_a_4xx_with_one_line(server):
     assert server.proc.poll() is None
 
 
-def test_local_media_only_with_the_flag(hf_checkpoint, tmp_path, model, processor):
+def test_local_and_remote_media_and_video_with_the_flags(hf_checkpoint, tmp_path, model, processor):
+    import http.server
+    from functools import partial
+
     (tmp_path / "a.png").write_bytes(png_bytes())
-    s = Server(hf_checkpoint, tmp_path / "log", "--allow-local-media")
+    video = mf.write_video(tmp_path / "v.mp4", seconds=2.0, audio=False)
+    from_disk = reference(model, processor, [{"role": "user", "content": [
+        {"type": "image", "image": str(tmp_path / "a.png")}]}], 6)
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler,
+                                                                       directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    s = Server(hf_checkpoint, tmp_path / "log", "--allow-local-media", "--allow-remote-media")
     try:
-        status, body, _ = s.request("POST", CHAT, {"messages": image_message(str(tmp_path / "a.png")),
-                                                   "temperature": 0, "max_tokens": 6})
+        for url in (str(tmp_path / "a.png"), f"http://127.0.0.1:{files.server_address[1]}/a.png"):
+            status, body, _ = s.request("POST", CHAT, {"messages": image_message(url), "temperature": 0,
+                                                       "max_tokens": 6})
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == from_disk
+        for url, pattern in ((str(tmp_path / "none.png"), "no such file"),
+                             (f"http://127.0.0.1:{files.server_address[1]}/none.png", "cannot fetch .*404")):
+            status, body, _ = s.request("POST", CHAT, {"messages": image_message(url)})
+            assert status == 400 and re.search(pattern, body["error"]["message"]), body
+
+        status, body, _ = s.request("POST", CHAT, {"temperature": 0, "max_tokens": 6, "messages": [
+            {"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(video.read_bytes(),
+                                                                                             "video/mp4")}},
+                                         {"type": "text", "text": "what happens"}]}]})
         assert status == 200, body
-        expected = reference(model, processor, [{"role": "user", "content": [
-            {"type": "image", "image": str(tmp_path / "a.png")}]}], 6)
-        assert body["choices"][0]["message"]["content"] == expected
-        status, body, _ = s.request("POST", CHAT, {"messages": image_message(str(tmp_path / "none.png"))})
-        assert status == 400 and "no such file" in body["error"]["message"]
+        assert body["choices"][0]["message"]["content"] == reference(model, processor, [{"role": "user", "content": [
+            {"type": "video", "video": str(video)}, {"type": "text", "text": "what happens"}]}], 6)
+        assert not list(Path(tempfile.gettempdir()).glob("mlx-gemma-video-*"))  # the upload is gone
     finally:
         s.stop()
+        files.shutdown()
 
 
 # --- load and faults ----------------------------------------------------------------------------
