@@ -30,6 +30,7 @@ DEFAULT_MODEL = "google/gemma-4-12B-it"
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BODY = 64 * 2**20
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000
+MAX_TOP_LOGPROBS = 20
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 log = logging.getLogger("mlx_gemma.server")
 
@@ -84,8 +85,7 @@ def api_error(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, MlxGemmaError):
-        code = "context_length_exceeded" if "context" in str(e) and "tokens" in str(e) else None
-        return ApiError(400, _one_line(e), code=code)
+        return ApiError(400, _one_line(e))
     log.exception("internal error")
     return ApiError(500, f"internal error ({type(e).__name__})", type="server_error")
 
@@ -96,8 +96,8 @@ def _typed(body: dict, name: str, types, what: str, default=None):
     value = body.get(name, default)
     if value is None:
         return default
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
-                                                                                    else (types,))):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):  # True is an int
         raise ApiError(400, f"{name}: must be {what}, got {type(value).__name__}", param=name)
     return value
 
@@ -124,6 +124,7 @@ class Params:
     stop: list
     stream: bool
     include_usage: bool
+    top_logprobs: Optional[int] = None  # None: no logprobs; else alternatives per token
 
 
 def check_common(body: dict, allowed: set, served: str) -> Params:
@@ -140,8 +141,6 @@ def check_common(body: dict, allowed: set, served: str) -> Params:
     for name in ("presence_penalty", "frequency_penalty"):
         if _typed(body, name, (int, float), "a number", 0) != 0:
             raise ApiError(400, f"{name}: not supported (only 0)", param=name)
-    if _typed(body, "logprobs", (bool, int), "a boolean", False):
-        raise ApiError(400, "logprobs: not supported by this server", param="logprobs")
     _typed(body, "user", str, "a string")
     max_tokens = _positive(body, "max_tokens")
     if "max_completion_tokens" in body:
@@ -512,13 +511,17 @@ class Engine:
                                  cache=cache, max_tokens=max_tokens, sampler=recording_sampler,
                                  logits_processors=processors, progress=progress)
         finish, generated, consistent = "length", 0, False
+        markers = self.processor.eos_token_ids | {self.processor.thought_start_id, self.processor.thought_end_id}
         try:
             for r in pieces:
                 if job.cancelled.is_set():
                     raise Cancelled()
                 generated = r.generation_tokens
-                if r.text:
-                    job.emit("text", r.text, r.thinking, generated)
+                entry = None
+                if p.top_logprobs is not None and not r.thinking and r.token not in markers:
+                    entry = self._logprob_entry(r.token, r.logprobs, p.top_logprobs)
+                if r.text or entry:
+                    job.emit("text", r.text, r.thinking, generated, entry)
                 if r.finish_reason:
                     finish = r.finish_reason
             consistent = True
@@ -532,6 +535,19 @@ class Engine:
                 tokens = [int(t.item()) for t in sampled[:max(held - len(ids), 0)]]
                 self.prompt_cache.insert((key + tokens)[:held], cache)
         job.emit("done", finish, generated)
+
+    def _logprob_entry(self, token: int, logprobs, top: int) -> dict:
+        """OpenAI's per-token logprobs (after the checkpoint's suppressed tokens are masked)."""
+        import mlx.core as mx
+
+        def one(t: int, lp: float) -> dict:
+            text = self.processor.decode([t])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        entry = one(token, logprobs[token].item())
+        best = mx.argsort(-logprobs)[:top].tolist() if top else []
+        entry["top_logprobs"] = [one(t, logprobs[t].item()) for t in best]
+        return entry
 
     def _last_turn_start(self, ids: list) -> int:
         """Where the last user turn begins: the next-to-last `<|turn>` (the last opens the reply)."""
@@ -733,7 +749,9 @@ def create_app(engine: Engine, args, served: str):
                         yield ("content", tail)
                     yield ("finish", event[1], event[2])
                     return
-                _, text, thinking, generated = event
+                _, text, thinking, generated, entry = event
+                if entry is not None:
+                    yield ("logprob", entry)
                 if thinking:
                     yield ("reasoning", text)
                     continue
@@ -746,13 +764,13 @@ def create_app(engine: Engine, args, served: str):
                     return
 
         if not params.stream:
-            content, reasoning, finish, generated = [], [], "stop", 0
+            content, reasoning, entries, finish, generated = [], [], [], "stop", 0
             try:
                 async for piece in pieces():
                     if piece[0] == "finish":
                         finish, generated = piece[1], piece[2]
                     else:
-                        (content if piece[0] == "content" else reasoning).append(piece[1])
+                        {"content": content, "reasoning": reasoning, "logprob": entries}[piece[0]].append(piece[1])
             except Cancelled:
                 return JSONResponse({}, status_code=499)
             finally:
@@ -766,7 +784,8 @@ def create_app(engine: Engine, args, served: str):
                     message["reasoning"] = "".join(reasoning)
                 if calls:
                     message["tool_calls"], finish = calls, "tool_calls"
-                choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+                logprobs = {"content": entries} if params.top_logprobs is not None else None
+                choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": served,
@@ -779,9 +798,13 @@ def create_app(engine: Engine, args, served: str):
                      "choices": choices, **(extra or {})}
             return f"data: {json.dumps(chunk)}\n\n"
 
+        pending: list = []  # logprobs ride with the next chunk
+
         def delta(fields: dict, finish=None) -> list:
             if chat:
-                return [{"index": 0, "delta": fields, "finish_reason": finish, "logprobs": None}]
+                logprobs = {"content": pending[:]} if pending else None
+                pending.clear()
+                return [{"index": 0, "delta": fields, "finish_reason": finish, "logprobs": logprobs}]
             return [{"index": 0, "text": fields.get("content", ""), "finish_reason": finish, "logprobs": None}]
 
         def indexed(calls: list, before: int) -> list:
@@ -801,6 +824,9 @@ def create_app(engine: Engine, args, served: str):
                             finish = "tool_calls"
                         yield sse(delta({}, finish))
                         break
+                    if piece[0] == "logprob":
+                        pending.append(piece[1])
+                        continue
                     if piece[0] == "reasoning":
                         yield sse(delta({"reasoning": piece[1]}))
                         continue
@@ -845,8 +871,13 @@ def create_app(engine: Engine, args, served: str):
             if budget not in media.BUDGETS:
                 raise ApiError(400, f"image_budget: must be one of {', '.join(map(str, media.BUDGETS))}",
                                param="image_budget")
-        if _typed(body, "top_logprobs", int, "a whole number"):
-            raise ApiError(400, "top_logprobs: not supported by this server", param="top_logprobs")
+        top = _typed(body, "top_logprobs", int, "a whole number")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs: must be from 0 to {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs")
+        if _typed(body, "logprobs", bool, "a boolean", False):
+            params.top_logprobs = top or 0
+        elif top:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         fmt = _typed(body, "response_format", dict, "an object")
         if fmt is not None and fmt.get("type") != "text":
             raise ApiError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
@@ -872,6 +903,9 @@ def create_app(engine: Engine, args, served: str):
         params = check_common(body, COMPLETION_FIELDS, served)
         if _typed(body, "echo", bool, "a boolean", False):
             raise ApiError(400, "echo: not supported by this server", param="echo")
+        if _typed(body, "logprobs", (bool, int), "a number", False):
+            raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)",
+                           param="logprobs")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt: must be a non-empty string", param="prompt")

@@ -235,6 +235,27 @@ def test_thinking_goes_to_reasoning_never_content(server, model, processor):
     assert body["usage"]["prompt_tokens"] == len(processor.chat_ids(messages, enable_thinking=True))
 
 
+def test_logprobs_equal_the_library(server, model, processor):
+    from mlx_gemma.generation import stream_generate
+
+    messages = [user("tell me")]
+    pieces = list(stream_generate(model, processor, messages, temp=0.0, max_tokens=8))
+    expected = [(processor.decode([p.token]), p.logprobs[p.token].item()) for p in pieces
+                if p.token not in processor.eos_token_ids]
+    client = server.client()
+    r = client.chat.completions.create(model=server.model, messages=messages, temperature=0, max_tokens=8,
+                                       logprobs=True, top_logprobs=3)
+    got = r.choices[0].logprobs.content
+    assert [e.token for e in got] == [t for t, _ in expected]
+    assert [e.logprob for e in got] == pytest.approx([lp for _, lp in expected], abs=1e-4)
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in got)  # greedy
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob for e in got)
+    stream = client.chat.completions.create(model=server.model, messages=messages, temperature=0, max_tokens=8,
+                                            logprobs=True, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.top_logprobs) for e in streamed] == [(t, []) for t, _ in expected]
+
+
 # --- prefix cache -------------------------------------------------------------------------------
 
 def chat(server, messages, max_tokens=12):
@@ -331,7 +352,8 @@ HOSTILE = [  # id, path, body (dict or bytes), extra headers, status, message re
     ("top-p-over-1", CHAT, {"messages": HELLO, "top_p": 2}, {}, 400, r"^top_p 2: must be", None),
     ("n-3", CHAT, {"messages": HELLO, "n": 3}, {}, 400, r"n: only n = 1 is supported", None),
     ("unknown-field", CHAT, {"messages": HELLO, "foo": 1}, {}, 400, r"foo: not a supported parameter", None),
-    ("logprobs", CHAT, {"messages": HELLO, "logprobs": True}, {}, 400, r"logprobs: not supported", None),
+    ("top-logprobs", CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 50}, {}, 400,
+     r"top_logprobs: must be from 0 to 20", None),
     ("stream-not-bool", CHAT, {"messages": HELLO, "stream": "yes"}, {}, 400, r"stream: must be a boolean", None),
     ("unknown-model", CHAT, {"messages": HELLO, "model": "gpt-4"}, {}, 404, r"'gpt-4' is not served here; this "
      r"server serves '.+'", "model_not_found"),
@@ -620,3 +642,4 @@ def test_tool_calls_parsed_streamed_and_fed_back(tool_server, tool_checkpoint):
                              '<|tool_response>response:get_time{value:<|"|>14:00<|"|>}<tool_response|>')
     assert reply.usage.prompt_tokens == len(inputs.ids)
     assert reply.choices[0].message.content == generate(model, tools_processor, inputs, temp=0.0, max_tokens=8)
+
