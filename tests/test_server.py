@@ -643,3 +643,39 @@ def test_tool_calls_parsed_streamed_and_fed_back(tool_server, tool_checkpoint):
     assert reply.usage.prompt_tokens == len(inputs.ids)
     assert reply.choices[0].message.content == generate(model, tools_processor, inputs, temp=0.0, max_tokens=8)
 
+
+# --- the README's server examples ----------------------------------------------------------------
+
+def readme_server_blocks() -> dict:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Server\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return {lang: [m.group(1) for m in re.finditer(rf"^```{lang}\n(.*?)^```", section, re.S | re.M)]
+            for lang in ("sh", "py")}
+
+
+def test_readme_server_examples_run(server, tmp_path):
+    from mlx_gemma.server import build_parser
+
+    blocks = readme_server_blocks()
+    start, curl = blocks["sh"]
+    command = start.split("#")[0].split()
+    assert command[:3] == ["python", "-m", "mlx_gemma.server"]
+    build_parser().parse_args(command[3:])  # the flags it shows exist
+
+    def local(text: str) -> str:
+        return text.replace("http://127.0.0.1:8080", server.url).replace("secret", KEY) \
+            .replace("google/gemma-4-12B-it", server.model)
+
+    done = subprocess.run(local(curl), shell=True, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
+
+    (tmp_path / "cat.png").write_bytes(png_bytes())
+    (script,) = blocks["py"]
+    done = subprocess.run([sys.executable, "-c", local(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) >= 2 and lines[-1].split()[0] in ("stop", "length", "tool_calls"), done.stdout
