@@ -180,8 +180,11 @@ def check_common(body: dict, allowed: set, served: str) -> Params:
 # --- content parts -> the library's message items -----------------------------------------------
 
 class MediaPolicy:
-    def __init__(self, allow_local: bool, allow_remote: bool, max_bytes: int):
-        self.allow_local, self.allow_remote, self.max_bytes = allow_local, allow_remote, max_bytes
+    """Where media may come from (the server's flags), and how large or long they may be."""
+
+    def __init__(self, allow_local: bool, allow_remote: bool, allow_long: bool, max_bytes: int):
+        self.allow_local, self.allow_remote, self.allow_long = allow_local, allow_remote, allow_long
+        self.max_bytes = max_bytes
 
     def fetch(self, url: str, what: str) -> tuple[Optional[bytes], Optional[str]]:
         """(bytes, media type) of a data or http(s) URL, or (None, path) of a local file."""
@@ -626,7 +629,7 @@ def _tool_calls(text: str) -> tuple[str, list]:
 
 
 class Guard:
-    """Outermost ASGI layer: the API key, errors in OpenAI's shape for anything that escapes,
+    """The ASGI layer around the routes: the API key, errors in OpenAI's shape for anything that escapes,
     and one log line per request when its response has been sent (a stream at its end)."""
 
     def __init__(self, app, api_key: Optional[str]):
@@ -674,8 +677,7 @@ def create_app(engine: Engine, args, served: str):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="mlx-gemma", docs_url=None, redoc_url=None, openapi_url=None)
-    policy = MediaPolicy(args.allow_local_media, args.allow_remote_media, args.max_body_bytes)
-    policy.allow_long = args.allow_long_media
+    policy = MediaPolicy(args.allow_local_media, args.allow_remote_media, args.allow_long_media, args.max_body_bytes)
 
     def error_response(e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
