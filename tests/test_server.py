@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlx.core as mx
 import openai
 import pytest
 
@@ -216,23 +217,6 @@ def test_image_budget_extension_changes_the_prompt(server, processor):
         assert status == 200, body
         sizes.append(body["usage"]["prompt_tokens"])
     assert sizes[1] - sizes[0] > 100
-
-
-def test_thinking_goes_to_reasoning_never_content(server, model, processor):
-    from mlx_gemma.generation import stream_generate
-
-    messages = [user("think about it")]
-    pieces = list(stream_generate(model, processor, messages, enable_thinking=True, temp=0.0, max_tokens=16))
-    answer = "".join(p.text for p in pieces if not p.thinking)
-    thought = "".join(p.text for p in pieces if p.thinking)
-    status, body, _ = server.request("POST", "/v1/chat/completions", {
-        "messages": messages, "temperature": 0, "max_tokens": 16,
-        "chat_template_kwargs": {"enable_thinking": True}})
-    assert status == 200, body
-    message = body["choices"][0]["message"]
-    assert message["content"] == answer
-    assert message.get("reasoning", "") == thought
-    assert body["usage"]["prompt_tokens"] == len(processor.chat_ids(messages, enable_thinking=True))
 
 
 def test_logprobs_equal_the_library(server, model, processor):
@@ -563,28 +547,39 @@ TOOLS = [{"type": "function", "function": {
 CALLS = ('<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
          '<|tool_call>call:get_time{hours:2,zone:<|"|>CET<|"|>}<tool_call|>')
 
-# The server with one test hook: while the last message is the user's and tools are given,
-# its sampler emits CALLS (token ids in argv[1]) and then the end of the turn, as a model
-# that decided to call two tools would. Everything else (template, parsing, HTTP) is the server's.
+# The server with one test hook, its sampler forced to emit given token ids (argv[1], JSON) and
+# then the end of the turn: "tools" while tools are given and the user spoke last (as a model
+# that decided to call two tools would), "thinking" when thinking is on. Everything else
+# (template, parsing, the thought split, HTTP) is the server's.
 FORCING_BOOT = """
-import sys
+import json, sys
 import mlx.core as mx
 import mlx_gemma.generation as generation
 import mlx_gemma.server as server
-forced, state = [int(t) for t in sys.argv.pop(1).split(",")], {"force": False}
+forced, state = json.loads(sys.argv.pop(1)), {"force": None}
 real_sampling, real_run = generation.make_sampling, server.Engine._run
 def make_sampling(processor, **kwargs):
     sampler, processors = real_sampling(processor, **kwargs)
-    if not state["force"]:
+    if state["force"] is None:
         return sampler, processors
-    tokens = iter(forced)
-    return (lambda logprobs: mx.array([next(tokens, forced[-1])])), processors
+    tokens, last = iter(state["force"]), state["force"][-1]
+    return (lambda logprobs: mx.array([next(tokens, last)])), processors
 def run(self, job):
-    state["force"] = bool(job.tools) and job.messages[-1]["role"] == "user"
+    user_last = job.messages is not None and job.messages[-1]["role"] == "user"
+    state["force"] = forced["tools"] if job.tools and user_last else forced["thinking"] if job.enable_thinking else None
     return real_run(self, job)
 generation.make_sampling, server.Engine._run = make_sampling, run
 server.main()
 """
+
+
+def forced_ids(processor) -> dict:
+    eos = next(iter(processor.eos_token_ids))
+    calls = processor.encode(CALLS, add_special_tokens=False)
+    assert processor.decode(calls) == CALLS
+    thought = [processor.thought_start_id, *processor.encode("thought\nthe plan", add_special_tokens=False),
+               processor.thought_end_id, *processor.encode("the answer", add_special_tokens=False)]
+    return {"tools": calls + [eos], "thinking": thought + [eos]}
 
 
 @pytest.fixture(scope="module")
@@ -603,23 +598,42 @@ def tool_checkpoint(hf_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tool_server(tool_checkpoint, processor, tmp_path_factory):
-    forced = processor.encode(CALLS, add_special_tokens=False)
-    assert processor.decode(forced) == CALLS
-    forced.append(next(iter(processor.eos_token_ids)))
-    s = Server(tool_checkpoint, tmp_path_factory.mktemp("tool-server") / "log",
-               boot=["-c", FORCING_BOOT, ",".join(map(str, forced))])
+def forced_server(tool_checkpoint, processor, tmp_path_factory):
+    s = Server(tool_checkpoint, tmp_path_factory.mktemp("forced-server") / "log",
+               boot=["-c", FORCING_BOOT, json.dumps(forced_ids(processor))])
     yield s
     s.stop()
 
 
-def test_tool_calls_parsed_streamed_and_fed_back(tool_server, tool_checkpoint):
+def test_thoughts_go_to_reasoning_never_content(forced_server, model, processor):
+    from mlx_gemma.generation import stream_generate
+
+    forced = forced_ids(processor)["thinking"]
+    ids = iter(forced)  # the step after the end is queued too: it samples the end again
+    pieces = list(stream_generate(model, processor, [user("plan it")], enable_thinking=True, max_tokens=32,
+                                  sampler=lambda logprobs: mx.array([next(ids, forced[-1])]), logits_processors=[]))
+    thought = "".join(p.text for p in pieces if p.thinking)
+    answer = "".join(p.text for p in pieces if not p.thinking)
+    assert thought and answer
+    body = {"messages": [user("plan it")], "max_tokens": 32, "chat_template_kwargs": {"enable_thinking": True}}
+    status, reply, _ = forced_server.request("POST", CHAT, body)
+    assert status == 200, reply
+    assert (reply["choices"][0]["message"]["reasoning"], reply["choices"][0]["message"]["content"]) == \
+        (thought, answer)
+    status, events, _ = forced_server.request("POST", CHAT, dict(body, stream=True))
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in events.splitlines()
+              if line.startswith("data: {") and '"choices": [{' in line]
+    assert "".join(d.get("reasoning", "") for d in deltas) == thought
+    assert "".join(d.get("content") or "" for d in deltas) == answer
+
+
+def test_tool_calls_parsed_streamed_and_fed_back(forced_server, tool_checkpoint):
     from mlx_gemma import load
 
     model, tools_processor = load(tool_checkpoint)
-    client = tool_server.client()
+    client = forced_server.client()
     ask = [{"role": "system", "content": "use tools"}, user("weather and time in Paris?")]
-    r = client.chat.completions.create(model=tool_server.model, messages=ask, tools=TOOLS, max_tokens=200)
+    r = client.chat.completions.create(model=forced_server.model, messages=ask, tools=TOOLS, max_tokens=200)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and not choice.message.content
     calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
@@ -627,7 +641,7 @@ def test_tool_calls_parsed_streamed_and_fed_back(tool_server, tool_checkpoint):
     assert r.usage.prompt_tokens == len(tools_processor.chat_inputs(ask, tools=TOOLS).ids)
     assert r.usage.prompt_tokens > len(tools_processor.chat_inputs(ask).ids)  # the declarations are in
 
-    stream = list(client.chat.completions.create(model=tool_server.model, messages=ask, tools=TOOLS, max_tokens=200,
+    stream = list(client.chat.completions.create(model=forced_server.model, messages=ask, tools=TOOLS, max_tokens=200,
                                                  stream=True))
     deltas = [d for c in stream for d in (c.choices[0].delta.tool_calls or [])]
     assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
@@ -638,7 +652,7 @@ def test_tool_calls_parsed_streamed_and_fed_back(tool_server, tool_checkpoint):
     back = ask + [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
                   {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "sunny"},
                   {"role": "tool", "tool_call_id": choice.message.tool_calls[1].id, "content": "14:00"}]
-    reply = client.chat.completions.create(model=tool_server.model, messages=back, tools=TOOLS, temperature=0,
+    reply = client.chat.completions.create(model=forced_server.model, messages=back, tools=TOOLS, temperature=0,
                                            max_tokens=8)
     library = ask + [{"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
