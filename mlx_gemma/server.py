@@ -968,6 +968,22 @@ def take_calls(held: str) -> tuple[str, list, str]:
     return "".join(content), calls, held
 
 
+def check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise InputError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
+
+
 def default_cache_bytes(path: Path) -> int:
     from .memory import memory_budget, weight_bytes
 
@@ -975,18 +991,21 @@ def default_cache_bytes(path: Path) -> int:
 
 
 def serve(args) -> None:
-    import uvicorn
-
-    from .loading import load, resolve_model_path
-
+    # Flags first, before the seconds of importing MLX and the minutes of loading.
     for name in ("max_tokens", "queue_size", "max_body_bytes"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}")
+    if args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 0:
+        raise InputError(f"--prompt-cache-bytes: must be 0 (off) or more, got {args.prompt_cache_bytes}")
     if args.kv_bits not in (None, 4, 8):
         raise InputError(f"--kv-bits: must be 4 or 8, got {args.kv_bits}")
     if not 0 < args.port < 65536:
         raise InputError(f"--port: must be from 1 to 65535, got {args.port}")
+    check_port(args.host, args.port)
+    import uvicorn
+
     from .generation import check_sampling
+    from .loading import load, resolve_model_path
 
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p)
     path = resolve_model_path(args.model)

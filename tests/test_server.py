@@ -427,6 +427,23 @@ def test_local_and_remote_media_and_video_with_the_flags(hf_checkpoint, tmp_path
         files.shutdown()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/nonexistent/model"], r"/nonexistent/model: neither a local directory nor"),
+    (["--port", "0"], r"--port: must be from 1 to 65535, got 0"),
+    (["--kv-bits", "3"], r"--kv-bits: must be 4 or 8, got 3"),
+    (["--prompt-cache-bytes", "-1"], r"--prompt-cache-bytes: must be 0 \(off\) or more, got -1"),
+    (["--temp", "-1"], r"--temp -1.0: must be a number >= 0"),
+    (["--port", "{busy}"], r"--port \d+: cannot listen on 127.0.0.1 \(Address already in use\)"),
+], ids=["no-model", "port-0", "kv-bits", "cache-bytes", "temp", "port-in-use"])
+def test_bad_flags_are_one_line_errors_before_loading(server, hf_checkpoint, flags, message):
+    flags = [f.replace("{busy}", str(server.port)) for f in flags]
+    model = [] if "--model" in flags else ["--model", str(hf_checkpoint)]
+    done = subprocess.run([sys.executable, "-m", "mlx_gemma.server", *model, *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "", done
+    assert re.fullmatch(rf"error: {message}.*\n", done.stderr), done.stderr
+
+
 # --- load and faults ----------------------------------------------------------------------------
 
 def stream_text(server, messages, max_tokens) -> str:
