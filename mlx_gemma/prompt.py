@@ -255,10 +255,12 @@ class Processor:
         return inputs.ids
 
     def chat_inputs(self, messages: list[dict], add_generation_prompt: bool = True,
-                    enable_thinking: bool = False, options: Optional[MediaOptions] = None) -> PromptInputs:
+                    enable_thinking: bool = False, options: Optional[MediaOptions] = None,
+                    tools: Optional[list] = None) -> PromptInputs:
         """A conversation whose content lists may hold images, audio and video, in any order:
         `{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio":
-        path | (samples, rate)}`, `{"type": "video", "video": path}`, `{"type": "text", ...}`."""
+        path | (samples, rate)}`, `{"type": "video", "video": path}`, `{"type": "text", ...}`.
+        `tools` (OpenAI function schemas) go to the template, which declares them."""
         if not self.has_chat_template:
             raise CheckpointError("tokenizer: the checkpoint has no chat template (use --no-chat-template)")
         check_messages(messages)
@@ -267,7 +269,8 @@ class Processor:
         loaded, images, videos, audio = self._load_media(messages, options)
         try:
             text = self.tokenizer.apply_chat_template(loaded, add_generation_prompt=add_generation_prompt,
-                                                      enable_thinking=enable_thinking, tokenize=False)
+                                                      enable_thinking=enable_thinking, tokenize=False,
+                                                      **({"tools": tools} if tools else {}))
         except Exception as e:  # the template's own raise_exception(), or a jinja error
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"prompt: the chat template cannot render this conversation ({first})") from None
