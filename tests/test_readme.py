@@ -5,7 +5,8 @@ checkpoint in the Hub's layout, and the media files the examples name are writte
 folder the examples run in. ```bash blocks run line by line (setup steps - venv, pip, the test
 command itself - are skipped); ```python blocks run each as its own script. Blocks without a
 language are sample output and are not run. The one change made to a command: the speed suite
-runs its quick profile (the full one is for a Mac).
+runs its quick profile (the full one is for a Mac) and writes beside the examples, not over the
+repository's results.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 RUNNABLE = ("python -m mlx_gemma.", "python -m benchmarks.", "python convert.py", "python quantize.py")
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
 SHELL_TOOLS = ("cat ", "head", "echo ")
-SUBSTITUTIONS = {"python -m benchmarks.run ": "python -m benchmarks.run --quick --repeats 1 "}
+SUBSTITUTIONS = {"python -m benchmarks.run ": "python -m benchmarks.run --quick --repeats 1 --out bench-results "}
 
 
 def blocks(language: str) -> list[tuple[int, str]]:
@@ -94,6 +95,7 @@ def test_readme_bash_block_runs(readme_env, start, body):
     being this interpreter."""
     work, env = readme_env
     env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    results = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()}
     for where, command in commands(body, start):
         for old, new in SUBSTITUTIONS.items():
             command = command.replace(old, new)
@@ -101,6 +103,7 @@ def test_readme_bash_block_runs(readme_env, start, body):
         done = run(command, work, env, shell=True)
         assert done.returncode == 0, f"{where}: {command}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr and "error:" not in done.stderr, f"{where}: {done.stderr[-3000:]}"
+    assert {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == results
 
 
 @pytest.mark.parametrize("where, code", [(f"README.md:{n}", b) for n, b in blocks("python")],
@@ -116,7 +119,8 @@ def test_readme_python_runs(readme_env, tmp_path, where, code):
 def test_every_example_block_is_run_or_sample_output():
     text = (REPO / "README.md").read_text()
     languages = re.findall(r"^```(\w*)\n.*?^```", text, re.S | re.M)
-    assert set(languages) <= {"bash", "python", "", "text"}, languages
+    # sh / py: the server section's examples, run by tests/test_server.py against a live server
+    assert set(languages) <= {"bash", "python", "sh", "py", ""}, languages
     assert sum(len(commands(body, start)) for start, body in blocks("bash")) >= 10 and blocks("python")
 
 
