@@ -16,10 +16,10 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -119,15 +119,22 @@ def check_destination(dst: Path, force: bool) -> Path:
 
 
 @contextmanager
-def _signals_held():
-    """Hold Ctrl-C, SIGTERM and SIGHUP (they are delivered on exit) so that the final renames
-    and the cleanup are never cut half-way."""
-    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+def _signals_deferred(pending: list):
+    """Ctrl-C, SIGTERM and SIGHUP are recorded in `pending` instead of raised, so that the final
+    renames and the cleanup are never cut half-way. (Not a thread signal mask: MLX's own threads
+    would still take the signal, and Python would raise it here all the same.)"""
+    def defer(signum, frame):
+        pending.append(signum)
+
+    try:
+        previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread: signals are not ours to take here
+        previous = {}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _umask_mode() -> int:
@@ -157,8 +164,11 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
     target = check_destination(dst, force)
     limit = max_shard_bytes or MAX_SHARD_BYTES
     tmp = old = None
+    pending: list = []  # signals that came while the output was being put in place
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        # Named before it is made: a signal can then never leave a folder that `tmp` does not name.
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        tmp.mkdir(mode=0o700)
         files: list[list[str]] = []
         shard: dict[str, mx.array] = {}
         bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
@@ -199,7 +209,7 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
         (tmp / MARKER).write_text(json.dumps({"written_by": "mlx-gemma", "files": written}, indent=2))
         tmp.chmod(_umask_mode())
         check_destination(dst, force)
-        with _signals_held():
+        with _signals_deferred(pending):
             if target.exists():  # an empty folder, or (with force) an output of ours
                 old = target.parent / (tmp.name.removesuffix(".tmp") + ".old")
                 target.rename(old)
@@ -210,7 +220,7 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
     finally:
         # Every way out: the temporary output goes; the previous output is deleted once the
         # new one is in place, or put back if the new one never got there.
-        with _signals_held():
+        with _signals_deferred(pending):
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             if old is not None:
@@ -218,6 +228,10 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     old.rename(target)
+        if pending and tmp is not None:  # the work did not finish: the signal stops the program now
+            signal.raise_signal(pending[0])
+    # A signal that came once the new output was in place is not acted on: the work is complete
+    # (and "interrupted: nothing was written" would be untrue).
     return dst
 
 

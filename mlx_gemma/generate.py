@@ -194,21 +194,19 @@ def kv_options(args):
 
 
 def run(args) -> None:
-    from .backend import activation_dtype
     from .config import ModelConfig
-    from .generation import check_context, check_sampling, print_stats, prompt_to_inputs, stream_generate
+    from .generation import (check_context, check_count, check_sampling, print_stats, prompt_to_inputs,
+                             stream_generate)
     from .checkpoint import pull_estimate, quantized_copy
     from .loading import load_model, resolve_model_path
     from .memory import (KVOptions, activation_dtype_bytes, human, longest_context, make_plan, memory_budget,
-                         prefill_chunk, refusal, weight_bytes)
+                         prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
     from .prompt import MediaOptions, Processor
 
-    if args.max_tokens <= 0:
-        raise InputError(f"--max-tokens: must be a positive number, got {args.max_tokens}")
-    if args.prefill_step_size <= 0:
-        raise InputError(f"--prefill-step-size: must be a positive number, got {args.prefill_step_size}")
-    if args.max_kv_size is not None and args.max_kv_size <= 0:
-        raise InputError(f"--max-kv-size: must be a positive number, got {args.max_kv_size}")
+    check_count("--max-tokens", args.max_tokens)
+    check_count("--prefill-step-size", args.prefill_step_size)
+    if args.max_kv_size is not None:
+        check_count("--max-kv-size", args.max_kv_size)
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     media_options = MediaOptions(args.image_budget, args.video_budget, args.fps, args.video_frames,
                                  args.video_audio, args.allow_long_media)
@@ -238,15 +236,11 @@ def run(args) -> None:
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
 
-    def dtype_bytes_of(path, config) -> int:
-        dtype = activation_dtype(bool(config.quantization), args.dtype)
-        return dtype.size if dtype is not None else activation_dtype_bytes(path)
-
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
         return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,
                                args.prefill_step_size, most)
 
-    dtype_bytes = dtype_bytes_of(path, config)
+    dtype_bytes = run_dtype_bytes(path, config, args.dtype)
     kv = kv_options(args)
     if args.chat and args.max_kv_size is None:
         context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
@@ -255,11 +249,11 @@ def run(args) -> None:
         # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
         # 4-bit copy, made only if the config says it will fit; if not, the refusal below is about it.
         q_config, q_bytes = pull_estimate(config, activation_dtype_bytes(path))
-        if make_plan(q_config, q_bytes, context, budget, kv, dtype_bytes_of(path, q_config),
+        if make_plan(q_config, q_bytes, context, budget, kv, run_dtype_bytes(path, q_config, args.dtype),
                      args.prefill_step_size).fits:
             path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
             q_config, q_bytes = ModelConfig.from_file(path / "config.json"), weight_bytes(path)
-        config, dtype_bytes = q_config, dtype_bytes_of(path, q_config)
+        config, dtype_bytes = q_config, run_dtype_bytes(path, q_config, args.dtype)
         plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size)
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context

@@ -104,6 +104,8 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs[0]
 
+    if not callable(prefill_step_size):
+        check_count("--prefill-step-size", prefill_step_size)
     chunk_size = prefill_step_size if callable(prefill_step_size) else (lambda _: prefill_step_size)
     total, done = prompt.size, 0
     while total - done > 1:
@@ -141,13 +143,15 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
 
 def _number(name: str, value, low: float, high: float, integer: bool = False, what: str = "") -> None:
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value) == int(value)
-    if not ok or not math.isfinite(value) or not low <= value <= high:
+    ok = ok and low <= value <= high and (high < math.inf or value < 2**63)  # NaN fails the comparison
+    if ok and integer:
+        ok = value == int(value)
+    if not ok:
         kind = "a whole number" if integer else "a number"
         span = f">= {low:g}" if high == math.inf else f"from {low:g} to {high:.0f}" if integer else \
             f"from {low:g} to {high:g}"
-        raise InputError(f"{name} {value!r}: must be {kind} {span}{what}")
+        shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:20] + "..."
+        raise InputError(f"{name} {shown}: must be {kind} {span}{what}")
 
 
 def check_sampling(temp=None, top_p=None, top_k=None, min_p=None, seed=None) -> None:
@@ -177,10 +181,12 @@ def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
     """mlx-lm's sampler and logits processors; unset values come from generation_config.json."""
     check_sampling(temp, top_p, top_k, min_p)
     d = processor.defaults
+    top_k = int(d.top_k if top_k is None else top_k)
     sampler = make_sampler(temp=d.temperature if temp is None else temp,
                            top_p=d.top_p if top_p is None else top_p,
                            min_p=d.min_p if min_p is None else min_p,
-                           top_k=int(d.top_k if top_k is None else top_k))
+                           # keeping the whole vocabulary is no top-k (mlx-lm refuses k >= vocabulary)
+                           top_k=0 if top_k >= processor.config.text_config.vocab_size else top_k)
     bias = {t: -float("inf") for t in d.suppress_tokens}
     return sampler, make_logits_processors(logit_bias=bias or None)
 
@@ -221,8 +227,13 @@ def check_context(limit: int, n_tokens: int, max_tokens: int, media_tokens: int 
         of_which = f" ({media_tokens} of them for media)" if media_tokens else ""
         raise ContextError(f"prompt: needs {n_tokens} tokens{of_which}, more than the model's context "
                            f"of {limit} tokens", n_tokens, limit)
-    if max_tokens <= 0:
-        raise InputError(f"--max-tokens: must be a positive number, got {max_tokens}")
+    check_count("--max-tokens", max_tokens)
+
+
+def check_count(flag: str, value) -> None:
+    """A whole number of tokens, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InputError(f"{flag}: must be a positive number, got {value!r}")
 
 
 class _ThoughtFilter:
@@ -280,6 +291,7 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
     check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens,
                   sum(counts.values()))
     if max_kv_size is not None:
+        check_count("--max-kv-size", max_kv_size)
         if len(ids) + held >= max_kv_size:
             raise ContextError(f"--max-kv-size {max_kv_size}: smaller than the prompt ({len(ids) + held} tokens)",
                                len(ids) + held, max_kv_size)

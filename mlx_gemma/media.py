@@ -31,6 +31,10 @@ FRAME_SAMPLES = 640  # 40 ms per audio soft token
 AUDIO_LIMIT_S = 30.0  # 750 tokens: what the model was trained on
 VIDEO_LIMIT_S = 60.0
 VIDEO_FPS = 1.0  # the model card's contract: 1 frame per second
+# FFmpeg demuxers of single-file video containers; not those (concat, hls, image2, ...) that read
+# other files a video names.
+VIDEO_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpeg", "mpegts", "ogg", "flv", "asf",
+                    "gif", "h264", "hevc", "m4v", "mjpeg"}
 UNKNOWN_VIDEO_FPS = 24.0  # what transformers assumes when a file does not say
 # soxr's "very high quality" (flat to 0.91 of Nyquist, > 170 dB stop band): 30 s of audio
 # resamples in milliseconds, so nothing is gained by a cheaper setting.
@@ -278,6 +282,23 @@ def _read_audio_av(source) -> tuple:
         return None, None
 
 
+def read_sound(file, name, allow_long: bool = False) -> tuple[np.ndarray, int]:
+    """(samples [n, channels] float32, rate) of a sound file soundfile reads (a path or a file
+    object). Over the limit is refused before decoding it all: a few kilobytes of FLAC can hold
+    hours of silence, gigabytes once decoded."""
+    import soundfile
+
+    with soundfile.SoundFile(file) as f:
+        rate = f.samplerate
+        limit = None if allow_long else int(AUDIO_LIMIT_S * rate) + 1
+        if limit and f.frames > limit:
+            _check_length(name, f.frames / rate, AUDIO_LIMIT_S, "audio", allow_long)
+        samples = f.read(frames=limit or -1, dtype="float32", always_2d=True)
+    if limit and len(samples) >= limit:  # a header that does not say (or understates) the length
+        _check_length(name, len(samples) / rate, AUDIO_LIMIT_S, "audio", allow_long)
+    return samples, rate
+
+
 def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
     """A sound file soundfile reads (WAV, FLAC, OGG, MP3, ...; others, such as AAC in .m4a, through
     PyAV) or (samples, rate) -> 16 kHz mono
@@ -299,7 +320,7 @@ def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
         if not Path(source).is_file():
             raise InputError(f"{name}: no such file")
         try:
-            samples, rate = soundfile.read(str(source), dtype="float32", always_2d=True)
+            samples, rate = read_sound(str(source), name, allow_long)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
             # What libsndfile cannot open (AAC in .m4a / .mp4, ...) FFmpeg may: through PyAV.
             samples, rate = _read_audio_av(source)
@@ -352,6 +373,9 @@ def load_video(source: Union[str, Path], budget: int = DEFAULT_VIDEO_BUDGET, fps
         raise InputError(f"{source}: no such file")
     try:
         with av.open(str(source)) as container:
+            if container.format.name not in VIDEO_CONTAINERS:  # playlists and lists name other files
+                raise InputError(f"{source}: a {container.format.name!r} file is not a video container "
+                                 "mlx-gemma reads (MP4/MOV, MKV/WebM, AVI, MPEG, OGG, FLV, ASF, GIF)")
             if not container.streams.video:
                 raise InputError(f"{source}: the file has no video stream")
             stream = container.streams.video[0]

@@ -70,6 +70,15 @@ def activation_dtype_bytes(path: Path) -> int:
     return max(sizes, default=2)
 
 
+def run_dtype_bytes(path: Path, config: ModelConfig, requested: str = "auto") -> int:
+    """Bytes per activation of a run: the dtype `requested` picks (backend.activation_dtype), or
+    the checkpoint's own when it runs as stored."""
+    from .backend import activation_dtype
+
+    dtype = activation_dtype(bool(config.quantization), requested)
+    return dtype.size if dtype is not None else activation_dtype_bytes(path)
+
+
 # --- the planner -----------------------------------------------------------------------------
 
 GB = 1e9

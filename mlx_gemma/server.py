@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -32,6 +33,7 @@ DEFAULT_MAX_BODY = 64 * 2**20
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000
 MAX_TOP_LOGPROBS = 20
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 log = logging.getLogger("mlx_gemma.server")
 
 
@@ -53,6 +55,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--kv-bits", type=int, default=None, help="quantize the global layers' KV cache (4 or 8)")
+    p.add_argument("--memory-limit", default=None, help="memory budget, e.g. 10GB (decimal) or 10GiB (default: "
+                   "Metal's recommended working set on a Mac, physical memory elsewhere); the served context "
+                   "is the longest the plan fits in it")
     p.add_argument("--allow-local-media", action="store_true",
                    help="let clients name files on this machine as media (off: only data URLs)")
     p.add_argument("--allow-remote-media", action="store_true",
@@ -237,16 +242,14 @@ def _image_item(part: dict, policy: MediaPolicy) -> dict:
         return {"type": "image", "image": path}
     if not raw:
         raise ApiError(400, "image_url: the image is empty (0 bytes)", param="messages")
-    try:
-        image = Image.open(io.BytesIO(raw))
+    try:  # the formats a browser shows: no Pillow plug-in that runs other programs (EPS) on a client's bytes
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Exception:
         raise ApiError(400, "image_url: not an image Pillow can read", param="messages") from None
     return {"type": "image", "image": media.open_image(image)}
 
 
 def _audio_item(part: dict, policy: MediaPolicy) -> dict:
-    import soundfile
-
     from . import media
 
     spec = part.get("input_audio")
@@ -263,7 +266,9 @@ def _audio_item(part: dict, policy: MediaPolicy) -> dict:
     if not raw:
         raise ApiError(400, "input_audio: the audio is empty (0 bytes)", param="messages")
     try:
-        samples, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+        samples, rate = media.read_sound(io.BytesIO(raw), "input_audio", policy.allow_long)
+    except MlxGemmaError:
+        raise
     except Exception as e:
         raise ApiError(400, f"input_audio: cannot decode the {spec['format']} data ({_one_line(e)[:200]})",
                        param="messages") from None
@@ -277,9 +282,12 @@ def _video_item(part: dict, policy: MediaPolicy, temp_files: list) -> dict:
     if raw is not None:
         if not raw:
             raise ApiError(400, "video_url: the video is empty (0 bytes)", param="messages")
-        fd, path = tempfile.mkstemp(prefix="mlx-gemma-video-", suffix=".mp4")
-        temp_files.append(path)
-        with os.fdopen(fd, "wb") as f:
+        # In a folder of its own: a container that names other files (an ffconcat list, say) finds
+        # nothing of the host's beside it.
+        folder = tempfile.mkdtemp(prefix="mlx-gemma-video-")
+        temp_files.append(folder)
+        path = os.path.join(folder, "upload.mp4")
+        with open(path, "wb") as f:
             f.write(raw)
     return {"type": "video", "video": path}
 
@@ -296,6 +304,8 @@ def _tool_call_for_template(call, i: int, j: int) -> dict:
         except json.JSONDecodeError:
             raise ApiError(400, f"messages[{i}].tool_calls[{j}]: arguments are not valid JSON",
                            param="messages") from None
+    if call.get("id") is not None and not isinstance(call.get("id"), str):
+        raise ApiError(400, f"messages[{i}].tool_calls[{j}].id: must be a string", param="messages")
     # Templates read the arguments as a mapping (OpenAI sends a JSON string).
     return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
@@ -343,6 +353,8 @@ def convert_messages(messages, policy: MediaPolicy, temp_files: list) -> list:
         if role == "tool":
             # Gemma 4 names the function in its response block; OpenAI gives only the call's id.
             call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise ApiError(400, f"messages[{i}].tool_call_id: must be a string", param="messages")
             name = m.get("name") if isinstance(m.get("name"), str) else call_names.get(call_id)
             message.update({k: v for k, v in (("tool_call_id", call_id), ("name", name)) if isinstance(v, str)})
         out.append(message)
@@ -397,10 +409,10 @@ class Engine:
     The model is loaded on the worker thread too: MLX streams are per thread, and no other
     thread ever touches the model."""
 
-    def __init__(self, load, args, prompt_cache_bytes: int):
+    def __init__(self, load, args, prompt_cache_bytes: int, context: int):
         from .prompt_cache import PromptCache
 
-        self.args = args
+        self.args, self.context = args, context  # prompt + reply tokens a request may use
         self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.queue: queue.Queue = queue.Queue(maxsize=args.queue_size)
         self.busy = False
@@ -412,9 +424,6 @@ class Engine:
             raise error
         self.turn_id = self.processor.tokenizer.get_vocab().get("<|turn>")
 
-    @property
-    def context(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
 
     def submit(self, job: Job) -> None:
         try:
@@ -468,11 +477,11 @@ class Engine:
         remove_files(job.temp_files)  # decoded: an uploaded video is not kept while it is answered
         ids, p = inputs.ids, job.params
         if len(ids) >= self.context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {self.context}",
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the served context is {self.context}",
                            param="messages", code="context_length_exceeded")
         if p.max_tokens is not None and len(ids) + p.max_tokens > self.context:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({p.max_tokens}) is over the "
-                                f"model's context of {self.context} tokens", param="max_tokens",
+                                f"served context of {self.context} tokens", param="max_tokens",
                            code="context_length_exceeded")
         max_tokens = p.max_tokens or min(self.args.max_tokens, self.context - len(ids))
         sampling = {"temp": self.args.temp, "top_p": self.args.top_p, "top_k": self.args.top_k,
@@ -571,11 +580,9 @@ def _head(inputs, n: int, config):
 
 
 def remove_files(paths: list) -> None:
+    """The upload folders of a request (each holds one decoded medium)."""
     for path in paths:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- the HTTP app -------------------------------------------------------------------------------
@@ -698,14 +705,18 @@ def create_app(engine: Engine, args, served: str):
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, too deep, too many digits
             raise ApiError(400, f"the body is not valid JSON ({_one_line(e)[:200]})") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
         return body
 
     async def run(request: Request, job: Job, params: Params, chat: bool):
-        engine.submit(job)
+        try:
+            engine.submit(job)
+        except ApiError:  # a full queue: the job's uploads go now, nobody else will remove them
+            remove_files(job.temp_files)
+            raise
         usage = request.state.usage
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -984,10 +995,23 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
 
 
-def default_cache_bytes(path: Path) -> int:
-    from .memory import memory_budget, weight_bytes
+def plan_server(path: Path, args) -> tuple[int, int]:
+    """(prefix-cache bytes, context) within the memory budget: by default a quarter of what the
+    weights leave goes to the prefix cache; a request may use the longest context whose plan
+    fits in the rest (the model's maximum where memory allows)."""
+    from .config import ModelConfig
+    from .memory import KVOptions, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes, weight_bytes
 
-    return max(0, (memory_budget() - weight_bytes(path)) // 4)
+    config = ModelConfig.from_file(path / "config.json")
+    budget, weights, kv = memory_budget(args.memory_limit), weight_bytes(path), KVOptions(bits=args.kv_bits)
+    cache_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else max(0, (budget - weights) // 4)
+    dtype_bytes = run_dtype_bytes(path, config)
+    context = longest_context(config, weights, budget - cache_bytes, kv, dtype_bytes)
+    if context == 0:
+        plan = make_plan(config, weights, 1, budget - cache_bytes, kv, dtype_bytes)
+        raise InputError(f"{path}: {refusal(plan, config, kv, dtype_bytes)} (the prefix cache holds "
+                         f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
+    return cache_bytes, context
 
 
 def serve(args) -> None:
@@ -1009,11 +1033,12 @@ def serve(args) -> None:
 
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p)
     path = resolve_model_path(args.model)
-    cache_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else default_cache_bytes(path)
-    engine = Engine(lambda: load(path), args, cache_bytes)
+    cache_bytes, context = plan_server(path, args)
+    engine = Engine(lambda: load(path), args, cache_bytes, context)
     app = create_app(engine, args, args.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    log.info("serving %s on http://%s:%d (prefix cache %d bytes)", args.model, args.host, args.port, cache_bytes)
+    log.info("serving %s on http://%s:%d (context %d tokens, prefix cache %d bytes)", args.model, args.host,
+             args.port, context, cache_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

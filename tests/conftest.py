@@ -21,6 +21,18 @@ def record_parity(name: str, value: float) -> None:
     PARITY[name] = max(value, PARITY.get(name, 0.0))
 
 
+def pytest_sessionfinish(session):
+    # Under pytest-xdist each worker measures its share; the controller prints them all.
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity"] = dict(PARITY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for name, value in getattr(node, "workeroutput", {}).get("parity", {}).items():
+        record_parity(name, value)
+
+
 def pytest_terminal_summary(terminalreporter):
     if PARITY:
         terminalreporter.section("measured errors (parity with transformers: max relative error)")

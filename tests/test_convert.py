@@ -197,3 +197,24 @@ def test_a_signal_leaves_nothing(big_source, tmp_path, module, sig):
     assert lines[0].startswith("interrupted: nothing was written") and len(lines) == 1, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sentinel.txt"]
     assert (tmp_path / "sentinel.txt").read_text() == "the user's file"
+
+
+def test_ctrl_c_while_the_output_is_swapped_in_waits_for_the_swap(hf_checkpoint, tmp_path, monkeypatch):
+    """A signal between moving the old output aside and renaming the new one in must not leave
+    the old one under its hidden name (MLX's threads can take a signal a thread mask blocks)."""
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    convert(str(hf_checkpoint), str(out))
+    real = Path.rename
+
+    def rename(self, target):
+        if self == out:  # the old output is being moved aside: Ctrl-C now
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    convert(str(hf_checkpoint), str(out), force=True)  # complete: the signal is not acted on after it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()

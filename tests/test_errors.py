@@ -240,7 +240,15 @@ API_CASES = [
     ("min-p-5", dict(min_p=5.0), r"--min-p 5.0: must be a number from 0 to 1"),
     ("top-p-2", dict(top_p=2.0), r"--top-p 2.0: must be a number from 0 to 1"),
     ("top-k-fraction", dict(top_k=2.5), r"--top-k 2.5: must be a whole number"),
+    ("top-k-infinite", dict(top_k=float("inf")), r"--top-k inf: must be a whole number"),
+    ("top-k-huge", dict(top_k=10**400), r"--top-k 10000000000000000000\.\.\.: must be a whole number"),
+    ("temp-nan", dict(temp=float("nan")), r"--temp nan: must be a number >= 0"),
     ("max-tokens-0", dict(max_tokens=0), r"--max-tokens: must be a positive number, got 0"),
+    ("max-tokens-text", dict(max_tokens="8"), r"--max-tokens: must be a positive number, got '8'"),
+    ("max-tokens-fraction", dict(max_tokens=2.5), r"--max-tokens: must be a positive number, got 2.5"),
+    ("prefill-step-0", dict(prefill_step_size=0), r"--prefill-step-size: must be a positive number, got 0"),
+    ("prefill-step-negative", dict(prefill_step_size=-5), r"--prefill-step-size: must be a positive number"),
+    ("max-kv-size-text", dict(max_kv_size="big"), r"--max-kv-size: must be a positive number, got 'big'"),
     ("max-kv-size-below-prompt", dict(max_kv_size=2), r"--max-kv-size 2: smaller than the prompt"),
     ("image-missing", dict(image=["/nonexistent/a.png"]), r"/nonexistent/a.png: no such file"),
     ("image-wrong-type", dict(image=[123]), r"image: a int is not an image"),
@@ -259,6 +267,20 @@ API_CASES = [
     ("media-item-without-source", dict(prompt=[{"role": "user", "content": [{"type": "image"}]}]),
      r"a image item without its 'image'"),
 ]
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(model, processor):
+    """mlx-lm's top-k refuses k >= vocabulary (and its failure used to break sampling for the rest
+    of the process); keeping the whole vocabulary is the same as no top-k."""
+    import mlx.core as mx
+
+    from mlx_gemma.generation import generate
+
+    results = []
+    for top_k in (model.config.text_config.vocab_size * 4, 0):
+        mx.random.seed(7)
+        results.append(generate(model, processor, "hi", max_tokens=4, temp=1.0, top_k=top_k))
+    assert results[0] == results[1]
 
 
 @pytest.mark.parametrize("name, kwargs, expect", API_CASES, ids=[c[0] for c in API_CASES])

@@ -248,3 +248,32 @@ def test_long_audio_with_opt_in_is_complete_and_warns(processor, tmp_path, capfd
                                  options=MediaOptions(allow_long=True))
     assert ours.token_counts()["audio"] == 1000
     assert "beyond the 30 s the model was trained on" in capfd.readouterr().err
+
+
+def test_a_video_that_names_other_files_is_refused(tmp_path):
+    """An ffconcat list (FFmpeg probes it whatever the file is called) would read the files it
+    names: a server's client could reach the host's files through a 'video'."""
+    import soundfile
+
+    soundfile.write(str(tmp_path / "secret.wav"), np.zeros(1600, np.float32) + 0.1, 16000)
+    listing = tmp_path / "upload.mp4"
+    listing.write_text("ffconcat version 1.0\nfile secret.wav\n")
+    with pytest.raises(InputError, match=r"upload.mp4: a 'concat' file is not a video container"):
+        media.load_video(listing)
+
+
+def test_long_audio_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    import io
+
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, np.zeros(16000 * 40, np.float32), 16000, format="FLAC")  # 40 s in a few KB
+    decoded = []
+    real_read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda self, *a, **k: decoded.append(k) or real_read(self, *a, **k))
+    with pytest.raises(InputError, match=r"clip: 40.0 s of audio, over the model's 30 s limit"):
+        media.read_sound(io.BytesIO(buf.getvalue()), "clip")
+    assert decoded == []  # the header said 40 s: nothing was decoded
+    samples, rate = media.read_sound(io.BytesIO(buf.getvalue()), "clip", allow_long=True)
+    assert (len(samples), rate) == (16000 * 40, 16000)

@@ -4,9 +4,10 @@
 checkpoint in the Hub's layout, and the media files the examples name are written into the
 folder the examples run in. ```bash blocks run line by line (setup steps - venv, pip, the test
 command itself - are skipped); ```python blocks run each as its own script. Blocks without a
-language are sample output and are not run. The one change made to a command: the speed suite
-runs its quick profile (the full one is for a Mac) and writes beside the examples, not over the
-repository's results.
+language are sample output and are not run. Changes made to the commands (SUBSTITUTIONS): the
+speed suite runs its quick profile (the full one is for a Mac) and writes beside the examples,
+not over the repository's results; `generate` replies are at most 16 tokens unless the command
+sets --max-tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 RUNNABLE = ("python -m mlx_gemma.", "python -m benchmarks.", "python convert.py", "python quantize.py")
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
 SHELL_TOOLS = ("cat ", "head", "echo ")
-SUBSTITUTIONS = {"python -m benchmarks.run ": "python -m benchmarks.run --quick --repeats 1 --out bench-results "}
+SUBSTITUTIONS = {"python -m benchmarks.run ": "python -m benchmarks.run --quick --repeats 1 --out bench-results ",
+                 # a reply that says nothing new after a few tokens on random weights; a command's own
+                 # --max-tokens comes later and wins
+                 "python -m mlx_gemma.generate ": "python -m mlx_gemma.generate --max-tokens 16 "}
 
 
 def blocks(language: str) -> list[tuple[int, str]]:

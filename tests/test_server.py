@@ -360,9 +360,20 @@ HOSTILE = [  # id, path, body (dict or bytes), extra headers, status, message re
     ("garbage-audio", CHAT, {"messages": audio_message(base64.b64encode(b"RIFF0000WAVEjunk").decode())}, {}, 400,
      r"input_audio: cannot decode", None),
     ("audio-format", CHAT, {"messages": audio_message("AAAA", "aac")}, {}, 400, r"format 'aac' is not one of", None),
-    ("over-context", CHAT, {"messages": HELLO, "max_tokens": 600}, {}, 400, r"over the model's context of 512",
+    ("json-nested-too-deep", CHAT, b"[" * 100_000, {}, 400, r"the body is not valid JSON", None),
+    ("json-integer-too-long", CHAT, b'{"max_tokens": ' + b"1" * 5000 + b"}", {}, 400, r"the body is not valid JSON",
+     None),
+    ("top-k-infinite", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_k": Infinity}', {}, 400,
+     r"^top_k inf: must be a whole number", None),
+    ("tool-call-id-a-list", CHAT, {"messages": [user("hi"), {"role": "assistant", "content": "", "tool_calls": [
+        {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, {}, 400,
+     r"tool_calls\[0\]\.id: must be a string", None),
+    ("tool-call-id-of-a-result-a-dict", CHAT, {"messages": [user("hi"), {"role": "tool", "content": "1",
+                                                                       "tool_call_id": {"a": 1}}]}, {}, 400,
+     r"tool_call_id: must be a string", None),
+    ("over-context", CHAT, {"messages": HELLO, "max_tokens": 600}, {}, 400, r"over the served context of 512",
      "context_length_exceeded"),
-    ("prompt-over-context", CHAT, {"messages": [user("a " * 600)]}, {}, 400, r"the model's context is 512",
+    ("prompt-over-context", CHAT, {"messages": [user("a " * 600)]}, {}, 400, r"the served context is 512",
      "context_length_exceeded"),
     ("image-budget", CHAT, {"messages": HELLO, "image_budget": 123}, {}, 400, r"image_budget: must be one of", None),
     ("template-kwargs", CHAT, {"messages": HELLO, "chat_template_kwargs": {"x": 1}}, {}, 400,
@@ -718,3 +729,24 @@ def test_readme_server_examples_run(server, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) >= 2 and lines[-1].split()[0] in ("stop", "length", "tool_calls"), done.stdout
+
+
+def test_served_context_is_what_the_memory_plan_fits(hf_checkpoint):
+    from mlx_gemma import MlxGemmaError
+    from mlx_gemma.config import ModelConfig
+    from mlx_gemma.memory import KVOptions, make_plan, run_dtype_bytes, weight_bytes
+    from mlx_gemma.server import build_parser, plan_server
+
+    config = ModelConfig.from_file(hf_checkpoint / "config.json")
+    weights, dtype_bytes = weight_bytes(hf_checkpoint), run_dtype_bytes(hf_checkpoint, config)
+    roomy = plan_server(hf_checkpoint, build_parser().parse_args(["--prompt-cache-bytes", "0"]))
+    assert roomy == (0, config.text_config.max_position_embeddings)
+    # A budget that holds the weights and a little KV: the context stops where the plan stops fitting.
+    budget = make_plan(config, weights, 100, 0, KVOptions(), dtype_bytes).total
+    args = build_parser().parse_args(["--prompt-cache-bytes", "1000", "--memory-limit", f"{budget + 1000}B"])
+    cache_bytes, context = plan_server(hf_checkpoint, args)
+    assert cache_bytes == 1000 and 100 <= context < config.text_config.max_position_embeddings
+    assert make_plan(config, weights, context, budget, KVOptions(), dtype_bytes).fits
+    assert not make_plan(config, weights, context + 1, budget, KVOptions(), dtype_bytes).fits
+    with pytest.raises(MlxGemmaError, match="the weights alone need"):
+        plan_server(hf_checkpoint, build_parser().parse_args(["--memory-limit", "1MB", "--prompt-cache-bytes", "0"]))
