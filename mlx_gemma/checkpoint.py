@@ -294,12 +294,13 @@ def cache_root() -> Path:
 
 def cache_name(model: str, path: Path) -> str:
     """The cache folder of `path`'s 4-bit copy: keyed by what the checkpoint is (its real path,
-    config.json and the names, sizes and times of its weight files; in a Hub snapshot the path
-    carries the revision), not by the text that reached it, behind a readable prefix."""
+    config.json and the names, sizes and times of its weight files and of the tokenizer, template
+    and generation files the copy carries; in a Hub snapshot the path carries the revision), not
+    by the text that reached it, behind a readable prefix."""
     real = path.resolve()
     h = hashlib.sha256(str(real).encode() + b"\0" + (real / "config.json").read_bytes())
     for f in sorted(real.iterdir()):
-        if f.suffix == ".safetensors" or f.name == WEIGHT_INDEX:
+        if f.is_file() and (f.suffix == ".safetensors" or f.suffix in SIDE_FILE_SUFFIXES):
             st = f.stat()
             h.update(f"\0{f.name} {st.st_size} {st.st_mtime_ns}".encode())
     readable = real.name if Path(model).expanduser().is_dir() else model.strip("/")

@@ -176,11 +176,17 @@ def test_group_size_that_does_not_divide_names_the_layer(hf_checkpoint, tmp_path
 
 
 @pytest.mark.parametrize("where, error", [
-    ("tempfile.mkdtemp", OSError(30, "Read-only file system")),
+    ("pathlib.Path.mkdir", OSError(30, "Read-only file system")),  # making the temporary folder
     ("mlx.core.save_safetensors", OSError(28, "No space left on device")),
 ], ids=["read-only", "disk-full"])
 def test_unwritable_destination_is_a_clear_error(quant_source, tmp_path, monkeypatch, where, error):
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
     def fail(*a, **k):
+        if where == "pathlib.Path.mkdir" and not str(a[0]).endswith(".tmp"):
+            return real_mkdir(*a, **k)
         raise error
 
     monkeypatch.setattr(where, fail)
@@ -294,7 +300,13 @@ def test_pull_cache_is_keyed_by_the_checkpoint_not_the_text(quant_source, smooth
     # the checkpoint changed in place (its weights file rewritten): a new copy
     shard = tmp_path / "a" / "ckpt" / "model.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    assert quantized_copy("a/ckpt", Path("a/ckpt"), "test") != a
+    changed = quantized_copy("a/ckpt", Path("a/ckpt"), "test")
+    assert changed != a
+    # a fixed chat template travels with the copy: a new copy, carrying the new template
+    template = tmp_path / "a" / "ckpt" / "chat_template.jinja"
+    template.write_text(template.read_text() + "\n")
+    fixed = quantized_copy("a/ckpt", Path("a/ckpt"), "test")
+    assert fixed != changed and (fixed / "chat_template.jinja").read_text() == template.read_text()
 
 
 def test_pull_estimate_is_the_size_of_the_copy(quant_source, quantized):
