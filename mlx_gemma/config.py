@@ -83,13 +83,23 @@ class LayerSpec:
 
 
 def _rope_spec(params: dict, head_dim: int, layer_type: str) -> RopeSpec:
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: rope_parameters of {layer_type} is a {type(params).__name__}, "
+                          "expected an object")
     rope_type = params.get("rope_type", "default")
-    theta = float(params.get("rope_theta", 10_000.0))
+    theta = params.get("rope_theta", 10_000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
+        raise ConfigError(f"config.json: rope_theta of {layer_type} is {theta!r}, expected a number above 1")
+    if head_dim <= 0:
+        raise ConfigError(f"config.json: head dim {head_dim} of {layer_type} layers, expected a positive int")
     if rope_type == "default":
-        return RopeSpec(theta, head_dim, head_dim // 2)
+        return RopeSpec(float(theta), head_dim, head_dim // 2)
     if rope_type == "proportional":
-        factor = float(params.get("partial_rotary_factor", 1.0))
-        return RopeSpec(theta, head_dim, int(factor * head_dim / 2))
+        factor = params.get("partial_rotary_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ConfigError(f"config.json: partial_rotary_factor of {layer_type} is {factor!r}, "
+                              "expected a number above 0, at most 1")
+        return RopeSpec(float(theta), head_dim, int(factor * head_dim / 2))
     raise ConfigError(f"config.json: rope_type {rope_type!r} for {layer_type} is not supported "
                       "(expected 'default' or 'proportional')")
 

@@ -134,6 +134,8 @@ SETUPS: dict = {
     "width_a_string": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(hidden_size="wide")),
     "negative_heads": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(head_dim=-16)),
     "other_model": lambda ws, subs: _edit_config(ws, subs, lambda c: c.update(model_type="gemma3")),
+    "negative_rotary": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"]["rope_parameters"][
+        "full_attention"].update(partial_rotary_factor=-1)),
     "token_ids_disagree": lambda ws, subs: _edit_config(ws, subs, lambda c: c.update(image_token_id=99)),
     "cut_png": _bad_png,
     "nan_wav": lambda ws, subs: _wav(ws, "nan.wav", [0.1, float("nan")] * 4000),
@@ -189,6 +191,9 @@ GENERATE_CASES = [
          r"ckpt/config.json: hidden_size is 'wide', expected a positive int", setup="width_a_string"),
     Case("config-negative-head-dim", "generate", ["--model", "{ws}/ckpt"],
          r"ckpt/config.json: head_dim is -16, expected a positive int", setup="negative_heads"),
+    Case("config-negative-rotary-factor", "generate", ["--model", "{ws}/ckpt"],
+         r"ckpt/config.json: partial_rotary_factor of full_attention is -1, expected a number above 0",
+         setup="negative_rotary"),
     Case("config-another-model", "generate", ["--model", "{ws}/ckpt"],
          r"ckpt/config.json: model_type is 'gemma3', expected 'gemma4_unified'", setup="other_model"),
     Case("config-and-tokenizer-disagree", "generate", ["--model", "{ws}/ckpt"],
