@@ -264,14 +264,15 @@ class SlidingWindowCache(_BaseCache):
         return self.keys.nbytes + self.values.nbytes
 
 
-def reuse_prefix(cache: list, cached_ids: list, new_ids: list,
-                 boundary: Optional[Callable[[int], int]] = None) -> int:
-    """Trim `cache`, which holds `cached_ids`, to the longest prefix shared with `new_ids`
-    (moved back by `boundary`, e.g. to the start of a medium the prefix would cut).
+def max_trim(cache: list) -> int:
+    """How many of the newest tokens every layer of `cache` can still drop."""
+    return min(getattr(c, "max_trim", c.offset) for c in cache)
 
-    Returns how many leading tokens of `new_ids` the cache now holds; at least one token is
-    always left to feed. 0 means nothing could be reused and the cache must be rebuilt.
-    """
+
+def usable_prefix(cache: list, cached_ids, new_ids, boundary: Optional[Callable[[int], int]] = None) -> int:
+    """How many leading tokens of `new_ids` `cache` (holding `cached_ids`) can keep: the longest
+    shared prefix, moved back by `boundary` (e.g. to the start of a medium the prefix would cut),
+    leaving at least one token to feed; 0 when trimming back to it is beyond the cache."""
     common = 0
     for a, b in zip(cached_ids, new_ids):
         if a != b:
@@ -280,9 +281,17 @@ def reuse_prefix(cache: list, cached_ids: list, new_ids: list,
     common = min(common, len(new_ids) - 1)
     if boundary is not None:
         common = boundary(common)
-    drop = len(cached_ids) - common
-    if common <= 0 or any(drop > getattr(c, "max_trim", c.offset) for c in cache):
+    if common <= 0 or len(cached_ids) - common > max_trim(cache):
         return 0
-    for c in cache:
-        c.trim(drop)
+    return common
+
+
+def reuse_prefix(cache: list, cached_ids: list, new_ids: list,
+                 boundary: Optional[Callable[[int], int]] = None) -> int:
+    """Trim `cache`, which holds `cached_ids`, to `usable_prefix` of `new_ids` and return it;
+    0 means nothing could be reused and the cache must be rebuilt."""
+    common = usable_prefix(cache, cached_ids, new_ids, boundary)
+    if common:
+        for c in cache:
+            c.trim(len(cached_ids) - common)
     return common

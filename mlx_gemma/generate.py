@@ -12,13 +12,16 @@ import signal
 import sys
 import types
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 
 from .backend import DTYPES
 from .errors import ArgumentParser, ContextError, InputError, run_cli
 from .media import BUDGETS, VIDEO_FPS
+
+if TYPE_CHECKING:
+    from .generation import GenerationResponse
 
 DEFAULT_MODEL = "google/gemma-4-12B-it"
 # The library's defaults, repeated here so that --help shows them without importing the library

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .cache import reuse_prefix
+from .cache import max_trim, reuse_prefix, usable_prefix
 
 
 def _digest(*arrays) -> str:
@@ -78,7 +78,7 @@ class PromptCache:
         or (None, 0). `boundary` moves a prefix back out of a medium it would cut."""
         best, best_keep = None, 0
         for stored, (cache, _) in self._entries.items():
-            keep = _usable_prefix(cache, stored, key, boundary)
+            keep = usable_prefix(cache, stored, key, boundary)
             if keep > best_keep:
                 best, best_keep = stored, keep
         if best is None:
@@ -97,7 +97,7 @@ class PromptCache:
             return
         stored = tuple(key)
         for other in [k for k in self._entries if len(k) <= len(stored) and stored[:len(k)] == k]:
-            if len(stored) - len(other) <= _max_trim(cache):
+            if len(stored) - len(other) <= max_trim(cache):
                 self._drop(other)
         if copy_cache:
             cache = copy.deepcopy(cache)
@@ -109,22 +109,3 @@ class PromptCache:
     def _drop(self, stored: tuple) -> None:
         _, size = self._entries.pop(stored)
         self.nbytes -= size
-
-
-def _max_trim(cache: list) -> int:
-    return min(getattr(c, "max_trim", c.offset) for c in cache)
-
-
-def _usable_prefix(cache: list, stored: tuple, key: list, boundary) -> int:
-    """How much of `key` the snapshot can give (what `reuse_prefix` would keep), without copying."""
-    common = 0
-    for a, b in zip(stored, key):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(key) - 1)
-    if boundary is not None:
-        common = boundary(common)
-    if common <= 0 or len(stored) - common > _max_trim(cache):
-        return 0
-    return common
