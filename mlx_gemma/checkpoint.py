@@ -71,20 +71,35 @@ def drain(weights: dict[str, mx.array]):
 # --- where the output may go -----------------------------------------------------------------
 
 
+def _stamp(path: Path) -> list:
+    """What says a file is still the one we wrote: its size and modification time."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _not_ours(folder: Path) -> Optional[str]:
     """Why `folder` is not an output mlx-gemma wrote (None if it is): it must hold our manifest
-    and nothing but the plain files the manifest names."""
+    and nothing but the plain files the manifest names, each as it was written (a hand-edited
+    chat template is the user's now)."""
     try:
-        written = set(json.loads((folder / MARKER).read_text())["files"])
+        written = json.loads((folder / MARKER).read_text())["files"]
+        if isinstance(written, list):  # a manifest of names only
+            written = {name: None for name in written}
+        written = {str(name): stamp for name, stamp in written.items()}
     except FileNotFoundError:
         return f"has no {MARKER} manifest"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"has an unreadable {MARKER} manifest"
     foreign = sorted(p.name for p in folder.iterdir()
                      if p.name != MARKER and (p.name not in written or p.is_symlink() or not p.is_file()))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         return f"holds {foreign[0]}{more}, which mlx-gemma did not write"
+    changed = sorted(name for name, stamp in written.items()
+                     if stamp is not None and (folder / name).is_file() and _stamp(folder / name) != stamp)
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return f"holds {changed[0]}{more}, changed since mlx-gemma wrote it"
     return None
 
 
@@ -205,7 +220,7 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
         for f in sorted(src.iterdir()):
             if f.is_file() and f.suffix in SIDE_FILE_SUFFIXES and f.name not in ("config.json", WEIGHT_INDEX, MARKER):
                 shutil.copyfile(f, tmp / f.name)  # not copy2: new files get the umask's mode, not the source's
-        written = sorted(p.name for p in tmp.iterdir())
+        written = {p.name: _stamp(p) for p in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({"written_by": "mlx-gemma", "files": written}, indent=2))
         tmp.chmod(_umask_mode())
         check_destination(dst, force)

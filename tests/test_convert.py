@@ -77,6 +77,17 @@ def test_force_refuses_once_the_user_added_a_file(hf_checkpoint, tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_force_refuses_once_the_user_edited_a_file_we_wrote(hf_checkpoint, tmp_path):
+    out = convert(str(hf_checkpoint), str(tmp_path / "out"))
+    template = out / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# my fix #}")
+    before = tree(tmp_path)
+    with pytest.raises(InputError, match=r"out: --force replaces only a folder mlx-gemma wrote, and this one "
+                                         r"holds chat_template.jinja, changed since mlx-gemma wrote it"):
+        convert(str(hf_checkpoint), str(out), force=True)
+    assert tree(tmp_path) == before
+
+
 def test_force_through_a_symlink_replaces_the_real_folder(hf_checkpoint, tmp_path):
     real = convert(str(hf_checkpoint), str(tmp_path / "real"))
     (tmp_path / "link").symlink_to(real)
