@@ -200,14 +200,14 @@ def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, ch
     if isinstance(prompt, PromptInputs):
         return prompt
     if isinstance(prompt, str):
-        has_media = bool(image or audio or video)
+        content = user_content(prompt, image, audio, video)
+        has_media = len(content) > 1
         if not chat_template:
             if has_media:
                 raise InputError("media need the chat template (drop --no-chat-template)")
             return PromptInputs(processor.encode(prompt))
         messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": user_content(prompt, image, audio, video) if has_media
-                         else prompt})
+        messages.append({"role": "user", "content": content if has_media else prompt})
         return processor.chat_inputs(messages, enable_thinking=enable_thinking, options=media_options)
     if not isinstance(prompt, (list, tuple, np.ndarray, mx.array)):
         raise InputError(f"prompt: a {type(prompt).__name__} is not a prompt (give a string, chat messages "
@@ -392,8 +392,9 @@ class ChatSession:
 
     def send(self, content, image=(), audio=(), video=(), **kwargs) -> Iterator[GenerationResponse]:
         """One user turn: text, or a content list; `image` / `audio` / `video` join text."""
-        if isinstance(content, str) and (image or audio or video):
-            content = user_content(content, image, audio, video)
+        if isinstance(content, str):
+            items = user_content(content, image, audio, video)
+            content = items if len(items) > 1 else content
         inputs = self.processor.chat_inputs(self.messages + [{"role": "user", "content": content}],
                                             enable_thinking=self.enable_thinking, options=self.media_options)
         keep = reuse_prefix(self.cache, self.cached_ids, inputs.ids,

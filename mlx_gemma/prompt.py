@@ -67,7 +67,9 @@ class MediaOptions:
 
 
 def _many(media) -> list:
-    """`image="a.png"` means one image, not one per character."""
+    """`image="a.png"` means one image, not one per character; None means none."""
+    if media is None:
+        return []
     return [media] if isinstance(media, (str, Path, np.ndarray)) or not isinstance(media, (list, tuple)) \
         else list(media)
 

@@ -3,6 +3,7 @@ error, a full disk or a signal. Refusals are rows of the error table (test_error
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,23 +68,25 @@ def test_force_replaces_our_own_output_and_nothing_else(hf_checkpoint, tmp_path)
     assert (tmp_path / "sentinel.txt").read_text() == "the user's file"
 
 
-def test_force_refuses_once_the_user_added_a_file(hf_checkpoint, tmp_path):
-    out = convert(str(hf_checkpoint), str(tmp_path / "out"))
+def _add_notes(out: Path) -> None:
     (out / "notes.txt").write_text("mine")
-    before = tree(tmp_path)
-    with pytest.raises(InputError, match=r"out: --force replaces only a folder mlx-gemma wrote, and this one "
-                                         r"holds notes.txt, which mlx-gemma did not write"):
-        convert(str(hf_checkpoint), str(out), force=True)
-    assert tree(tmp_path) == before
 
 
-def test_force_refuses_once_the_user_edited_a_file_we_wrote(hf_checkpoint, tmp_path):
-    out = convert(str(hf_checkpoint), str(tmp_path / "out"))
+def _edit_template(out: Path) -> None:
     template = out / "chat_template.jinja"
     template.write_text(template.read_text() + "{# my fix #}")
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_add_notes, "holds notes.txt, which mlx-gemma did not write"),
+    (_edit_template, "holds chat_template.jinja, changed since mlx-gemma wrote it"),
+], ids=["added-a-file", "edited-a-file"])
+def test_force_refuses_once_the_user_changed_the_output(hf_checkpoint, tmp_path, change, reason):
+    out = convert(str(hf_checkpoint), str(tmp_path / "out"))
+    change(out)
     before = tree(tmp_path)
     with pytest.raises(InputError, match=r"out: --force replaces only a folder mlx-gemma wrote, and this one "
-                                         r"holds chat_template.jinja, changed since mlx-gemma wrote it"):
+                                         + re.escape(reason)):
         convert(str(hf_checkpoint), str(out), force=True)
     assert tree(tmp_path) == before
 

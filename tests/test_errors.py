@@ -111,10 +111,10 @@ def _wav(ws: Path, name: str, samples) -> None:
     soundfile.write(str(ws / name), np.asarray(samples, np.float32), 16000, subtype="FLOAT")
 
 
-def _checkpoint_copy(ws: Path, subs: dict) -> Path:
+def _checkpoint_copy(ws: Path, subs: dict, name: str = "ckpt") -> Path:
     import shutil
 
-    return Path(shutil.copytree(subs["ckpt"], ws / "ckpt"))
+    return Path(shutil.copytree(subs["ckpt"], ws / name))
 
 
 def _corrupt(ws: Path, subs: dict, name: str, data: bytes) -> None:
@@ -263,6 +263,8 @@ API_CASES = [
     ("audio-bad-tuple", dict(audio=[(1, 2, 3)]), r"audio: expected \(samples, sample_rate\)"),
     ("audio-empty", dict(audio=[([], 16000)]), r"audio: the audio has no samples"),
     ("image-one-path-not-a-list", dict(image="/nonexistent/b.png"), r"^/nonexistent/b.png: no such file"),
+    ("image-one-array-not-a-list", dict(image=__import__("numpy").zeros((4, 4, 3), "float32")),
+     r"image: expected a uint8 array"),
     ("message-not-a-dict", dict(prompt=[{"role": "user", "content": "a"}, "b"]), r"prompt: message 2 is a str"),
     ("message-without-role", dict(prompt=[{"content": "hi"}]), r"prompt: message 1 has role None"),
     ("message-unknown-role", dict(prompt=[{"role": "wizard", "content": "hi"}]), r"message 1 has role 'wizard'"),
@@ -338,12 +340,6 @@ def test_chat_session_survives_a_bad_turn(model, processor):
 # {qckpt}: a checkpoint every group size divides. Refusals come before any work: arguments,
 # then the destination, then the source.
 
-def _copy_ckpt(ws: Path, subs: dict, name: str) -> Path:
-    import shutil
-
-    return Path(shutil.copytree(subs["ckpt"], ws / name))
-
-
 def _taken(ws, subs):
     (ws / "out").mkdir()
     (ws / "out" / "keep.txt").write_text("mine")
@@ -371,13 +367,13 @@ def _not_a_checkpoint(ws, subs):
 def _quantized_source(ws, subs):
     import json
 
-    src = _copy_ckpt(ws, subs, "src")
+    src = _checkpoint_copy(ws, subs, "src")
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 4, "group_size": 64}}))
 
 
 def _truncated_shard(ws, subs):
-    shard = _copy_ckpt(ws, subs, "src") / "model.safetensors"
+    shard = _checkpoint_copy(ws, subs, "src") / "model.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
 
@@ -385,7 +381,7 @@ def _truncated_shard(ws, subs):
 def _missing_shard(ws, subs):
     import json
 
-    src = _copy_ckpt(ws, subs, "src")
+    src = _checkpoint_copy(ws, subs, "src")
     (src / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"x": "model.safetensors", "y": "model-00002-of-00002.safetensors"}}))
 
@@ -401,7 +397,7 @@ def _read_only_parent(ws, subs):
 SETUPS.update(taken=_taken, ours_plus_a_user_file=_ours_plus_a_user_file, home=_home,
               not_a_checkpoint=_not_a_checkpoint, quantized_source=_quantized_source,
               truncated_shard=_truncated_shard, missing_shard=_missing_shard, read_only_parent=_read_only_parent,
-              source_copy=lambda ws, subs: _copy_ckpt(ws, subs, "src"))
+              source_copy=lambda ws, subs: _checkpoint_copy(ws, subs, "src"))
 
 CONVERT = ["--hf-path", "{ckpt}", "--mlx-path"]
 QUANTIZE = ["--model", "{qckpt}", "--out"]
