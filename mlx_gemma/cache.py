@@ -145,6 +145,14 @@ class GlobalCache(_BaseCache):
     def make_mask(self, L: int, blocks=None, unclipped: bool = False):
         return window_mask(L, self.offset, 0, self.offset + L, None, blocks, unclipped)
 
+    def fetch(self, last: Optional[int] = None) -> list:
+        """The stored tensors of the newest `last` (default: all) cached tokens, full precision."""
+        start = 0 if last is None else max(0, self.offset - last)
+        if not self.quantized:
+            return [t[..., start:self.offset, :] for t in self.stored]
+        return [mx.dequantize(*(p[..., start:self.offset, :] for p in t), group_size=self.group_size,
+                              bits=self.bits) for t in self.stored]
+
     def is_trimmable(self) -> bool:
         return True
 
@@ -224,6 +232,11 @@ class SlidingWindowCache(_BaseCache):
         self.offset += L
         start = self._len - L - history
         return self.keys[..., start:self._len, :], self.values[..., start:self._len, :]
+
+    def fetch(self, last: Optional[int] = None) -> list:
+        """Keys and values of the newest `last` (default: all held) tokens."""
+        start = 0 if last is None else max(0, self._len - last)
+        return [self.keys[..., start:self._len, :], self.values[..., start:self._len, :]]
 
     @property
     def max_trim(self) -> int:

@@ -16,9 +16,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import wired_limit
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .cache import reuse_prefix, vision_blocks
+from .speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens, speculative_decode
 from .errors import ContextError, InputError
 from .prompt import MediaOptions, PromptInputs, token_types, user_content
 
@@ -46,6 +47,10 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
     media_tokens: Optional[dict] = None  # prompt tokens per medium ("image", "audio", "video")
     preprocess_time: float = 0.0  # seconds spent turning media files into arrays
+    from_draft: bool = False  # a drafter proposed this token and the target accepted it
+    num_draft_tokens: int = 0  # drafts per round (0: no drafter)
+    drafted_tokens: int = 0  # so far
+    accepted_tokens: int = 0
 
 
 def _soft_slices(soft_tokens: Optional[dict], ids: np.ndarray):
@@ -66,6 +71,44 @@ def _block_safe_end(blocks: np.ndarray, start: int, end: int) -> int:
     return int(members[0]) if members[0] > start else int(members[-1]) + 1
 
 
+def _prompt_ids(model, prompt: Sequence[int]) -> np.ndarray:
+    try:
+        ids = np.asarray(list(prompt), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError("prompt: token ids must be whole numbers") from None
+    if ids.size == 0:
+        raise InputError("prompt: no tokens to process")
+    check_tokens(ids, model.config.text_config.vocab_size)
+    return ids.astype(np.int32)
+
+
+def prefill(model, ids: np.ndarray, cache: list,
+            prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
+            progress: Optional[Callable[[int, int], None]] = None,
+            soft_tokens: Optional[dict] = None) -> tuple[mx.array, Optional[dict]]:
+    """Feed all of `ids` but a tail into `cache`, in chunks that never end inside an image or
+    video frame; return the tail (at least the last token) and its soft tokens, for the
+    step that computes the first logits."""
+    prompt = mx.array(ids)
+    blocks = vision_blocks(token_types(ids, model.config))
+    soft_in = _soft_slices(soft_tokens, ids)
+    if not callable(prefill_step_size):
+        check_count("--prefill-step-size", prefill_step_size)
+    chunk_size = prefill_step_size if callable(prefill_step_size) else (lambda _: prefill_step_size)
+    total, done = prompt.size, 0
+    while total - done > 1:
+        end = _block_safe_end(blocks, done, done + min(chunk_size(cache[0].offset), total - done - 1))
+        if end >= total:  # the last block runs to the end: it goes in with the final step
+            break
+        model(prompt[done:end][None], cache=cache, logits_to_keep=1, soft_tokens=soft_in(done, end))
+        mx.eval([c.state for c in cache])  # the logits of a prefill chunk are never computed
+        done = end
+        if progress:
+            progress(done, total)
+        mx.clear_cache()
+    return prompt[done:], soft_in(done, total)
+
+
 def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optional[Callable] = None,
                   logits_processors: Optional[list] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                   prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
@@ -82,20 +125,10 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
     after the loop the cache holds the prompt and every yielded token, except the last one
     when `max_tokens` was reached.
     """
-    try:
-        ids = np.asarray(list(prompt), dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise InputError("prompt: token ids must be whole numbers") from None
-    if ids.size == 0:
-        raise InputError("prompt: no tokens to process")
-    check_tokens(ids, model.config.text_config.vocab_size)
-    ids = ids.astype(np.int32)
-    prompt = mx.array(ids)
-    blocks = vision_blocks(token_types(ids, model.config))
-    soft_in = _soft_slices(soft_tokens, ids)
+    ids = _prompt_ids(model, prompt)
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     logits_processors = logits_processors or []
-    history = prompt
+    history = mx.array(ids)
 
     def step(tokens: mx.array, soft: Optional[dict] = None):
         logits = model(tokens[None], cache=cache, logits_to_keep=1, soft_tokens=soft)[:, -1, :]
@@ -104,23 +137,7 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs[0]
 
-    if not callable(prefill_step_size):
-        check_count("--prefill-step-size", prefill_step_size)
-    chunk_size = prefill_step_size if callable(prefill_step_size) else (lambda _: prefill_step_size)
-    total, done = prompt.size, 0
-    while total - done > 1:
-        end = _block_safe_end(blocks, done, done + min(chunk_size(cache[0].offset), total - done - 1))
-        if end >= total:  # the last block runs to the end: it goes in with the final step
-            break
-        n = end - done
-        model(prompt[done:end][None], cache=cache, logits_to_keep=1, soft_tokens=soft_in(done, end))
-        mx.eval([c.state for c in cache])  # the logits of a prefill chunk are never computed
-        done += n
-        if progress:
-            progress(done, total)
-        mx.clear_cache()
-
-    y, logprobs = step(prompt[done:], soft_in(done, total))
+    y, logprobs = step(*prefill(model, ids, cache, prefill_step_size, progress, soft_tokens))
     mx.async_eval(y, logprobs)
     n = 0
     while True:
@@ -131,7 +148,7 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
             mx.async_eval(next_y, next_logprobs)
         token = y.item()
         if n == 0 and progress:
-            progress(total, total)
+            progress(ids.size, ids.size)
         yield token, logprobs
         n += 1
         if n >= max_tokens:
@@ -139,6 +156,30 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
         y, logprobs = next_y, next_logprobs
         if n % 256 == 0:
             mx.clear_cache()
+
+
+def speculative_generate_step(model, drafter, prompt: Sequence[int], cache: list, *,
+                              num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+                              sampler: Optional[Callable] = None, sampling: Optional["Sampling"] = None,
+                              logits_processors: Optional[list] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                              prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
+                              progress: Optional[Callable[[int, int], None]] = None,
+                              soft_tokens: Optional[dict] = None,
+                              stats: Optional[dict] = None) -> Iterator[tuple[int, mx.array, bool]]:
+    """`generate_step` with MTP drafting (`speculative.speculative_decode`): yields
+    (token, logprobs, from_draft). `sampling` (temperature > 0) turns on speculative
+    sampling; without it drafts are kept where `sampler` (default greedy) agrees."""
+    check_num_draft_tokens(num_draft_tokens, cache)
+    ids = _prompt_ids(model, prompt)
+    rest, soft = prefill(model, ids, cache, prefill_step_size, progress, soft_tokens)
+    first = model(rest[None], cache=cache, logits_to_keep=1, soft_tokens=soft, return_hidden=True)
+    for n, out in enumerate(speculative_decode(model, drafter, first, cache, num_draft_tokens=num_draft_tokens,
+                                               history=ids.tolist(), max_tokens=max_tokens, sampler=sampler,
+                                               sampling=sampling, logits_processors=logits_processors or (),
+                                               stats=stats)):
+        if n == 0 and progress:
+            progress(ids.size, ids.size)
+        yield out
 
 
 def _number(name: str, value, low: float, high: float, integer: bool = False, what: str = "") -> None:
@@ -177,17 +218,46 @@ def check_tokens(ids: np.ndarray, vocab_size: int) -> None:
         raise InputError(f"prompt: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})")
 
 
-def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
-    """mlx-lm's sampler and logits processors; unset values come from generation_config.json."""
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling values, resolved. `sampler()` is mlx-lm's sampler; `logprobs()` the
+    distribution it draws from, in its order (top-p, min-p, top-k, then the temperature),
+    which speculative sampling needs explicitly."""
+
+    temp: float
+    top_p: float = 0.0
+    min_p: float = 0.0
+    top_k: int = 0
+
+    def sampler(self) -> Callable:
+        return make_sampler(temp=self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logprobs(self, logprobs: mx.array) -> mx.array:
+        if 0 < self.top_p < 1:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p:
+            logprobs = apply_min_p(logprobs, self.min_p)
+        if self.top_k > 0:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        scaled = logprobs * (1 / self.temp)
+        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+
+def resolve_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None) -> Sampling:
+    """Checked values; unset ones come from generation_config.json."""
     check_sampling(temp, top_p, top_k, min_p)
     d = processor.defaults
     top_k = int(d.top_k if top_k is None else top_k)
-    sampler = make_sampler(temp=d.temperature if temp is None else temp,
-                           top_p=d.top_p if top_p is None else top_p,
-                           min_p=d.min_p if min_p is None else min_p,
-                           # keeping the whole vocabulary is no top-k (mlx-lm refuses k >= vocabulary)
-                           top_k=0 if top_k >= processor.config.text_config.vocab_size else top_k)
-    bias = {t: -float("inf") for t in d.suppress_tokens}
+    return Sampling(temp=d.temperature if temp is None else temp, top_p=d.top_p if top_p is None else top_p,
+                    min_p=d.min_p if min_p is None else min_p,
+                    # keeping the whole vocabulary is no top-k (mlx-lm refuses k >= vocabulary)
+                    top_k=0 if top_k >= processor.config.text_config.vocab_size else top_k)
+
+
+def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
+    """mlx-lm's sampler and logits processors; unset values come from generation_config.json."""
+    sampler = resolve_sampling(processor, temp, top_p, top_k, min_p).sampler()
+    bias = {t: -float("inf") for t in processor.defaults.suppress_tokens}
     return sampler, make_logits_processors(logit_bias=bias or None)
 
 
@@ -277,16 +347,21 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
                     progress: Optional[Callable[[int, int], None]] = None,
                     max_kv_size: Optional[int] = None, image=(), audio=(), video=(),
-                    media_options: Optional[MediaOptions] = None) -> Iterator[GenerationResponse]:
+                    media_options: Optional[MediaOptions] = None, draft_model=None,
+                    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
     `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
     `max_kv_size` caps prompt + reply (with what the cache already holds). `image`, `audio`
-    and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt."""
+    and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt.
+    `draft_model` (`load_drafter`) drafts `num_draft_tokens` per round: the same tokens when
+    greedy, the same distribution when sampling."""
     inputs = prompt_to_inputs(processor, prompt, system, chat_template, enable_thinking, image, audio, video,
                               media_options)
     ids = inputs.ids
     counts = {k: n for k, n in inputs.token_counts().items() if n}
     cache = model.make_cache() if cache is None else cache
+    if draft_model is not None:
+        check_num_draft_tokens(num_draft_tokens, cache)
     held = cache[0].offset
     check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens,
                   sum(counts.values()))
@@ -296,6 +371,8 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
             raise ContextError(f"--max-kv-size {max_kv_size}: smaller than the prompt ({len(ids) + held} tokens)",
                                len(ids) + held, max_kv_size)
         max_tokens = min(max_tokens, max_kv_size - len(ids) - held)
+    # Speculative sampling needs the distribution, not just a sampler: only for our own.
+    sampling = resolve_sampling(processor, temp, top_p, top_k, min_p) if sampler is None else None
     if sampler is None or logits_processors is None:
         default_sampler, default_processors = make_sampling(processor, temp, top_p, top_k, min_p)
         sampler = sampler or default_sampler
@@ -305,6 +382,8 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
     detokenizer.reset()
     thoughts = _ThoughtFilter(processor)
 
+    draft_stats = {"drafted": 0, "accepted": 0}
+
     def response(text, token, logprobs, n, finish=None, thinking=None):
         elapsed = max(time.perf_counter() - tic, 1e-9)
         return GenerationResponse(
@@ -312,37 +391,57 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
             thinking=thoughts.thinking if thinking is None else thinking,
             prompt_tokens=len(ids), prompt_tps=len(ids) / prompt_time, generation_tokens=n,
             generation_tps=n / elapsed, peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
-            media_tokens=counts, preprocess_time=inputs.preprocess_seconds)
+            media_tokens=counts, preprocess_time=inputs.preprocess_seconds, from_draft=from_draft,
+            num_draft_tokens=num_draft_tokens if draft_model is not None else 0,
+            drafted_tokens=draft_stats["drafted"], accepted_tokens=draft_stats["accepted"])
 
     with wired_limit(model):
         tic = time.perf_counter()
         prompt_time, n, token, logprobs = 1e-9, 0, None, None
         soft = model.embed_media(**inputs.arrays()) if inputs.has_media else None
-        steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=logits_processors,
-                              max_tokens=max_tokens, prefill_step_size=prefill_step_size, progress=progress,
-                              soft_tokens=soft)
+        common = dict(logits_processors=logits_processors, max_tokens=max_tokens,
+                      prefill_step_size=prefill_step_size, progress=progress, soft_tokens=soft)
+        if draft_model is None:
+            steps = _undrafted(generate_step(model, ids, cache, sampler=sampler, **common))
+        else:
+            steps = speculative_generate_step(
+                model, draft_model, ids, cache, num_draft_tokens=num_draft_tokens, stats=draft_stats,
+                sampler=sampler, sampling=sampling if sampling is not None and sampling.temp > 0 else None,
+                **common)
         # One response per generated token (the caller can rebuild what the cache holds from
-        # them); the last one carries the finish reason.
-        for n, (token, logprobs) in enumerate(steps, start=1):
-            if n == 1:
-                prompt_time = time.perf_counter() - tic
-                tic = time.perf_counter()
-            finish = "stop" if token in eos else "length" if n == max_tokens else None
-            was_thinking = thoughts.thinking
-            if finish != "stop" and thoughts.marker(token):
-                # The text before a channel marker belongs to the channel the marker closes.
-                detokenizer.finalize()
-                text = thoughts.clean(detokenizer.last_segment)
-                detokenizer.reset()
-                yield response(text, token, logprobs, n, finish, thinking=was_thinking)
-                continue
-            if finish != "stop":
-                detokenizer.add_token(token)
-            if finish:
-                detokenizer.finalize()
-            yield response(thoughts.clean(detokenizer.last_segment), token, logprobs, n, finish)
-            if finish:
-                return
+        # them); the last one carries the finish reason. Closing this generator closes the
+        # token loop at once, so that the cache is settled when the caller looks at it.
+        try:
+            for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
+                if n == 1:
+                    prompt_time = time.perf_counter() - tic
+                    tic = time.perf_counter()
+                finish = "stop" if token in eos else "length" if n == max_tokens else None
+                was_thinking = thoughts.thinking
+                if finish != "stop" and thoughts.marker(token):
+                    # The text before a channel marker belongs to the channel the marker closes.
+                    detokenizer.finalize()
+                    text = thoughts.clean(detokenizer.last_segment)
+                    detokenizer.reset()
+                    yield response(text, token, logprobs, n, finish, thinking=was_thinking)
+                    continue
+                if finish != "stop":
+                    detokenizer.add_token(token)
+                if finish:
+                    detokenizer.finalize()
+                yield response(thoughts.clean(detokenizer.last_segment), token, logprobs, n, finish)
+                if finish:
+                    return
+        finally:
+            steps.close()
+
+
+def _undrafted(steps):
+    try:
+        for token, logprobs in steps:
+            yield token, logprobs, False
+    finally:
+        steps.close()
 
 
 def generate(model, processor, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
@@ -368,6 +467,10 @@ def print_stats(r: GenerationResponse, file=None) -> None:
         print(f"Media: {tokens} tokens; preprocessing {r.preprocess_time:.3f} s, prefill "
               f"{r.prompt_tokens / r.prompt_tps:.3f} s", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    if r.num_draft_tokens:
+        rate = 100 * r.accepted_tokens / max(r.drafted_tokens, 1)
+        print(f"Draft: accepted {r.accepted_tokens} of {r.drafted_tokens} drafted tokens ({rate:.1f}%), "
+              f"{r.num_draft_tokens} per step", file=file)
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 
@@ -403,14 +506,16 @@ class ChatSession:
             self.cache = self.make_cache()
         self.cached_ids, self.reused_tokens = inputs.ids[:keep], keep
         reply, tokens = [], []
+        stream = stream_generate(self.model, self.processor, inputs.tail(keep, self.model.config),
+                                 cache=self.cache, **kwargs)
         try:
-            for r in stream_generate(self.model, self.processor, inputs.tail(keep, self.model.config),
-                                     cache=self.cache, **kwargs):
+            for r in stream:
                 tokens.append(r.token)
                 if not r.thinking:
                     reply.append(r.text)
                 yield r
         finally:
+            stream.close()
             # Also for a reply stopped early (the caller closed this generator at a token, or
             # prefill was interrupted between chunks): `cached_ids` says what the cache holds, and
             # a partial reply stays in the conversation (as Ollama keeps it).

@@ -137,8 +137,9 @@ def sanitize(name: str) -> Optional[str]:
     return name
 
 
-def load_weights(path: Path, progress: bool = False) -> dict[str, mx.array]:
-    """All tensors of a checkpoint under `Model` names, lazily: a shard is read when used."""
+def load_weights(path: Path, progress: bool = False, rename=sanitize) -> dict[str, mx.array]:
+    """All tensors of a checkpoint under the model's names (`rename`: checkpoint name -> name or
+    None to skip), lazily: a shard is read when used."""
     weights: dict[str, mx.array] = {}
     files = weight_files(path)
     for i, f in enumerate(files):
@@ -155,7 +156,7 @@ def load_weights(path: Path, progress: bool = False) -> dict[str, mx.array]:
         for k, v in tensors.items():
             if k not in header:
                 raise CheckpointError(f"{f}: corrupt safetensors file")
-            name = sanitize(k)
+            name = rename(k)
             if name is not None:
                 weights[name] = v
     if progress and len(files) > 1 and sys.stderr.isatty():
@@ -172,8 +173,9 @@ def quantization_of(config: ModelConfig) -> Optional[dict]:
     return q
 
 
-def build_model(config: ModelConfig, weights: dict[str, mx.array], source: Path) -> Model:
-    model = Model(config)
+def build_model(config, weights: dict[str, mx.array], source: Path, cls: type = Model) -> nn.Module:
+    """`cls(config)` with `weights`, quantized as the config's quantization entry says."""
+    model = cls(config)
     q = quantization_of(config)
     if q is not None:
         # Quantize exactly the modules the checkpoint stores quantized (per-module overrides
@@ -191,7 +193,7 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array], source: Path)
     return model
 
 
-def check_weights(model: Model, weights: dict[str, mx.array], source: Path) -> None:
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
     """Every parameter present, with its shape; no tensor the model does not know."""
     params = dict(tree_flatten(model.parameters()))
     missing = [k for k in params if k not in weights]
@@ -202,7 +204,7 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: Path) -> N
     if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
         raise CheckpointError(f"{source}: unexpected weight {', '.join(unexpected[:3])}{more} "
-                              "(not part of a gemma4_unified model)")
+                              f"(not part of a {model.config.model_type} model)")
     for k, p in params.items():
         if tuple(weights[k].shape) != tuple(p.shape):
             raise CheckpointError(f"{source}: weight {k} has shape {tuple(weights[k].shape)}, "

@@ -99,6 +99,15 @@ class Attention(nn.Module):
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def cached_kv(self, cache, last: Optional[int] = None) -> tuple[mx.array, mx.array]:
+        """Keys and values of the (newest `last`) cached tokens, in time order, as this layer
+        attends to them: what the MTP drafter reads (spec 8)."""
+        stored = cache.fetch(last)
+        if len(stored) == 1:  # one-tensor storage holds N = v; the keys are derived as above
+            v = stored[0]
+            return self.rope(self.k_norm.rescale(v), cache.offset - v.shape[2]), v
+        return stored[0], stored[1]
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -113,10 +122,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, attention: type = Attention):
         super().__init__()
         eps = cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, spec)
+        self.self_attn = attention(cfg, spec)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
@@ -170,14 +179,14 @@ class LanguageModel(nn.Module):
         self.softcap = cfg.final_logit_softcapping
 
     def __call__(self, h: mx.array, cache: list, logits_to_keep: int = 0,
-                 blocks: Optional[np.ndarray] = None, vision_mask: str = "generate") -> mx.array:
+                 blocks: Optional[np.ndarray] = None, vision_mask: str = "generate", return_hidden: bool = False):
         h = self.model(h, cache, blocks, vision_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.model.embed_tokens.as_linear(h)  # tied head
         if self.softcap:
             logits = mx.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return (logits, h) if return_hidden else logits
 
 
 VISION_MASKS = ("generate", "forward")
@@ -275,10 +284,12 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: Optional[mx.array] = None, cache: Optional[list] = None,
                  inputs_embeds: Optional[mx.array] = None, logits_to_keep: int = 0, *,
-                 soft_tokens: Optional[dict] = None, mm_token_type_ids=None, **media) -> mx.array:
+                 soft_tokens: Optional[dict] = None, mm_token_type_ids=None, return_hidden: bool = False,
+                 **media) -> mx.array:
         """Logits for the new tokens; `cache` is updated in place. `logits_to_keep=n` computes
         only the last n positions' logits (prefill needs just the last one).
-        `mm_token_type_ids` (for the vision blocks) defaults to what `input_ids` say."""
+        `mm_token_type_ids` (for the vision blocks) defaults to what `input_ids` say.
+        `return_hidden`: (logits, final-normed hidden states), what the MTP drafter reads."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if media:
@@ -289,4 +300,11 @@ class Model(nn.Module):
         blocks = None if mm_token_type_ids is None else vision_blocks(np.asarray(mm_token_type_ids))
         if cache is None:
             cache = self.make_cache()
-        return self.language_model(h, cache, logits_to_keep, blocks, self.vision_mask)
+        return self.language_model(h, cache, logits_to_keep, blocks, self.vision_mask, return_hidden)
+
+    def shared_kv(self, cache: list) -> dict:
+        """{layer type: (keys, values)} of the last layer of each type, what Gemma 4's MTP
+        drafter attends to (spec 8): every cached token of the global layer, the newest
+        `window` of the sliding one (all earlier than the drafter's query)."""
+        last = {s.layer_type: s for s in self.config.text_config.layers}  # the last one of each type
+        return {t: self.layers[s.index].self_attn.cached_kv(cache[s.index], s.window) for t, s in last.items()}

@@ -190,3 +190,55 @@ def reference_logits(model, ids: list[int]):
 
 def hub_form_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def drafter_config(ordered: bool = False, **text_over):
+    """A tiny `gemma4_unified_assistant` config fitting `make_config()`'s target: the same head
+    dims and vocabulary, backbone width = the target's hidden size (spec 8)."""
+    from transformers import Gemma4UnifiedAssistantConfig
+
+    layer_types = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    over = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, layer_types=layer_types)
+    over.update(text_over)
+    with _assistant_layers():
+        return Gemma4UnifiedAssistantConfig(text_config=text_config(**over), backbone_hidden_size=64,
+                                            use_ordered_embeddings=ordered, num_centroids=16,
+                                            centroid_intermediate_top_k=4)
+
+
+class _assistant_layers:
+    """transformers 5.23 cannot build the assistant's layers (spec 8: `kv_sharing_modes` raises
+    when every layer is KV-shared). Inside this, every layer of a config is a "reuse" layer,
+    which is what the assistant means; the modules and their math are transformers' own."""
+
+    def __enter__(self):
+        from transformers.models.gemma4_unified.configuration_gemma4_unified import Gemma4UnifiedTextConfig
+
+        self.cls, self.saved = Gemma4UnifiedTextConfig, Gemma4UnifiedTextConfig.kv_sharing_modes
+        self.cls.kv_sharing_modes = property(lambda c: ["reuse"] * c.num_hidden_layers)
+
+    def __exit__(self, *exc):
+        self.cls.kv_sharing_modes = self.saved
+
+
+def build_drafter(path: Path, seed: int = 0, ordered: bool = False, stats=randomize, **text_over) -> Path:
+    """Write a tiny drafter checkpoint with transformers (authentic names and config); the
+    ordered head gets a random permutation as its token ordering."""
+    from transformers import Gemma4UnifiedAssistantForCausalLM
+
+    torch.manual_seed(seed)
+    with _assistant_layers():
+        model = Gemma4UnifiedAssistantForCausalLM(drafter_config(ordered, **text_over)).eval()
+    stats(model, seed)
+    if ordered:
+        g = torch.Generator().manual_seed(seed)
+        model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=g))
+    model.save_pretrained(path)
+    return Path(path)
+
+
+def load_reference_drafter(path: Path):
+    from transformers import Gemma4UnifiedAssistantForCausalLM
+
+    with _assistant_layers():
+        return Gemma4UnifiedAssistantForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
