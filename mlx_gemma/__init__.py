@@ -7,7 +7,7 @@
 
 from .errors import MlxGemmaError
 
-__all__ = ["load", "generate", "stream_generate", "MlxGemmaError"]
+__all__ = ["load", "load_drafter", "generate", "stream_generate", "MlxGemmaError"]
 __version__ = "0.1.0"
 
 
@@ -17,6 +17,10 @@ def __getattr__(name):
         from .loading import load
 
         return load
+    if name == "load_drafter":
+        from .speculative import load_drafter
+
+        return load_drafter
     if name in ("generate", "stream_generate"):
         from . import generation
 

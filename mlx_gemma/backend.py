@@ -50,6 +50,13 @@ def set_dtype(model: nn.Module, dtype: mx.Dtype) -> None:
                   if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)})
 
 
+def drafting_pays() -> bool:
+    """Whether MTP drafting is on by default. Verifying K+1 tokens costs about one decode step
+    where decode is bound by memory bandwidth (a GPU); on the CPU backend it is bound by compute
+    and costs about K+1 steps, more than drafting saves (benchmarks/speculative.py)."""
+    return not on_cpu()
+
+
 def default_splits() -> int:
     """How many ways to split a matmul: one per core on the CPU backend, else none."""
     return max(1, min(os.cpu_count() or 1, 8)) if on_cpu() else 1

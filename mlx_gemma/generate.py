@@ -7,6 +7,7 @@ The parser imports nothing heavy (mlx-lm pulls in transformers and torch, second
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
@@ -28,6 +29,7 @@ DEFAULT_MODEL = "google/gemma-4-12B-it"
 # (tests/test_cli.py checks they agree with generation.py and model.py).
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_STEP = 512
+DEFAULT_NUM_DRAFT_TOKENS = 3
 VISION_MASKS = ("generate", "forward")
 
 
@@ -108,6 +110,16 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--vision-mask", choices=VISION_MASKS, default="generate",
                    help="image attention: 'generate' (whole image on sliding layers, the intended one) or "
                         "'forward' (also on global layers, as transformers' forward() does)")
+    d = p.add_argument_group("speculative decoding (MTP: the same tokens when greedy, the same distribution "
+                             "when sampling)")
+    d.add_argument("--draft-model", default=None, metavar="PATH_OR_REPO|auto|none",
+                   help="the MTP drafter (gemma4_unified_assistant) that proposes tokens for the model to "
+                        "verify; 'auto': the target's own (google/gemma-4-12B-it-assistant, or the one its "
+                        "conversion records), downloaded if needed; 'none': off (default: the target's own if "
+                        "it is in the local cache, on a GPU backend: on the CPU backend verifying costs as "
+                        "much as decoding)")
+    d.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS, metavar="K",
+                   help="tokens drafted per step")
     p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
     p.add_argument("--verbose", type=_bool, nargs="?", const=True, default=None, metavar="True|False",
                    help="True (or the flag alone): also print loading details and the memory plan; False: "
@@ -196,6 +208,33 @@ def kv_options(args):
                      quantized_start=args.quantized_kv_start)
 
 
+def draft_model_path(args, path: Path, config) -> Optional[Path]:
+    """The drafter directory `--draft-model` asks for, its fit with the target checked (before
+    any weights are read); None when decoding without one."""
+    from .backend import drafting_pays
+    from .loading import read_safetensors_header, resolve_model_path, weight_files
+    from .speculative import check_fits, check_num_draft_tokens, find_drafter, read_config
+
+    choice = args.draft_model
+    if choice == "none":
+        return None
+    check_num_draft_tokens(args.num_draft_tokens)
+    raw = json.loads((path / "config.json").read_text())
+    if choice is None:
+        found = find_drafter(args.model, raw, download=False) if drafting_pays() else None
+    elif choice == "auto":
+        found = find_drafter(args.model, raw, download=True)
+        if found is None:
+            raise InputError(f"--draft-model auto: no drafter is known for {args.model} (give its path or repo id)")
+    else:
+        found = resolve_model_path(choice)
+    if found is not None:
+        check_fits(read_config(found), config.text_config, found)
+        for f in weight_files(found):  # a truncated or corrupt file is refused before the target loads
+            read_safetensors_header(f)
+    return found
+
+
 def run(args) -> None:
     from .config import ModelConfig
     from .generation import (check_context, check_count, check_sampling, print_stats, prompt_to_inputs,
@@ -238,6 +277,7 @@ def run(args) -> None:
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
+    drafter_path = draft_model_path(args, path, config)
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
         return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,
@@ -268,6 +308,11 @@ def run(args) -> None:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
     model = load_model(path, dtype=args.dtype, progress=True)
     model.vision_mask = args.vision_mask
+    drafter = None
+    if drafter_path is not None:
+        from .speculative import load_drafter
+
+        drafter = load_drafter(drafter_path, dtype=args.dtype, target=model)
     if args.verbose:
         q = config.quantization
         weights = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
@@ -283,7 +328,8 @@ def run(args) -> None:
 
     progress = _Progress(args.prefill_step_size)
     options = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   prefill_step_size=chunk, progress=progress, max_kv_size=context)
+                   prefill_step_size=chunk, progress=progress, max_kv_size=context, draft_model=drafter,
+                   num_draft_tokens=args.num_draft_tokens)
     if args.chat:
         if args.max_kv_size is not None:
             more = fitting(kv)

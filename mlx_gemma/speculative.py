@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from .config import TextConfig, _check_fields, _pick
 from .errors import CheckpointError, ConfigError, InputError
+from .cache import DEFAULT_SLIDING_SLACK
 from .model import DecoderLayer, RMSNorm, RoPE
 
 MODEL_TYPE = "gemma4_unified_assistant"
@@ -192,50 +193,56 @@ def rename(name: str) -> Optional[str]:
     return name
 
 
-def check_fits(drafter: Drafter, target) -> None:
-    """The drafter's widths against the target's: its input is the target's embedding and
-    hidden state, its queries attend to the target's keys (spec 8)."""
-    d, t = drafter.config, target.config.text_config
-    problems = []
-    if d.backbone_hidden_size != t.hidden_size:
-        problems.append(f"backbone_hidden_size {d.backbone_hidden_size} != target hidden_size {t.hidden_size}")
-    if d.text_config.vocab_size != t.vocab_size:
-        problems.append(f"vocab_size {d.text_config.vocab_size} != target's {t.vocab_size}")
-    target_dims = {s.layer_type: s.head_dim for s in t.layers}
-    target_heads = {s.layer_type: s.num_kv_heads for s in t.layers}
-    for s in d.text_config.layers:
-        if s.layer_type not in target_dims:
-            problems.append(f"layer {s.index} is {s.layer_type}, which the target has none of")
-        elif s.head_dim != target_dims[s.layer_type]:
-            problems.append(f"{s.layer_type} head dim {s.head_dim} != target's {target_dims[s.layer_type]}")
-        elif d.text_config.num_attention_heads % target_heads[s.layer_type]:
-            problems.append(f"{d.text_config.num_attention_heads} query heads do not divide into the target's "
-                            f"{target_heads[s.layer_type]} {s.layer_type} kv heads")
-    if problems:
-        raise CheckpointError(f"{drafter.source}: this drafter does not fit the target ({'; '.join(problems[:2])})")
-
-
-def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, None] = "auto",
-                 target=None) -> Drafter:
-    """A `gemma4_unified_assistant` checkpoint (Hub or mlx-vlm layout, quantized or not);
-    checked against `target` when given. `dtype` as in `load`."""
-    from .backend import activation_dtype, set_dtype, split_matmuls
-    from .loading import build_model, load_weights, resolve_model_path
-
-    path = resolve_model_path(path_or_repo)
-    config_file = path / "config.json"
+def read_config(path: Path) -> DrafterConfig:
+    config_file = Path(path) / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a drafter checkpoint directory)")
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
-    config = DrafterConfig.from_dict(raw, str(config_file))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_file}: not a JSON object")
+    return DrafterConfig.from_dict(raw, str(config_file))
+
+
+def check_fits(config: DrafterConfig, target: TextConfig, source) -> None:
+    """The drafter's widths against the target's: its input is the target's embedding and
+    hidden state, its queries attend to the target's keys (spec 8)."""
+    d, problems = config.text_config, []
+    if config.backbone_hidden_size != target.hidden_size:
+        problems.append(f"backbone_hidden_size {config.backbone_hidden_size} != the target's hidden_size "
+                        f"{target.hidden_size}")
+    if d.vocab_size != target.vocab_size:
+        problems.append(f"vocab_size {d.vocab_size} != the target's {target.vocab_size}")
+    dims = {s.layer_type: (s.head_dim, s.num_kv_heads) for s in target.layers}
+    for s in d.layers:
+        if s.layer_type not in dims:
+            problems.append(f"layer {s.index} is {s.layer_type}, which the target has none of")
+        elif s.head_dim != dims[s.layer_type][0]:
+            problems.append(f"{s.layer_type} head dim {s.head_dim} != the target's {dims[s.layer_type][0]}")
+        elif d.num_attention_heads % dims[s.layer_type][1]:
+            problems.append(f"{d.num_attention_heads} query heads do not share the target's "
+                            f"{dims[s.layer_type][1]} {s.layer_type} kv heads evenly")
+    if problems:
+        raise CheckpointError(f"{source}: this drafter does not fit the target ({'; '.join(dict.fromkeys(problems))})")
+
+
+def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, None] = "auto",
+                 target=None) -> Drafter:
+    """A `gemma4_unified_assistant` checkpoint (Hub or mlx-vlm layout, quantized or not);
+    checked against the `target` model when given. `dtype` as in `load`."""
+    from .backend import activation_dtype, set_dtype, split_matmuls
+    from .loading import build_model, load_weights, resolve_model_path
+
+    path = resolve_model_path(path_or_repo)
+    config = read_config(path)
+    if target is not None:
+        check_fits(config, target.config.text_config, path)
     weights = load_weights(path, rename=rename)
-    if "masked_embedding.token_ordering" in weights:  # stored as int64 by transformers
+    if "masked_embedding.token_ordering" in weights:  # transformers stores it as int64
         weights["masked_embedding.token_ordering"] = weights["masked_embedding.token_ordering"].astype(mx.int32)
     drafter = build_model(config, weights, path, Drafter)
-    drafter.source = str(path)
     if isinstance(dtype, str):
         dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
@@ -245,18 +252,36 @@ def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, Non
         mx.eval(drafter.parameters())
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read weights ({e})") from None
-    if target is not None:
-        check_fits(drafter, target)
     return drafter
+
+
+def find_drafter(model: str, config_raw: dict, download: bool) -> Optional[Path]:
+    """The drafter `--draft-model auto` means: the one a conversion recorded in its config.json
+    (`draft_model`), else Google's for a Hub target; from the local Hugging Face cache, or
+    downloaded when `download`. None when there is none (or it is not here and not to be fetched)."""
+    from .loading import resolve_model_path
+
+    name = config_raw.get("draft_model") or HUB_DRAFTERS.get(str(model).rstrip("/"))
+    if not name:
+        return None
+    if download or Path(name).expanduser().is_dir():
+        return resolve_model_path(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the cache
+        return None
 
 
 # --- the draft / verify loop -----------------------------------------------------------------
 
 
-def check_num_draft_tokens(k, cache: list) -> None:
+def check_num_draft_tokens(k, cache: Optional[list] = None) -> None:
     """K drafts are trimmed back after a round in which none is accepted: the sliding-window
     caches guarantee that for up to their slack beyond the window."""
-    limit = min((c.slack for c in cache if hasattr(c, "slack")), default=128)
+    limit = min((c.slack for c in cache if hasattr(c, "slack")), default=DEFAULT_SLIDING_SLACK) \
+        if cache is not None else DEFAULT_SLIDING_SLACK
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
         raise InputError(f"--num-draft-tokens {k!r}: must be a whole number from 1 to {limit} (what the "
                          "sliding-window cache can take back)")

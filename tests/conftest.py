@@ -82,3 +82,16 @@ def model(loaded):
 @pytest.fixture(scope="session")
 def processor(loaded):
     return loaded[1]
+
+
+@pytest.fixture(scope="session")
+def drafter_checkpoint(tmp_path_factory) -> Path:
+    """A tiny MTP drafter (transformers' gemma4_unified_assistant) fitting `hf_checkpoint`."""
+    return reference.build_drafter(tmp_path_factory.mktemp("drafter") / "tiny-assistant")
+
+
+@pytest.fixture(scope="session")
+def drafter(drafter_checkpoint, model):
+    from mlx_gemma.speculative import load_drafter
+
+    return load_drafter(drafter_checkpoint, target=model)

@@ -192,7 +192,7 @@ def hub_form_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def drafter_config(ordered: bool = False, **text_over):
+def drafter_config(ordered: bool = False, backbone_hidden_size: int = 64, **text_over):
     """A tiny `gemma4_unified_assistant` config fitting `make_config()`'s target: the same head
     dims and vocabulary, backbone width = the target's hidden size (spec 8)."""
     from transformers import Gemma4UnifiedAssistantConfig
@@ -201,7 +201,7 @@ def drafter_config(ordered: bool = False, **text_over):
     over = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, layer_types=layer_types)
     over.update(text_over)
     with _assistant_layers():
-        return Gemma4UnifiedAssistantConfig(text_config=text_config(**over), backbone_hidden_size=64,
+        return Gemma4UnifiedAssistantConfig(text_config=text_config(**over), backbone_hidden_size=backbone_hidden_size,
                                             use_ordered_embeddings=ordered, num_centroids=16,
                                             centroid_intermediate_top_k=4)
 
@@ -221,14 +221,15 @@ class _assistant_layers:
         self.cls.kv_sharing_modes = self.saved
 
 
-def build_drafter(path: Path, seed: int = 0, ordered: bool = False, stats=randomize, **text_over) -> Path:
+def build_drafter(path: Path, seed: int = 0, ordered: bool = False, stats=randomize, backbone_hidden_size: int = 64,
+                  **text_over) -> Path:
     """Write a tiny drafter checkpoint with transformers (authentic names and config); the
     ordered head gets a random permutation as its token ordering."""
     from transformers import Gemma4UnifiedAssistantForCausalLM
 
     torch.manual_seed(seed)
     with _assistant_layers():
-        model = Gemma4UnifiedAssistantForCausalLM(drafter_config(ordered, **text_over)).eval()
+        model = Gemma4UnifiedAssistantForCausalLM(drafter_config(ordered, backbone_hidden_size, **text_over)).eval()
     stats(model, seed)
     if ordered:
         g = torch.Generator().manual_seed(seed)

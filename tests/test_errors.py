@@ -111,20 +111,20 @@ def _wav(ws: Path, name: str, samples) -> None:
     soundfile.write(str(ws / name), np.asarray(samples, np.float32), 16000, subtype="FLOAT")
 
 
-def _checkpoint_copy(ws: Path, subs: dict, name: str = "ckpt") -> Path:
+def _checkpoint_copy(ws: Path, subs: dict, name: str = "ckpt", source: str = "ckpt") -> Path:
     import shutil
 
-    return Path(shutil.copytree(subs["ckpt"], ws / name))
+    return Path(shutil.copytree(subs[source], ws / name))
 
 
 def _corrupt(ws: Path, subs: dict, name: str, data: bytes) -> None:
     (_checkpoint_copy(ws, subs) / name).write_bytes(data)
 
 
-def _edit_config(ws: Path, subs: dict, edit) -> None:
+def _edit_config(ws: Path, subs: dict, edit, source: str = "ckpt") -> None:
     import json
 
-    config = _checkpoint_copy(ws, subs) / "config.json"
+    config = _checkpoint_copy(ws, subs, source, source) / "config.json"
     raw = json.loads(config.read_text())
     edit(raw)
     config.write_text(json.dumps(raw))
@@ -145,6 +145,12 @@ SETUPS: dict = {
                                            (Path(subs["ckpt"]) / "model.safetensors").read_bytes()[:5000]),
     "bad_generation_config": lambda ws, subs: _corrupt(ws, subs, "generation_config.json", b"[1, 2"),
     "no_tokenizer": lambda ws, subs: (_checkpoint_copy(ws, subs) / "tokenizer.json").unlink(),
+    "drafter_too_narrow": lambda ws, subs: _edit_config(ws, subs, lambda c: c.update(backbone_hidden_size=96),
+                                                        source="drafter"),
+    "drafter_other_vocab": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(
+        vocab_size=1024), source="drafter"),
+    "drafter_cut_shard": lambda ws, subs: (_checkpoint_copy(ws, subs, "drafter", "drafter") / "model.safetensors")
+    .write_bytes((Path(subs["drafter"]) / "model.safetensors").read_bytes()[:3000]),
 }
 
 M = ["--model", "{ckpt}", "--max-tokens", "2"]
@@ -219,12 +225,31 @@ GENERATE_CASES = [
     Case("memory-limit-unreadable", "generate", M + ["--memory-limit", "lots"], r"--memory-limit: cannot read 'lots'"),
     Case("memory-limit-too-small", "generate", M + ["--memory-limit", "1MB", "--no-quantize"],
          r"the weights alone need .* budget"),
+    Case("num-draft-tokens-0", "generate", M + ["--draft-model", "{drafter}", "--num-draft-tokens", "0"],
+         r"--num-draft-tokens 0: must be a whole number from 1 to 128"),
+    Case("num-draft-tokens-over-slack", "generate", M + ["--draft-model", "{drafter}", "--num-draft-tokens", "500"],
+         r"--num-draft-tokens 500: must be a whole number from 1 to 128 \(what the sliding-window cache can take"),
+    Case("draft-model-missing", "generate", M + ["--draft-model", "{ws}/nowhere"],
+         r"{ws}/nowhere: neither a local directory nor a Hugging Face repo id"),
+    Case("draft-model-is-a-target", "generate", M + ["--draft-model", "{ckpt}"],
+         r"config.json: model_type is 'gemma4_unified', expected 'gemma4_unified_assistant'"),
+    Case("draft-model-too-narrow", "generate", M + ["--draft-model", "{ws}/drafter"],
+         r"{ws}/drafter: this drafter does not fit the target \(backbone_hidden_size 96 != the target's hidden_size 64",
+         setup="drafter_too_narrow"),
+    Case("draft-model-other-vocabulary", "generate", M + ["--draft-model", "{ws}/drafter"],
+         r"{ws}/drafter: this drafter does not fit the target \(vocab_size 1024 != the target's 512",
+         setup="drafter_other_vocab"),
+    Case("draft-model-truncated", "generate", M + ["--draft-model", "{ws}/drafter"],
+         r"drafter/model.safetensors: (corrupt or )?truncated", setup="drafter_cut_shard"),
+    Case("draft-model-auto-unknown", "generate", M + ["--draft-model", "auto"],
+         r"--draft-model auto: no drafter is known for"),
 ]
 
 
 @pytest.mark.parametrize("case", GENERATE_CASES, ids=lambda c: c.id)
-def test_generate_error_table(case, workspace, hf_checkpoint, media_paths):
-    check_case(case, workspace, {"ckpt": str(hf_checkpoint), "ws": str(workspace), **media_paths})
+def test_generate_error_table(case, workspace, hf_checkpoint, drafter_checkpoint, media_paths):
+    check_case(case, workspace, {"ckpt": str(hf_checkpoint), "drafter": str(drafter_checkpoint), "ws": str(workspace),
+                                 **media_paths})
 
 
 # --- the Python API: the same checks, the package's own errors, and the next call works -------
