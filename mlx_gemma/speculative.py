@@ -310,57 +310,53 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
     stats.setdefault("drafted", 0)
     stats.setdefault("accepted", 0)
     embed = model.language_model.model.embed
-    history = list(history)
+    past = mx.array(history, dtype=mx.int32)  # what the logits processors see
 
-    def process(tokens: list, logits: mx.array) -> mx.array:
-        if logits_processors:
-            past = mx.array(tokens)
-            for p in logits_processors:
-                logits = p(past, logits)
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        for p in logits_processors:
+            logits = p(tokens, logits)
         return _log_normalize(logits)
 
-    def pick(logprobs: mx.array) -> mx.array:
-        if sampling is None:
-            return sampler(logprobs)
-        return mx.random.categorical(sampling.logprobs(logprobs))
-
     logits, hidden = first
-    logprobs = process(history, logits[:, -1])
-    y = pick(logprobs)
+    logprobs = process(past, logits[:, -1])
+    y = (sampler(logprobs) if sampling is None else mx.random.categorical(sampling.logprobs(logprobs))).reshape(1)
     h = hidden[:, -1:]
     start = cache[0].offset  # the cache holds the prompt; each yield adds a token after it
     yielded = 0
     try:
         yield int(y.item()), logprobs[0], False
         yielded = 1
-        history.append(int(y.item()))
         while yielded < max_tokens:
+            past = mx.concatenate([past, y])
             k = min(num_draft_tokens, max_tokens - yielded - 1)
             kv, position = model.shared_kv(cache), cache[0].offset
-            drafts, draft_lp, tok = [], [], y.reshape(1, 1)
-            for _ in range(k):
+            drafts, draft_lp, tok = [], [], y[None]
+            for _ in range(k):  # one lazy graph: nothing is read back until the verify pass
                 e = embed(tok)
                 y_d, h = drafter.hidden(mx.concatenate([e, h.astype(e.dtype)], axis=-1), kv, position)
                 if sampling is None:
                     tok = drafter.greedy(y_d)
                 else:
                     # Any proposal keeps the output exact, as long as q is what drafts are drawn from.
-                    q = sampling.logprobs(process(history, drafter.logits(y_d)[:, -1].astype(mx.float32)))
+                    q = sampling.logprobs(process(past, drafter.logits(y_d)[:, -1].astype(mx.float32)))
                     draft_lp.append(q)
-                    tok = mx.random.categorical(q).reshape(1, 1)
+                    tok = mx.random.categorical(q)[None]
                 drafts.append(tok.reshape(1))
-            block = mx.concatenate([y.reshape(1)] + drafts)[None]
-            logits, hidden = model(block, cache=cache, mm_token_type_ids=mx.zeros(block.shape, mx.int32),
+            block = mx.concatenate([y] + drafts)
+            logits, hidden = model(block[None], cache=cache, mm_token_type_ids=mx.zeros((1, k + 1), mx.int32),
                                    return_hidden=True)
-            proposed = block[0, 1:].tolist()
-            rows = mx.concatenate([process(history + proposed[:i], logits[:, i]) for i in range(k + 1)])
+            # Row i predicts the token after block[i]: its processors see the drafts before it.
+            rows = mx.concatenate([process(mx.concatenate([past, block[1:i + 1]]), logits[:, i])
+                                   for i in range(k + 1)])
             if sampling is None:
-                target = sampler(rows).tolist()
+                read = mx.concatenate([sampler(rows).astype(mx.int32), block[1:].astype(mx.int32)]).tolist()
+                target, proposed = read[:k + 1], read[k + 1:]
                 n = 0
                 while n < k and proposed[n] == target[n]:
                     n += 1
                 bonus = target[n]
             else:
+                proposed = block[1:].tolist()
                 n, bonus = _accept(sampling, rows, mx.concatenate(draft_lp) if k else None, proposed)
             for c in cache:
                 c.trim(k - n)
@@ -369,11 +365,10 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
             for i in range(n):
                 yield proposed[i], rows[i], True
                 yielded += 1
-                history.append(proposed[i])
             yield bonus, rows[n], False
             yielded += 1
-            history.append(bonus)
-            y, h = mx.array([bonus]), hidden[:, n:n + 1]
+            past = mx.concatenate([past, block[1:n + 1]])
+            y, h = mx.array([bonus], dtype=mx.int32), hidden[:, n:n + 1]
     finally:
         # A caller that stops inside a round (an end-of-turn token among accepted drafts):
         # the cache must not hold tokens it never saw.
