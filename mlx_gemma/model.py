@@ -305,6 +305,9 @@ class Model(nn.Module):
     def shared_kv(self, cache: list) -> dict:
         """{layer type: (keys, values)} of the last layer of each type, what Gemma 4's MTP
         drafter attends to (spec 8): every cached token of the global layer, the newest
-        `window` of the sliding one (all earlier than the drafter's query)."""
+        `window + 1` of the sliding one (all earlier than the drafter's query). transformers'
+        drafter mask keeps keys at distance <= window (`abs(q - kv) <= sliding_window`, flipped
+        onto the newest keys), i.e. window + 1 of them, one more than a target query sees."""
         last = {s.layer_type: s for s in self.config.text_config.layers}  # the last one of each type
-        return {t: self.layers[s.index].self_attn.cached_kv(cache[s.index], s.window) for t, s in last.items()}
+        return {t: self.layers[s.index].self_attn.cached_kv(cache[s.index], s.window and s.window + 1)
+                for t, s in last.items()}
