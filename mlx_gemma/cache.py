@@ -240,10 +240,12 @@ class SlidingWindowCache(_BaseCache):
 
     @property
     def max_trim(self) -> int:
-        """How many of the latest tokens can be dropped with the window still complete."""
+        """How many of the latest tokens can be dropped keeping `window` of them: the next
+        query's window - 1 past tokens, and, once it is fed, the window + 1 keys the MTP
+        drafter reads (`Model.shared_kv`)."""
         if self._len == self.offset:  # nothing has been evicted yet
             return self._len
-        return max(0, self._len - (self.window - 1))
+        return max(0, self._len - self.window)
 
     def is_trimmable(self) -> bool:
         return True

@@ -215,6 +215,9 @@ def check_fits(config: DrafterConfig, target: TextConfig, source) -> None:
                         f"{target.hidden_size}")
     if d.vocab_size != target.vocab_size:
         problems.append(f"vocab_size {d.vocab_size} != the target's {target.vocab_size}")
+    if any(s.is_sliding for s in d.layers) and d.sliding_window != target.sliding_window:
+        # its mask reaches back its own window over the target's sliding keys
+        problems.append(f"sliding_window {d.sliding_window} != the target's {target.sliding_window}")
     dims = {s.layer_type: (s.head_dim, s.num_kv_heads) for s in target.layers}
     for s in d.layers:
         if s.layer_type not in dims:

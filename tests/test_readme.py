@@ -23,6 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_ID = "google/gemma-4-12B-it"
+DRAFTER_ID = "google/gemma-4-12B-it-assistant"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 RUNNABLE = ("python -m mlx_gemma.", "python -m benchmarks.", "python convert.py", "python quantize.py")
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "python -m pytest")
@@ -59,8 +60,8 @@ def commands(body: str, start: int) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def readme_env(tmp_path_factory):
     """A Hugging Face cache holding `google/gemma-4-12B-it` (a tiny checkpoint converted to the
-    Hub's config form, with room for two images at the largest budget), and a folder with the
-    media files the examples name."""
+    Hub's config form, with room for two images at the largest budget) and its drafter, and a
+    folder with the media files the examples name."""
     import media_files as mf
     import reference
     import soundfile
@@ -76,6 +77,12 @@ def readme_env(tmp_path_factory):
     assert done.returncode == 0, done.stderr
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(REVISION)
+    # Its MTP drafter, as Google publishes it beside the model (transformers' names and config).
+    drafter = root / "hub" / ("models--" + DRAFTER_ID.replace("/", "--"))
+    reference.build_drafter(drafter / "snapshots" / REVISION, backbone_hidden_size=128, head_dim=32,
+                            global_head_dim=64)
+    (drafter / "refs").mkdir()
+    (drafter / "refs" / "main").write_text(REVISION)
     work = root / "work"
     work.mkdir()
     for i, name in enumerate(("photo.jpg", "a.png", "b.png", "a.jpg")):
