@@ -6,6 +6,12 @@ lookup of one row is noise) and the whole KV cache: the sliding layers' last `wi
 the global layers' whole context. A prefill token costs 2 FLOPs per multiply-add of every
 projection, plus attention (QK^T and AV) over the keys it sees; the head runs for the last
 token only.
+
+With MTP (spec 8) a round of K drafts reads the target's weights and KV once (verifying K+1
+tokens costs the bytes of one step) and the drafter's K times: its layers and projections, the
+ordered head's centroids and the table rows of the top centroids only, and the K/V of the two
+target layers it attends to. (Exporting the one-tensor global keys to it, 1 KiB per token each
+way once per round, is left out: ~0.1% of a round at 32K.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from mlx_gemma.config import ModelConfig, TextConfig
 from mlx_gemma.memory import KVOptions, element_bytes
 from mlx_gemma.model import Model
 from mlx_gemma.quantization import QuantSpec, plan
+from mlx_gemma.speculative import Drafter, DrafterConfig
 
 # Published unified-memory bandwidths, GB/s (Apple's spec sheets; the top configuration of each).
 CHIPS = {
@@ -40,15 +47,52 @@ def weight_bytes_min(config: ModelConfig, base: Optional[QuantSpec] = QuantSpec(
                      float_bytes: int = 2) -> float:
     """Bytes of the language-model weights under a quantization policy (None: unquantized),
     from the config alone: the minimum a decode step reads."""
-    model = Model(config)  # lazy: nothing is allocated
+    return _param_bytes(Model(config), is_decode_weight, base, recipe, float_bytes)  # lazy: nothing allocated
+
+
+def _param_bytes(model, keep, base: Optional[QuantSpec], recipe: str, float_bytes: int) -> float:
+    """Bytes of the parameters whose names `keep` accepts, quantized as `plan` says."""
     chosen = plan(model, base, recipe) if base is not None else {}
     total = 0.0
     for name, p in tree_flatten(model.parameters()):
-        if not is_decode_weight(name):
+        if not keep(name):
             continue
         module = name.rsplit(".", 1)[0]
         total += p.size * (chosen[module].bits_per_weight() / 8 if module in chosen else float_bytes)
     return total
+
+
+def drafter_bytes(config: DrafterConfig, base: Optional[QuantSpec] = QuantSpec(), recipe: str = "default",
+                  float_bytes: int = 2) -> float:
+    """Weight bytes one draft step reads: all but the token table and its ordering, plus the
+    rows of the table the head scores (top-k centroids' tokens; the whole table without
+    ordered embeddings)."""
+    drafter = Drafter(config)  # lazy
+    table = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    rest = _param_bytes(drafter, lambda n: n != table and not n.endswith("token_ordering"), base, recipe,
+                        float_bytes)
+    rows = _param_bytes(drafter, lambda n: n == table, base, recipe, float_bytes)
+    if config.use_ordered_embeddings:
+        rows *= config.centroid_intermediate_top_k / config.num_centroids
+    return rest + rows
+
+
+def drafter_kv_bytes(drafter: TextConfig, target: TextConfig, context: int, dtype_bytes: int) -> float:
+    """K/V bytes one draft step reads: each drafter layer attends to the keys and values of the
+    target's last layer of its type (the window of a sliding one)."""
+    last = {s.layer_type: s for s in target.layers}
+    total = 0.0
+    for d in drafter.layers:
+        s = last[d.layer_type]
+        tokens = min(context, s.window) if s.is_sliding else context
+        total += tokens * 2 * s.num_kv_heads * s.head_dim * dtype_bytes
+    return total
+
+
+def tokens_per_round(a: float, k: int) -> float:
+    """Expected tokens from a round of k drafts, each accepted with probability a once the
+    ones before it are: accepted drafts + the target's own token, (1 - a^(k+1)) / (1 - a)."""
+    return k + 1 if a == 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
 def kv_bytes(text: TextConfig, context: int, kv: KVOptions, dtype_bytes: int) -> float:
@@ -83,4 +127,24 @@ def chip_table(weights: float, kv_short: float, kv_long: float, long_context: in
     for chip, bw in CHIPS.items():
         lines.append(f"| {chip} | {bw:g} | {bw * 1e9 / (weights + kv_short):.1f} | "
                      f"{bw * 1e9 / (weights + kv_long):.1f} |")
+    return "\n".join(lines)
+
+
+def mtp_chip_table(target: float, drafter: float, k: int, acceptances) -> str:
+    """Markdown: each chip's decode ceiling without and with MTP at K = k (bandwidth x tokens
+    per round / bytes per round), for target bytes per step and drafter bytes per draft step.
+    The gain is the same on every chip; the last row gives the best K (1-8) for each acceptance."""
+
+    def gain(a, kk):
+        return tokens_per_round(a, kk) * target / (target + kk * drafter)
+
+    head = " | ".join(f"MTP K={k}, a = {a}: {gain(a, k):.2f}x (tok/s)" for a in acceptances)
+    lines = [f"| chip | bandwidth GB/s | plain (tok/s) | {head} |", "|---|---|---|" + "---|" * len(acceptances)]
+    for chip, bw in CHIPS.items():
+        plain = bw * 1e9 / target
+        cells = " | ".join(f"{plain * gain(a, k):.1f}" for a in acceptances)
+        lines.append(f"| {chip} | {bw:g} | {plain:.1f} | {cells} |")
+    best = [max(range(1, 9), key=lambda kk: gain(a, kk)) for a in acceptances]
+    lines.append("| best K | | | " + " | ".join(f"K={kk}: {gain(a, kk):.2f}x" for a, kk in zip(acceptances, best))
+                 + " |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The speed suite runs end to end and reports every field; its roofline arithmetic is right."""
+"""The speed suites run end to end and report every field; their roofline arithmetic is right."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from benchmarks import roofline
-from benchmarks.synthetic import build, synthetic_config
+from benchmarks.synthetic import HUB_CONFIG, build, drafter_config, synthetic_config
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.memory import KVOptions, global_bytes_per_token
 from mlx_gemma.model import Model
+from mlx_gemma.speculative import Drafter, DrafterConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(hidden_size=64, intermediate_size=128)  # real vocabulary, heads and head dims
@@ -105,3 +106,58 @@ def test_quick_profile_runs_on_a_small_vocabulary(hf_checkpoint, tmp_path):
     cases = json.loads((out / "speed.json").read_text())["runs"][0]["cases"]
     assert {c["kind"] for c in cases} == {"prefill", "decode", "image"}
     assert all(c["tokens_per_s"] > 0 for c in cases)
+
+
+def test_speculative_quick_writes_every_row(stand_in, tmp_path):
+    from benchmarks.speculative import ACCEPTANCE, PROFILES
+
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.speculative", "--model", str(stand_in), "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "speculative.json").read_text())
+    meta = report["meta"]
+    for field in ("backend", "chip", "os", "mlx", "mlx_vlm"):
+        assert meta["machine"][field], field
+    assert meta["drafter"]["quantization"] and meta["drafter"]["assumed"]
+    ks = PROFILES["quick"]["ks"]
+    runs = report["runs"]
+    assert list(runs) == ["mlx-gemma", "mlx-vlm"]
+    for name, m in runs.items():
+        assert m["activation_dtype"] == "float32"  # mlx-vlm at ours (CPU backend)
+        assert sorted(map(int, m["verify"])) == [k + 1 for k in ks]
+        assert m["decode"]["median_s"] > 0 and m["draft_step"]["median_s"] > 0
+        assert m["plain_loop"]["tokens_per_s"] > 0 and m["mtp_loop"]["tokens_per_s"] > 0
+        assert 0 <= m["mtp_loop"]["acceptance"] < 0.5  # random weights: the drafter is nearly always wrong
+    assert runs["mlx-gemma"]["kv_export"]["median_s"] > 0 and runs["mlx-vlm"]["head"]["median_s"] > 0
+    assert [r["k"] for r in report["rounds"]] == ks
+    assert all(r["round_ratio"] > 0 for r in report["rounds"])
+    assert [(r["k"], r["a"]) for r in report["tokens_per_s"]] == [(k, a) for k in ks for a in ACCEPTANCE]
+    for r in report["tokens_per_s"]:
+        assert r["tokens_per_round"] == pytest.approx(roofline.tokens_per_round(r["a"], r["k"]))
+        assert r["mlx-gemma"]["tokens_per_s"] > 0 and r["mlx-vlm"]["speedup"] > 0
+    md = (out / "speculative.md").read_text()
+    assert md.count("\n| 1 |") == 2 and "| M4 Max |" in md and "| mlx-vlm | " in md
+
+
+def test_mtp_round_bytes():
+    """A round reads the target once and the drafter K times; a draft step reads all of the
+    drafter but its token table, of which only the top centroids' rows."""
+    assert roofline.tokens_per_round(0.0, 5) == 1 and roofline.tokens_per_round(1.0, 3) == 4
+    assert roofline.tokens_per_round(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    raw = json.loads(HUB_CONFIG.read_text())
+    real = ModelConfig.from_file(HUB_CONFIG).text_config
+    config = DrafterConfig.from_dict(drafter_config(raw))
+    drafter = Drafter(config)
+    sizes = {k: p.size for k, p in tree_flatten(drafter.parameters())}
+    table = sizes.pop("model.embed_tokens.weight")
+    sizes.pop("masked_embedding.token_ordering")
+    rows = table * 32 / 2048
+    unquantized = roofline.drafter_bytes(config, None)
+    assert unquantized == pytest.approx(2 * (sum(sizes.values()) + rows))
+    assert 0.25 * unquantized < roofline.drafter_bytes(config) < 0.3 * unquantized  # 4.5 bits of 16
+    # 3 sliding layers read the window of layer 46's K and V, the full one all of layer 47's.
+    sliding, full = 1024 * 2 * 8 * 256 * 2, 4096 * 2 * 1 * 512 * 2
+    assert roofline.drafter_kv_bytes(config.text_config, real, 4096, 2) == 3 * sliding + full
+    table_md = roofline.mtp_chip_table(1e9, 0.0, 3, (0.5,))
+    assert "1.88x" in table_md and "| M1 | 68.25 | 68.2 | 128.0 |" in table_md
