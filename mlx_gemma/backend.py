@@ -57,6 +57,15 @@ def drafting_pays() -> bool:
     return not on_cpu()
 
 
+def lazy_verify_head() -> bool:
+    """Whether a greedy MTP verify computes the head row by row, stopping at the first rejected
+    draft. On the CPU backend the 262K-token head is about half a step's compute, and rows past
+    a rejection are never needed; on a GPU one matmul over all rows costs what one row does
+    (the head's bytes), and a read-back per row would stall the device
+    (benchmarks/speculative.py)."""
+    return on_cpu()
+
+
 def default_splits() -> int:
     """How many ways to split a matmul: one per core on the CPU backend, else none."""
     return max(1, min(os.cpu_count() or 1, 8)) if on_cpu() else 1

@@ -183,10 +183,15 @@ class LanguageModel(nn.Module):
         h = self.model(h, cache, blocks, vision_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.model.embed_tokens.as_linear(h)  # tied head
+        logits = self.head(h)
+        return (logits, h) if return_hidden else logits
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of final-normed hidden states: the tied embedding, then the softcap."""
+        logits = self.model.embed_tokens.as_linear(h)
         if self.softcap:
             logits = mx.tanh(logits / self.softcap) * self.softcap
-        return (logits, h) if return_hidden else logits
+        return logits
 
 
 VISION_MASKS = ("generate", "forward")

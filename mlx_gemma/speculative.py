@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from .config import TextConfig, _check_fields, _pick
 from .errors import CheckpointError, ConfigError, InputError
+from .backend import lazy_verify_head
 from .cache import DEFAULT_SLIDING_SLACK
 from .model import DecoderLayer, RMSNorm, RoPE
 
@@ -348,27 +349,40 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
             block = mx.concatenate([y] + drafts)
             logits, hidden = model(block[None], cache=cache, mm_token_type_ids=mx.zeros((1, k + 1), mx.int32),
                                    return_hidden=True)
-            # Row i predicts the token after block[i]: its processors see the drafts before it.
-            rows = mx.concatenate([process(mx.concatenate([past, block[1:i + 1]]), logits[:, i])
-                                   for i in range(k + 1)])
-            if sampling is None:
-                read = mx.concatenate([sampler(rows).astype(mx.int32), block[1:].astype(mx.int32)]).tolist()
+
+            def row(i: int, logits_i: mx.array) -> mx.array:
+                # Row i predicts the token after block[i]: its processors see the drafts before it.
+                return process(mx.concatenate([past, block[1:i + 1]]), logits_i)
+
+            if sampling is None and lazy_verify_head():
+                proposed, rows, n = block[1:].tolist(), [], 0
+                while True:  # one row of the head at a time, up to the first disagreement
+                    rows.append(row(n, model.language_model.head(hidden[:, n])))
+                    bonus = int(sampler(rows[-1]).item())
+                    if n == k or bonus != proposed[n]:
+                        break
+                    n += 1
+            elif sampling is None:
+                rows = [row(i, logits[:, i]) for i in range(k + 1)]
+                read = mx.concatenate([sampler(mx.concatenate(rows)).astype(mx.int32),
+                                       block[1:].astype(mx.int32)]).tolist()
                 target, proposed = read[:k + 1], read[k + 1:]
                 n = 0
                 while n < k and proposed[n] == target[n]:
                     n += 1
                 bonus = target[n]
             else:
+                rows = [row(i, logits[:, i]) for i in range(k + 1)]
                 proposed = block[1:].tolist()
-                n, bonus = _accept(sampling, rows, mx.concatenate(draft_lp) if k else None, proposed)
+                n, bonus = _accept(sampling, mx.concatenate(rows), mx.concatenate(draft_lp) if k else None, proposed)
             for c in cache:
                 c.trim(k - n)
             stats["drafted"] += k
             stats["accepted"] += n
             for i in range(n):
-                yield proposed[i], rows[i], True
+                yield proposed[i], rows[i][0], True
                 yielded += 1
-            yield bonus, rows[n], False
+            yield bonus, rows[n][0], False
             yielded += 1
             past = mx.concatenate([past, block[1:n + 1]])
             y, h = mx.array([bonus], dtype=mx.int32), hidden[:, n:n + 1]

@@ -18,9 +18,17 @@ from media_files import noise_image, write_wav
 import reference
 from mlx_gemma.errors import InputError
 from mlx_gemma.generation import ChatSession, Sampling, speculative_generate_step, stream_generate
+from mlx_gemma import speculative
 from mlx_gemma.speculative import _accept
 
 LONG = list(range(30, 30 + 3 * reference.WINDOW))  # wraps the sliding caches
+
+
+@pytest.fixture(params=["lazy-head", "one-head-matmul"])
+def verify_head(request, monkeypatch):
+    """Both ways a greedy verify computes its logits: row by row up to the first rejection (the
+    CPU backend's choice) and one matmul over the block (a GPU's)."""
+    monkeypatch.setattr(speculative, "lazy_verify_head", lambda: request.param == "lazy-head")
 
 
 def greedy(model, processor, prompt, cache=None, **kw):
@@ -55,7 +63,7 @@ class Scripted:
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("cache_kind", [dict(one_tensor=True), dict(one_tensor=False), dict(kv_bits=8, kv_group_size=32)],
                          ids=["one-tensor", "two-tensor", "8-bit"])
-def test_greedy_with_the_drafter_is_greedy_without(model, processor, drafter, k, cache_kind):
+def test_greedy_with_the_drafter_is_greedy_without(model, processor, drafter, k, cache_kind, verify_head):
     plain = greedy(model, processor, LONG, cache=model.make_cache(**cache_kind))
     drafted = greedy(model, processor, LONG, cache=model.make_cache(**cache_kind), draft_model=drafter,
                      num_draft_tokens=k)
@@ -64,7 +72,7 @@ def test_greedy_with_the_drafter_is_greedy_without(model, processor, drafter, k,
 
 @pytest.mark.parametrize("wrong", [False, True], ids=["oracle", "adversary"])
 @pytest.mark.parametrize("k", [1, 3, 6])
-def test_oracle_is_accepted_in_full_and_adversary_never(model, processor, k, wrong):
+def test_oracle_is_accepted_in_full_and_adversary_never(model, processor, k, wrong, verify_head):
     prompt = LONG
     plain = greedy(model, processor, prompt)
     scripted = Scripted(model, prompt + plain + [0] * 8, wrong=wrong)
@@ -86,7 +94,7 @@ def test_oracle_is_accepted_in_full_and_adversary_never(model, processor, k, wro
 
 @pytest.mark.parametrize("cache_kind", [dict(one_tensor=True), dict(kv_bits=8, kv_group_size=32)],
                          ids=["one-tensor", "8-bit"])
-def test_partly_accepted_rounds_trim_the_rest(model, processor, cache_kind):
+def test_partly_accepted_rounds_trim_the_rest(model, processor, cache_kind, verify_head):
     """Rounds of 6 whose 3rd draft is wrong: 2 accepted, 4 trimmed, from wrapped sliding caches."""
     plain = greedy(model, processor, LONG, cache=model.make_cache(**cache_kind))
     mixed = Scripted(model, LONG + plain + [0] * 8, wrong_every=3)
@@ -104,7 +112,7 @@ def test_media_prompts_draft_after_prefill(model, processor, drafter, tmp_path):
         assert greedy(model, processor, "describe this", draft_model=drafter, num_draft_tokens=3, **media) == plain
 
 
-def test_chat_keeps_drafting_across_turns(model, processor, drafter):
+def test_chat_keeps_drafting_across_turns(model, processor, drafter, verify_head):
     turns = ["hello there", "and then?", "the end"]
     plain, drafted = ChatSession(model, processor), ChatSession(model, processor)
     for text in turns:
