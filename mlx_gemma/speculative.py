@@ -215,6 +215,18 @@ def check_fits(drafter: Drafter, target) -> None:
         raise CheckpointError(f"{drafter.source}: this drafter does not fit the target ({'; '.join(problems[:2])})")
 
 
+def read_config(path: Path) -> DrafterConfig:
+    """The config of the drafter checkpoint directory `path` (what the memory plan reads too)."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json (not a drafter checkpoint directory)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
+    return DrafterConfig.from_dict(raw, str(config_file))
+
+
 def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, None] = "auto",
                  target=None) -> Drafter:
     """A `gemma4_unified_assistant` checkpoint (Hub or mlx-vlm layout, quantized or not);
@@ -223,14 +235,7 @@ def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, Non
     from .loading import build_model, load_weights, resolve_model_path
 
     path = resolve_model_path(path_or_repo)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path}: no config.json (not a drafter checkpoint directory)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
-    config = DrafterConfig.from_dict(raw, str(config_file))
+    config = read_config(path)
     weights = load_weights(path, rename=rename)
     if "masked_embedding.token_ordering" in weights:  # stored as int64 by transformers
         weights["masked_embedding.token_ordering"] = weights["masked_embedding.token_ordering"].astype(mx.int32)
