@@ -1,6 +1,6 @@
-"""Checkpoint in, checkpoint out: reading an unquantized source and writing an MLX checkpoint
-directory without ever losing a file. Both CLIs (convert, quantize) and the quantize-on-pull
-cache write through `write_checkpoint`.
+"""Checkpoint in, checkpoint out: reading an unquantized source (a target or its MTP drafter) and
+writing an MLX checkpoint directory without ever losing a file. Both CLIs (convert, quantize) and
+the quantize-on-pull cache write through `write_checkpoint`.
 
 Output: safetensors shards of at most 5 GB with `model.safetensors.index.json`, config.json,
 the tokenizer / chat template / processor / generation files of the source, and a manifest
@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from tqdm import tqdm
 
 from .backend import DTYPES
 from .config import ModelConfig, hub_form
-from .errors import CheckpointError, InputError
-from .loading import check_weights, load_weights, resolve_model_path
+from . import speculative
+from .errors import CheckpointError, ConfigError, InputError
+from .loading import check_weights, load_weights, resolve_model_path, sanitize
 from .model import Model
 from .quantization import QuantSpec, check_recipe, plan, quantization_entry, quantize, quantized_size
 
@@ -45,20 +47,35 @@ SIDE_FILE_SUFFIXES = {".json", ".jinja", ".model", ".txt"}
 # --- reading ---------------------------------------------------------------------------------
 
 
-def read_source(hf_path: str) -> tuple[Path, ModelConfig, dict, dict[str, mx.array]]:
-    """Resolve and check an unquantized source checkpoint: (dir, config, raw config, lazy weights)."""
+def _read_config(config_file: Path):
+    """(config, model class, tensor renaming, raw config.json) of a checkpoint: the target, or
+    its MTP drafter (`gemma4_unified_assistant`), told apart by model_type."""
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
+    if isinstance(raw, dict) and raw.get("model_type") == speculative.MODEL_TYPE:
+        config = speculative.DrafterConfig.from_dict(raw, str(config_file))
+        return config, speculative.Drafter, speculative.rename, raw
+    return ModelConfig.from_dict(raw, str(config_file)), Model, sanitize, raw
+
+
+def read_source(hf_path: str) -> tuple[Path, nn.Module, dict, dict[str, mx.array]]:
+    """Resolve and check an unquantized source checkpoint: (dir, its model (parameters not
+    loaded; `.config` its config), raw config, lazy weights)."""
     src = resolve_model_path(hf_path)
     config_file = src / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{src}: no config.json (not a model checkpoint directory)")
-    config = ModelConfig.from_file(config_file)
+    config, cls, rename, raw = _read_config(config_file)
     if config.quantization:
         raise InputError(f"{src}: already quantized ({config.quantization.get('bits')}-bit); "
                          "start from the unquantized checkpoint")
     # Shard-by-shard progress only on a terminal: a log or a pipe gets the one-line outcome.
-    weights = load_weights(src, progress=sys.stderr.isatty())
-    check_weights(Model(config), weights, src)
-    return src, config, hub_form(json.loads(config_file.read_text())), weights
+    weights = load_weights(src, progress=sys.stderr.isatty(), rename=rename)
+    model = cls(config)
+    check_weights(model, weights, src)
+    return src, model, hub_form(raw), weights
 
 
 def drain(weights: dict[str, mx.array]):
@@ -279,8 +296,8 @@ def quantize_checkpoint(src: str, out: str, bits: int = 4, group_size: Optional[
     check_recipe(recipe)
     dst = Path(out).expanduser()
     check_destination(dst, force)
-    src_dir, config, raw_config, weights = read_source(src)
-    chosen = plan(Model(config), base, recipe)
+    src_dir, model, raw_config, weights = read_source(src)
+    chosen = plan(model, base, recipe)
     total = sum(v.nbytes for v in weights.values())
 
     def tensors():

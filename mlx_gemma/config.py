@@ -318,7 +318,8 @@ def hub_form(raw: dict) -> dict:
     overrides = text.get("per_layer_config")
     if not overrides:
         return raw
-    cfg = TextConfig(**_pick(TextConfig, text))
+    # A drafter's num_kv_shared_layers (all its layers) says nothing about which layers are global.
+    cfg = TextConfig(**_pick(TextConfig, {k: v for k, v in text.items() if k != "num_kv_shared_layers"}))
     full = {s.index for s in cfg.layers if s.layer_type == FULL}
     values = {tuple(sorted(v.items())) for v in overrides.values()}
     if {int(k) for k in overrides} != full or len(values) != 1:
@@ -331,6 +332,6 @@ def hub_form(raw: dict) -> dict:
     if "num_key_value_heads" in o:
         text["num_global_key_value_heads"] = o["num_key_value_heads"]
     out = dict(raw, text_config=text)
-    folded = TextConfig(**_pick(TextConfig, text)).layers
+    folded = TextConfig(**_pick(TextConfig, dict(text, num_kv_shared_layers=0))).layers
     return out if [(s.head_dim, s.num_kv_heads) for s in folded] == \
         [(s.head_dim, s.num_kv_heads) for s in cfg.layers] else raw

@@ -15,6 +15,7 @@ import mlx.core as mx
 from .config import FULL, SLIDING, ModelConfig, TextConfig
 from .errors import InputError
 from .loading import SAFETENSORS_DTYPE_BYTES, read_safetensors_header, weight_files
+from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DrafterConfig, read_config, rename
 
 # Decimal units as mlx-lm and macOS print them (1 GB = 1e9 bytes); KiB/MiB/GiB/TiB are binary.
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -60,6 +61,12 @@ def tensor_bytes(path: Path) -> dict[str, int]:
 
 def weight_bytes(path: Path) -> int:
     return sum(tensor_bytes(path).values())
+
+
+def drafter_bytes(path: Path) -> int:
+    """Bytes of the MTP drafter checkpoint at `path`, as weight_bytes counts a target's: the
+    tensors load_drafter keeps (its int64 token ordering, held as int32, at its stored size)."""
+    return sum(n for name, n in tensor_bytes(path).items() if rename(name) is not None)
 
 
 def activation_dtype_bytes(path: Path) -> int:
@@ -150,6 +157,52 @@ def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: in
     return scores + mlp + stream + derived + logits
 
 
+@dataclass
+class DraftPlan:
+    """Speculative decoding in a plan: the drafter's config (speculative.read_config), its
+    weights (drafter_bytes) and the drafts per round, K."""
+    config: DrafterConfig
+    weights: int
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+
+    def __post_init__(self):
+        k = self.num_draft_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"--num-draft-tokens {k!r}: must be a whole number, at least 1")
+
+
+def draft_plan(path: Path, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS) -> DraftPlan:
+    """The DraftPlan of the drafter checkpoint directory `path`, from its config and safetensors
+    headers (nothing is loaded)."""
+    return DraftPlan(read_config(path), drafter_bytes(path), num_draft_tokens)
+
+
+def draft_activation_bytes(text: TextConfig, draft: DraftPlan, context: int, dtype_bytes: int,
+                           kv: KVOptions) -> int:
+    """Temporaries of a speculative round that a plain decode step does not have."""
+    d, k = draft.config.text_config, draft.num_draft_tokens
+    # The verify block's K+1 rows of float32 logits over the whole vocabulary, their processed
+    # copies and (sampling) their sampling log-probs, and the K draft distributions q kept for
+    # the acceptance test: the big term for a 262,144-token vocabulary.
+    verify = (3 * (k + 1) + k) * text.vocab_size * 4
+    # One drafter step: a few vectors (the 2 x backbone input, q, the MLP), its attention scores
+    # over the target's keys, its head's logits (the candidates' rows; full-vocabulary logits
+    # when sampling).
+    width = max(2 * draft.config.backbone_hidden_size, d.intermediate_size,
+                d.num_attention_heads * max(s.head_dim for s in d.layers))
+    scores = 2 * d.num_attention_heads * context * dtype_bytes
+    rows = draft.config.centroid_intermediate_top_k * (d.vocab_size // draft.config.num_centroids) \
+        if draft.config.use_ordered_embeddings else 0
+    head = rows * (d.hidden_size + 1) * dtype_bytes + 2 * d.vocab_size * 4
+    # The target's K/V the drafter reads (Model.shared_kv), held for the whole round: derived
+    # keys of a one-tensor cache, dequantized values of a quantized one.
+    shared = 0
+    if kv.one_tensor or kv.bits:
+        last = {s.layer_type: s for s in text.layers}.values()
+        shared = sum(2 * min(context, s.window or context) * s.num_kv_heads * s.head_dim * dtype_bytes for s in last)
+    return verify + 8 * width * dtype_bytes + scores + head + shared
+
+
 def human(n: float) -> str:
     """Bytes in decimal units, as mlx-lm prints them (1 GB = 1e9 bytes)."""
     if n >= 0.1 * GB:
@@ -166,22 +219,35 @@ class Plan:
     global_total: int
     activations: int
     budget: int
+    draft: Optional[DraftPlan] = None
+    draft_activations: int = 0
+
+    @property
+    def drafter_weights(self) -> int:
+        return self.draft.weights if self.draft else 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.sliding + self.global_total + self.activations
+        # Draft activations are added to the prefill peak though the two never coexist: safe,
+        # and by at most that row.
+        return self.weights + self.sliding + self.global_total + self.activations + \
+            self.drafter_weights + self.draft_activations
 
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
 
     def rows(self) -> list[tuple[str, str]]:
+        draft = [] if self.draft is None else [
+            ("drafter weights", human(self.drafter_weights)),
+            ("draft activations", f"{human(self.draft_activations)} (K = {self.draft.num_draft_tokens})")]
         return [("context (tokens)", f"{self.context:,}"),
                 ("weights", human(self.weights)),
                 ("sliding-window KV (bounded)", human(self.sliding)),
                 ("global KV per token", human(self.global_per_token)),
                 ("global KV at this context", human(self.global_total)),
                 ("activations (peak, prefill chunk)", human(self.activations)),
+                *draft,
                 ("total", human(self.total)),
                 ("budget", human(self.budget)),
                 ("fits", "yes" if self.fits else "no")]
@@ -191,7 +257,8 @@ class Plan:
 
 
 def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: KVOptions,
-              dtype_bytes: int = 2, step: int = 512) -> Plan:
+              dtype_bytes: int = 2, step: int = 512, draft: Optional[DraftPlan] = None) -> Plan:
+    """`draft`: speculative decoding's drafter and K, counted when given."""
     text = config.text_config
     kv.check(text)
     per_token = global_bytes_per_token(text, kv, dtype_bytes)
@@ -199,17 +266,18 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
     chunk = prefill_chunk(text, context, step, dtype_bytes)
     return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
                 global_per_token=per_token, global_total=int(per_token * allocated),
-                activations=activation_bytes(text, chunk, context, dtype_bytes, kv), budget=budget)
+                activations=activation_bytes(text, chunk, context, dtype_bytes, kv), budget=budget, draft=draft,
+                draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
 
 
 def longest_context(config: ModelConfig, weights: int, budget: int, kv: KVOptions, dtype_bytes: int = 2,
-                    step: int = 512, most: Optional[int] = None) -> int:
+                    step: int = 512, most: Optional[int] = None, draft: Optional[DraftPlan] = None) -> int:
     """The longest context (prompt + reply, tokens) whose plan fits `budget`, at most `most`
     (default: the model's max_position_embeddings); 0 when not even one token fits."""
     lo, hi = 0, config.text_config.max_position_embeddings if most is None else most
     while lo < hi:  # fitting is monotonic in the context: binary search
         mid = (lo + hi + 1) // 2
-        if make_plan(config, weights, mid, budget, kv, dtype_bytes, step).fits:
+        if make_plan(config, weights, mid, budget, kv, dtype_bytes, step, draft).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -217,24 +285,28 @@ def longest_context(config: ModelConfig, weights: int, budget: int, kv: KVOption
 
 
 def refusal(plan: Plan, config: ModelConfig, kv: KVOptions, dtype_bytes: int = 2, step: int = 512) -> str:
-    """One line saying what needs changing for a plan that does not fit."""
-    fixes = []
-    if plan.weights > plan.budget:
-        minimum = make_plan(config, plan.weights, 1, plan.budget, kv, dtype_bytes, step).total
-        return (f"the weights alone need {human(plan.weights)}, budget {human(plan.budget)}: the memory "
+    """One line saying what needs changing for a plan that does not fit (its drafter included)."""
+    fixes, draft = [], plan.draft
+    weights = plan.weights + plan.drafter_weights
+    if weights > plan.budget:
+        minimum = make_plan(config, plan.weights, 1, plan.budget, kv, dtype_bytes, step, draft).total
+        theirs = f" ({human(plan.drafter_weights)} of them the drafter's)" if draft else ""
+        return (f"the weights alone need {human(weights)}{theirs}, budget {human(plan.budget)}: the memory "
                 f"limit must be at least {human(minimum)} (or quantize the weights: python -m mlx_gemma.quantize)")
     for bits in (8, 4):
         if kv.bits is None or bits < kv.bits:
             alt = KVOptions(kv.one_tensor, bits, kv.group_size, kv.quantized_start, kv.sliding_slack)
             try:
-                fits = make_plan(config, plan.weights, plan.context, plan.budget, alt, dtype_bytes, step).fits
+                fits = make_plan(config, plan.weights, plan.context, plan.budget, alt, dtype_bytes, step, draft).fits
             except InputError:  # that group size does not suit this model's head dims
                 fits = False
             if fits:
                 fixes.append(f"--kv-bits {bits}")
                 break
-    lo = longest_context(config, plan.weights, plan.budget, kv, dtype_bytes, step, plan.context)
+    lo = longest_context(config, plan.weights, plan.budget, kv, dtype_bytes, step, plan.context, draft)
     if lo > 0:
         fixes.append(f"--max-kv-size {lo}")
     advice = " or ".join(fixes) if fixes else "a larger --memory-limit"
+    if draft and make_plan(config, plan.weights, plan.context, plan.budget, kv, dtype_bytes, step).fits:
+        advice += " (or drop --draft-model)"
     return f"needs {human(plan.total)}, budget {human(plan.budget)}: use {advice}"

@@ -31,6 +31,11 @@ MULTIMODAL_PREFIXES = ("vision_embedder.", "embed_vision.", "embed_audio.")
 # their scales, which mxfp4 stores as uint8: quantized_matmul then refuses every image and
 # audio prompt. Under mxfp4 they are stored affine instead.
 PROJECTORS = ("embed_vision.embedding_projection", "embed_audio.embedding_projection")
+# The MTP drafter's modules (speculative.Drafter; no target path starts so), its tied head and
+# the centroids that pick the ordered head's candidates.
+DRAFTER_PREFIXES = ("model.", "pre_projection", "post_projection", "lm_head", "masked_embedding.")
+DRAFTER_EMBEDDING = "model.embed_tokens"
+CENTROIDS = "masked_embedding.centroids"
 MODE_GROUP_SIZE = {"affine": 64, "mxfp4": 32}  # the group size a mode gets when none is asked for
 
 
@@ -80,11 +85,20 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def module_spec(path: str, base: QuantSpec, recipe: str) -> Optional[QuantSpec]:
-    """How the module at `path` (a Linear or the Embedding) is stored under `recipe`;
-    None keeps it in floating point."""
+    """How the module at `path` (a Linear or an Embedding, of the target or of its MTP drafter)
+    is stored under `recipe`; None keeps it in floating point."""
     check_recipe(recipe)
     multimodal = path.startswith(MULTIMODAL_PREFIXES)
     eight = QuantSpec(8, base.group_size if base.mode == "affine" else 64, "affine")
+    if path.startswith(DRAFTER_PREFIXES) and recipe != "small":
+        # The drafter's errors cost accepted drafts and its bytes are few: 8-bit keeps 0.90 greedy
+        # agreement where 4-bit layers or table give 0.22 / 0.73 (benchmarks/drafter_quant.py); the
+        # tiny centroids pick the candidates and stay exact. --bits reaches it under "small" only.
+        if path == CENTROIDS:
+            return None
+        if recipe == "quality" and path not in (DRAFTER_EMBEDDING, "lm_head"):
+            return None
+        return eight
     if recipe == "small":
         if base.mode == "mxfp4" and path in PROJECTORS:
             return QuantSpec(base.bits, base.group_size, "affine")  # as small, and servable

@@ -195,6 +195,7 @@ def rename(name: str) -> Optional[str]:
 
 
 def read_config(path: Path) -> DrafterConfig:
+    """The config of the drafter checkpoint directory `path` (what the memory plan reads too)."""
     config_file = Path(path) / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a drafter checkpoint directory)")

@@ -86,8 +86,10 @@ def processor(loaded):
 
 @pytest.fixture(scope="session")
 def drafter_checkpoint(tmp_path_factory) -> Path:
-    """A tiny MTP drafter (transformers' gemma4_unified_assistant) fitting `hf_checkpoint`."""
-    return reference.build_drafter(tmp_path_factory.mktemp("drafter") / "tiny-assistant")
+    """A tiny ordered-head MTP drafter fitting `hf_checkpoint` (its widths divisible by the
+    default group size 64, so it quantizes)."""
+    return reference.build_drafter(tmp_path_factory.mktemp("drafter") / "tiny-drafter", ordered=True,
+                                   hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +97,15 @@ def drafter(drafter_checkpoint, model):
     from mlx_gemma.speculative import load_drafter
 
     return load_drafter(drafter_checkpoint, target=model)
+
+
+def draft_step(drafter, model, ids):
+    """(logits, h_next) of the first draft step after `model` has read `ids`: the drafter's
+    input is the last token's embedding and hidden state, its keys the target's cache."""
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    _, hidden = model(ids, cache=cache, return_hidden=True)
+    e = model.language_model.model.embed(ids[:, -1:])
+    return drafter(mx.concatenate([e, hidden[:, -1:].astype(e.dtype)], axis=-1), model.shared_kv(cache),
+                   cache[0].offset)

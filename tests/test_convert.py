@@ -14,10 +14,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import draft_step
 from mlx_gemma.checkpoint import MARKER
 from mlx_gemma.checkpoint import convert
 from mlx_gemma.errors import CheckpointError, InputError
 from mlx_gemma.loading import load, load_weights
+from mlx_gemma.speculative import load_drafter, rename
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = mx.array([[2] + list(range(30, 90))])
@@ -232,3 +234,43 @@ def test_ctrl_c_while_the_output_is_swapped_in_waits_for_the_swap(hf_checkpoint,
     convert(str(hf_checkpoint), str(out), force=True)  # complete: the signal is not acted on after it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+# --- the MTP drafter -------------------------------------------------------------------------
+
+
+def test_drafter_round_trip_gives_identical_logits(model, drafter_checkpoint, tmp_path):
+    out = convert(str(drafter_checkpoint), str(tmp_path / "drafter"))
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma4_unified_assistant"
+    source, converted = (load_drafter(p, target=model) for p in (drafter_checkpoint, out))
+    for a, b in zip(draft_step(converted, model, IDS), draft_step(source, model, IDS)):
+        assert np.array_equal(np.array(a), np.array(b))
+
+
+def test_cli_casts_a_drafter_but_not_its_token_ordering(drafter_checkpoint, tmp_path):
+    out = tmp_path / "bf16"
+    run = cli("--hf-path", str(drafter_checkpoint), "--mlx-path", str(out), "--dtype", "bfloat16")
+    assert run.returncode == 0, run.stderr
+    weights = load_weights(out, rename=rename)
+    ordering = weights.pop("masked_embedding.token_ordering")
+    assert ordering.dtype == mx.int64  # as stored: an index, never cast
+    assert mx.array_equal(ordering, load_weights(drafter_checkpoint, rename=rename)["masked_embedding.token_ordering"])
+    assert {v.dtype for v in weights.values()} == {mx.bfloat16}
+
+
+@pytest.mark.parametrize("module", ["convert", "quantize"])
+def test_drafter_with_a_missing_weight_is_one_line(drafter_checkpoint, tmp_path, module):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in drafter_checkpoint.iterdir():
+        if f.suffix != ".safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_weights(drafter_checkpoint, rename=lambda name: name)
+    del weights["post_projection.weight"]
+    mx.save_safetensors(str(broken / "model.safetensors"), weights)
+    flags = ["--hf-path", str(broken), "--mlx-path", "out"] if module == "convert" else \
+        ["--model", str(broken), "--out", "out"]
+    run = subprocess.run([sys.executable, "-m", f"mlx_gemma.{module}", *flags], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert run.returncode == 1 and run.stderr == f"error: {broken}: missing weight post_projection.weight\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

@@ -15,8 +15,8 @@ from mlx_gemma.cache import GlobalCache, SlidingWindowCache
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError
 from mlx_gemma.loading import load_model
-from mlx_gemma.memory import (KVOptions, global_bytes_per_token, make_plan, prefill_chunk, sliding_bytes,
-                              weight_bytes)
+from mlx_gemma.memory import (DraftPlan, KVOptions, draft_plan, drafter_bytes, global_bytes_per_token,
+                              longest_context, make_plan, prefill_chunk, refusal, sliding_bytes, weight_bytes)
 
 REPO = Path(__file__).resolve().parent.parent
 W = reference.WINDOW
@@ -180,3 +180,50 @@ def test_max_kv_size_caps_the_reply(hf_checkpoint, processor):
                 "--temp", "0")
     assert r.returncode == 0, r.stderr
     assert int(re.search(r"Generation: (\d+) tokens", r.stdout).group(1)) <= 3
+
+
+# --- the drafter in the plan -------------------------------------------------------------------
+
+
+def test_drafter_bytes_are_what_load_drafter_holds(drafter_checkpoint):
+    from mlx.utils import tree_flatten
+    from mlx_gemma.speculative import load_drafter
+
+    held = sum(p.nbytes for _, p in tree_flatten(load_drafter(drafter_checkpoint, dtype=None).parameters()))
+    # the token ordering is stored as int64 and held as int32: counted at its stored size
+    assert drafter_bytes(drafter_checkpoint) == held + 4 * reference.VOCAB
+
+
+def test_plan_counts_the_drafter(drafter_checkpoint):
+    cfg = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
+    tiny = draft_plan(drafter_checkpoint)
+    draft = DraftPlan(tiny.config, 400 * 10**6, 3)  # its config at a 12B drafter's size
+    plain = make_plan(cfg, 6 * 10**9, 8192, 10**10, KVOptions())
+    with_draft = make_plan(cfg, 6 * 10**9, 8192, 10**10, KVOptions(), draft=draft)
+    rows = dict(with_draft.rows())
+    assert rows["drafter weights"] == "0.40 GB" and rows["draft activations"].endswith("(K = 3)")
+    assert "drafter weights" not in dict(plain.rows())
+    assert with_draft.total == plain.total + draft.weights + with_draft.draft_activations
+    # the verify block: (K + 1) rows of float32 logits over 262,144 tokens, and a few copies
+    assert 4 * 262_144 * 4 < with_draft.draft_activations < 100 * 10**6
+    more = make_plan(cfg, 6 * 10**9, 8192, 10**10, KVOptions(), draft=DraftPlan(tiny.config, draft.weights, 7))
+    assert more.draft_activations - with_draft.draft_activations == 4 * (3 + 1) * 262_144 * 4
+
+
+def test_drafter_shortens_the_context_and_the_refusal_says_so(drafter_checkpoint):
+    cfg = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
+    draft = DraftPlan(draft_plan(drafter_checkpoint).config, 400 * 10**6)
+    kv, weights, budget = KVOptions(bits=8), 6 * 10**9, 10 * 10**9
+    alone, drafted = (longest_context(cfg, weights, budget, kv, draft=d) for d in (None, draft))
+    assert 0 < drafted < alone
+    plan = make_plan(cfg, weights, alone, budget, kv, draft=draft)
+    assert not plan.fits
+    assert re.fullmatch(rf"needs [\d.]+ GB, budget 10.00 GB: use --kv-bits 4 or --max-kv-size {drafted} "
+                        r"\(or drop --draft-model\)", refusal(plan, cfg, kv))
+    heavy = make_plan(cfg, weights, 1000, budget, kv, draft=DraftPlan(draft.config, 5 * 10**9))
+    assert refusal(heavy, cfg, kv).startswith("the weights alone need 11.00 GB (5.00 GB of them the drafter's), ")
+
+
+def test_bad_number_of_draft_tokens(drafter_checkpoint):
+    with pytest.raises(InputError, match=r"^--num-draft-tokens 0: must be a whole number, at least 1$"):
+        draft_plan(drafter_checkpoint, 0)

@@ -331,3 +331,56 @@ def test_generate_refuses_a_copy_that_would_not_fit_before_making_it(quant_sourc
     assert re.fullmatch(r"error: needs [\d.]+ MB, budget 2.0 MB: use a larger --memory-limit\n", four_bit.stderr)
     assert as_is.stderr.startswith("error: the weights alone need 8.0 MB, budget 2.0 MB")
     assert not (tmp_path / "cache").exists()  # refused before minutes were spent making the copy
+
+
+# --- the MTP drafter -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_drafter(drafter_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qd") / "drafter-q"
+    r = run("mlx_gemma.quantize", "--model", str(drafter_checkpoint), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_quantized_drafter_loads_and_stays_close(model, drafter_checkpoint, quantized_drafter):
+    from mlx.utils import tree_flatten
+
+    from conftest import draft_step
+    from mlx_gemma.memory import drafter_bytes
+    from mlx_gemma.speculative import load_drafter, rename
+
+    entry = json.loads((quantized_drafter / "config.json").read_text())["quantization"]
+    assert (entry["bits"], entry["group_size"], entry["mode"]) == (4, 64, "affine")
+    source, drafter = (load_drafter(p, target=model) for p in (drafter_checkpoint, quantized_drafter))
+    bits = {p: m.bits for p, m in drafter.named_modules() if hasattr(m, "bits")}
+    assert bits and all(entry[p]["bits"] == b for p, b in bits.items())  # per-module overrides, mlx-lm style
+    stored, original = load_weights(quantized_drafter, rename=rename), load_weights(drafter_checkpoint, rename=rename)
+    ordering = stored["masked_embedding.token_ordering"]
+    assert ordering.dtype == mx.int64 and mx.array_equal(ordering, original["masked_embedding.token_ordering"])
+    (logits, h), (ref_logits, ref_h) = draft_step(drafter, model, IDS), draft_step(source, model, IDS)
+    logits, ref_logits = np.array(logits), np.array(ref_logits)
+    err = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
+    record_parity("default-recipe drafter vs unquantized, draft logits", err)
+    assert err <= 0.05 and (logits.argmax(-1) == ref_logits.argmax(-1)).all()
+    assert float(mx.linalg.norm(h - ref_h) / mx.linalg.norm(ref_h)) <= 0.05
+    # what the memory plan counts: the bytes held (the int64 ordering at its stored size)
+    held = sum(p.nbytes for _, p in tree_flatten(load_drafter(quantized_drafter, dtype=None).parameters()))
+    assert drafter_bytes(quantized_drafter) == held + 4 * ordering.size
+
+
+@pytest.mark.parametrize("recipe, bits_of", [
+    ("small", lambda path: 4),
+    ("default", lambda path: None if path == "masked_embedding.centroids" else 8),
+    ("quality", lambda path: 8 if path == "model.embed_tokens" else None),
+])
+def test_drafter_recipes(drafter_checkpoint, recipe, bits_of):
+    from mlx_gemma.quantization import plan
+    from mlx_gemma.speculative import Drafter, read_config
+
+    drafter = Drafter(read_config(drafter_checkpoint))
+    paths = [p for p, m in drafter.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert "masked_embedding.centroids" in paths and "model.embed_tokens" in paths
+    chosen = plan(drafter, QuantSpec(), recipe)
+    assert {p: s.bits for p, s in chosen.items()} == {p: bits_of(p) for p in paths if bits_of(p)}
