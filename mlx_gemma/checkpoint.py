@@ -75,7 +75,11 @@ def read_source(hf_path: str) -> tuple[Path, nn.Module, dict, dict[str, mx.array
     weights = load_weights(src, progress=sys.stderr.isatty(), rename=rename)
     model = cls(config)
     check_weights(model, weights, src)
-    return src, model, hub_form(raw), weights
+    raw = hub_form(raw)
+    drafter = speculative.drafter_of(hf_path, src, raw) if cls is Model else None
+    if drafter:  # what `--draft-model auto` finds for the converted checkpoint
+        raw["draft_model"] = drafter
+    return src, model, raw, weights
 
 
 def drain(weights: dict[str, mx.array]):

@@ -221,9 +221,9 @@ def draft_model_path(args, path: Path, config) -> Optional[Path]:
     check_num_draft_tokens(args.num_draft_tokens)
     raw = json.loads((path / "config.json").read_text())
     if choice is None:
-        found = find_drafter(args.model, raw, download=False) if drafting_pays() else None
+        found = find_drafter(args.model, path, raw, download=False) if drafting_pays() else None
     elif choice == "auto":
-        found = find_drafter(args.model, raw, download=True)
+        found = find_drafter(args.model, path, raw, download=True)
         if found is None:
             raise InputError(f"--draft-model auto: no drafter is known for {args.model} (give its path or repo id)")
     else:
@@ -241,8 +241,8 @@ def run(args) -> None:
                              stream_generate)
     from .checkpoint import pull_estimate, quantized_copy
     from .loading import load_model, resolve_model_path
-    from .memory import (KVOptions, activation_dtype_bytes, human, longest_context, make_plan, memory_budget,
-                         prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
+    from .memory import (KVOptions, activation_dtype_bytes, draft_plan, human, longest_context, make_plan,
+                         memory_budget, prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
     from .prompt import MediaOptions, Processor
 
     check_count("--max-tokens", args.max_tokens)
@@ -281,26 +281,27 @@ def run(args) -> None:
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
         return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,
-                               args.prefill_step_size, most)
+                               args.prefill_step_size, most, draft)
 
     dtype_bytes = run_dtype_bytes(path, config, args.dtype)
     kv = kv_options(args)
+    draft = draft_plan(drafter_path, args.num_draft_tokens) if drafter_path is not None else None
     if args.chat and args.max_kv_size is None:
         context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
-    plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
+    plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
         # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
         # 4-bit copy, made only if the config says it will fit; if not, the refusal below is about it.
         q_config, q_bytes = pull_estimate(config, activation_dtype_bytes(path))
         if make_plan(q_config, q_bytes, context, budget, kv, run_dtype_bytes(path, q_config, args.dtype),
-                     args.prefill_step_size).fits:
+                     args.prefill_step_size, draft).fits:
             path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
             q_config, q_bytes = ModelConfig.from_file(path / "config.json"), weight_bytes(path)
         config, dtype_bytes = q_config, run_dtype_bytes(path, q_config, args.dtype)
-        plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size)
+        plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context
-        plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
+        plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if args.plan:
         print(plan.table())
         return

@@ -31,9 +31,9 @@ MULTIMODAL_PREFIXES = ("vision_embedder.", "embed_vision.", "embed_audio.")
 # their scales, which mxfp4 stores as uint8: quantized_matmul then refuses every image and
 # audio prompt. Under mxfp4 they are stored affine instead.
 PROJECTORS = ("embed_vision.embedding_projection", "embed_audio.embedding_projection")
-# The MTP drafter's modules (speculative.Drafter; no target path starts so), its tied head and
-# the centroids that pick the ordered head's candidates.
-DRAFTER_PREFIXES = ("model.", "pre_projection", "post_projection", "lm_head", "masked_embedding.")
+# The MTP drafter's modules (speculative.Drafter; no target path starts so), its embedding (the
+# tied head) and the centroids that pick the ordered head's candidates.
+DRAFTER_PREFIXES = ("model.", "pre_projection", "post_projection", "masked_embedding.")
 DRAFTER_EMBEDDING = "model.embed_tokens"
 CENTROIDS = "masked_embedding.centroids"
 MODE_GROUP_SIZE = {"affine": 64, "mxfp4": 32}  # the group size a mode gets when none is asked for
@@ -96,7 +96,7 @@ def module_spec(path: str, base: QuantSpec, recipe: str) -> Optional[QuantSpec]:
         # tiny centroids pick the candidates and stay exact. --bits reaches it under "small" only.
         if path == CENTROIDS:
             return None
-        if recipe == "quality" and path not in (DRAFTER_EMBEDDING, "lm_head"):
+        if recipe == "quality" and path != DRAFTER_EMBEDDING:
             return None
         return eight
     if recipe == "small":

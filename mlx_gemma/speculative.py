@@ -43,6 +43,8 @@ class DrafterConfig:
 
     def __post_init__(self):
         _check_fields(self)
+        if not self.tie_word_embeddings:  # Google's drafters tie theirs (transformers ties it by name)
+            raise ConfigError("config.json: tie_word_embeddings=false (a separate drafter head) is not supported")
         t = self.text_config
         if self.use_ordered_embeddings and (t.vocab_size % self.num_centroids
                                             or self.centroid_intermediate_top_k > self.num_centroids):
@@ -151,8 +153,6 @@ class Drafter(nn.Module):
         self.model = DraftModel(t)
         self.pre_projection = nn.Linear(2 * config.backbone_hidden_size, t.hidden_size, bias=False)
         self.post_projection = nn.Linear(t.hidden_size, config.backbone_hidden_size, bias=False)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(config)
 
@@ -165,20 +165,17 @@ class Drafter(nn.Module):
         y = self.model.norm(x)
         return y, self.post_projection(y)
 
-    def _table(self) -> nn.Module:
-        return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-
     def logits(self, y: mx.array) -> mx.array:
+        """The tied head (the drafter's own embedding table), or the ordered-embeddings head."""
         if self.config.use_ordered_embeddings:
-            return self.masked_embedding(y, self._table())
-        table = self._table()
-        return table.as_linear(y) if isinstance(table, (nn.Embedding, nn.QuantizedEmbedding)) else table(y)
+            return self.masked_embedding(y, self.model.embed_tokens)
+        return self.model.embed_tokens.as_linear(y)
 
     def greedy(self, y: mx.array) -> mx.array:
         """The argmax token, without full-vocabulary logits for the ordered head."""
         if not self.config.use_ordered_embeddings:
             return mx.argmax(self.logits(y), axis=-1)
-        ids, logits = self.masked_embedding.candidates(y, self._table())
+        ids, logits = self.masked_embedding.candidates(y, self.model.embed_tokens)
         return mx.take_along_axis(ids, mx.argmax(logits, axis=-1)[..., None], axis=-1)[..., 0]
 
     def __call__(self, inputs_embeds: mx.array, kv: dict, position: int) -> tuple[mx.array, mx.array]:
@@ -189,7 +186,7 @@ class Drafter(nn.Module):
 def rename(name: str) -> Optional[str]:
     """Checkpoint tensor name -> `Drafter` parameter name (the Hub's and mlx-vlm's are ours);
     None for what is not stored: rotary buffers, and a tied head."""
-    if "rotary_emb." in name or name.endswith("embed_scale"):
+    if "rotary_emb." in name or name.endswith("embed_scale") or name == "lm_head.weight":
         return None
     return name
 
@@ -260,13 +257,25 @@ def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, Non
     return drafter
 
 
-def find_drafter(model: str, config_raw: dict, download: bool) -> Optional[Path]:
-    """The drafter `--draft-model auto` means: the one a conversion recorded in its config.json
-    (`draft_model`), else Google's for a Hub target; from the local Hugging Face cache, or
-    downloaded when `download`. None when there is none (or it is not here and not to be fetched)."""
+def drafter_of(model: str, path: Path, config_raw: dict) -> Optional[str]:
+    """The drafter of a target: the one its config.json records (`draft_model`, written by our
+    conversions), else Google's for the Hub repo `model` names (as a repo id, or as a snapshot
+    folder `models--owner--name/...` of the Hugging Face cache)."""
+    if config_raw.get("draft_model"):
+        return config_raw["draft_model"]
+    repo = str(model).rstrip("/")
+    for part in Path(path).resolve().parts:
+        if part.startswith("models--"):
+            repo = part.removeprefix("models--").replace("--", "/", 1)
+    return HUB_DRAFTERS.get(repo)
+
+
+def find_drafter(model: str, path: Path, config_raw: dict, download: bool) -> Optional[Path]:
+    """The directory of `drafter_of` the target: from the local Hugging Face cache, or
+    downloaded when `download`; None when there is none, or it is not here and not to be fetched."""
     from .loading import resolve_model_path
 
-    name = config_raw.get("draft_model") or HUB_DRAFTERS.get(str(model).rstrip("/"))
+    name = drafter_of(model, path, config_raw)
     if not name:
         return None
     if download or Path(name).expanduser().is_dir():

@@ -144,6 +144,19 @@ def test_plan_output_parses(hf_checkpoint):
     assert "Prompt:" not in r.stdout  # nothing ran
 
 
+def test_plan_counts_the_drafter(hf_checkpoint, drafter_checkpoint):
+    from mlx_gemma.memory import drafter_bytes, parse_size
+
+    r = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--plan", "--draft-model", str(drafter_checkpoint),
+                "--num-draft-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", r.stdout, re.M))
+    assert rows["draft activations"].endswith("(K = 5)")
+    assert abs(parse_size(rows["drafter weights"].replace(" ", "")) - drafter_bytes(drafter_checkpoint)) <= 0.05e6
+    plain = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--plan", "--draft-model", "none")
+    assert "drafter" not in plain.stdout and plain.returncode == 0
+
+
 def test_planner_refuses_before_loading_weights(hf_checkpoint, monkeypatch):
     import mlx_gemma.loading as loading
     from mlx_gemma.generate import build_parser, run

@@ -180,3 +180,23 @@ def test_sampling_with_a_drafter_is_seeded_and_stays_in_the_vocabulary(model, pr
 
     a, b = run(), run()
     assert a == b and len(a) == 16 and all(0 <= t < model.config.text_config.vocab_size for t in a)
+
+
+def test_the_drafter_of_a_target_is_recorded_and_found(tmp_path, hf_checkpoint):
+    """`--draft-model auto`: the Hub model's drafter, by repo id or from a Hugging Face cache
+    folder; a conversion of it records it in config.json, and that record wins."""
+    import json
+    import shutil
+
+    from mlx_gemma.checkpoint import convert
+    from mlx_gemma.speculative import HUB_DRAFTERS, drafter_of
+
+    hub, drafter = next(iter(HUB_DRAFTERS.items()))
+    assert drafter_of(hub, tmp_path, {}) == drafter
+    assert drafter_of(str(hf_checkpoint), hf_checkpoint, {}) is None
+    snapshot = tmp_path / "hub" / ("models--" + hub.replace("/", "--")) / "snapshots" / "abc"
+    shutil.copytree(hf_checkpoint, snapshot)
+    out = convert(str(snapshot), str(tmp_path / "converted"))
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["draft_model"] == drafter and drafter_of(str(out), out, raw) == drafter
+    assert drafter_of(str(out), out, {"draft_model": "me/my-drafter"}) == "me/my-drafter"
