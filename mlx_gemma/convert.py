@@ -16,7 +16,7 @@ from .quantization import add_quant_flags
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.convert",
-                       description="Convert a Gemma 4 unified Hugging Face checkpoint to MLX.")
+                       description="Convert a Gemma 4 unified Hugging Face checkpoint (or its MTP drafter) to MLX.")
     p.add_argument("--hf-path", required=True, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating weights to this dtype (default: keep them as stored)")

@@ -16,7 +16,7 @@ from .quantization import add_quant_flags
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.quantize",
-                       description="Quantize a Gemma 4 unified checkpoint for MLX (streaming).")
+                       description="Quantize a Gemma 4 unified checkpoint (or its MTP drafter) for MLX (streaming).")
     p.add_argument("--model", required=True, help="unquantized checkpoint directory or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output directory")
     add_quant_flags(p)
