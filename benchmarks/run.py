@@ -282,28 +282,38 @@ def write(report: dict, out: Path) -> None:
     plot(report, out / "speed.png")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str, doc: str, quick: str) -> argparse.ArgumentParser:
+    """The flags every speed benchmark shares: what to run on, its dtype, where results go."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="checkpoint directory or Hugging Face repo id")
     which.add_argument("--synthetic", type=int, metavar="LAYERS",
                        help="a stand-in with the real widths and LAYERS layers (built once, cached)")
-    p.add_argument("--quick", action="store_true", help="short prompts, few decode tokens, one small image")
-    p.add_argument("--compare", choices=PEERS, default=None, help="run the peer on the same checkpoint too")
+    p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="our activation dtype (auto: mlx-gemma's per-backend choice); the peer runs at it too")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p
+
+
+def run_benchmark(p: argparse.ArgumentParser, argv, benchmark, write, name: str) -> None:
+    """Parse, measure, write `name`.{json,md} (and print the markdown), errors in one line."""
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
 
     def work():
         report = benchmark(args)
         write(report, args.out)
-        print((args.out / "speed.md").read_text())
+        print((args.out / f"{name}.md").read_text())
 
     run_cli(work, "interrupted")
+
+
+def main(argv=None) -> None:
+    p = parser("python -m benchmarks.run", __doc__, "short prompts, few decode tokens, one small image")
+    p.add_argument("--compare", choices=PEERS, default=None, help="run the peer on the same checkpoint too")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
+    run_benchmark(p, argv, benchmark, write, "speed")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ and KV once and the drafter's K times, on the real 12B with the assumed drafter.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
@@ -44,15 +43,15 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_gemma.backend import DTYPES, lazy_verify_head
+from mlx_gemma.backend import lazy_verify_head
 from mlx_gemma.config import ModelConfig
-from mlx_gemma.errors import InputError, run_cli
+from mlx_gemma.errors import InputError
 from mlx_gemma.loading import resolve_model_path
 from mlx_gemma.memory import KVOptions
 from mlx_gemma.speculative import DEFAULT_NUM_DRAFT_TOKENS, DrafterConfig
 
 from . import roofline
-from .run import commit, machine, our_dtype
+from .run import commit, machine, our_dtype, parser, run_benchmark
 from .runners import MlxGemma, MlxVlm, prompt
 from .synthetic import DRAFTER_WIDTHS, HUB_CONFIG, build_drafter, drafter_config, synthetic_checkpoint
 
@@ -404,26 +403,9 @@ def write(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="target checkpoint directory or Hugging Face repo id")
-    which.add_argument("--synthetic", type=int, metavar="LAYERS",
-                       help="the real-width stand-in with LAYERS layers (built once, cached)")
-    p.add_argument("--quick", action="store_true", help="a tiny drafter, 64 tokens of context, K 1 and 3, one repeat")
+    p = parser("python -m benchmarks.speculative", __doc__, "a tiny drafter, 64 tokens of context, K 1 and 3, one repeat")
     p.add_argument("--context", type=int, default=None, help="tokens in the cache (default 1024; quick 64)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="activation dtype of both (auto: mlx-gemma's per-backend choice)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = p.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-
-    def work():
-        report = benchmark(args)
-        write(report, args.out)
-        print((args.out / "speculative.md").read_text())
-
-    run_cli(work, "interrupted")
+    run_benchmark(p, argv, benchmark, write, "speculative")
 
 
 if __name__ == "__main__":
