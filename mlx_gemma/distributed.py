@@ -213,12 +213,19 @@ def pipeline(model, group: mx.distributed.Group, layers: Optional[tuple[int, int
     return model
 
 
-def rank_tensor_bytes(sizes: dict[str, int], config: ModelConfig, rank: int, size: int, mode: str) -> int:
-    """Bytes of the checkpoint's tensors ({model name: bytes}) that `rank` holds."""
+def weight_share(config: ModelConfig, rank: int, size: int, mode: str) -> float:
+    """The fraction of the model's weights `rank` holds, by parameter count."""
+    from mlx.utils import tree_flatten
+
+    from .model import Model
+
+    params = tree_flatten(Model(config).parameters())  # lazy: nothing is allocated
     if mode == "tensor":
-        return int(sum(b * tensor_share(n, config, size) for n, b in sizes.items()))
-    layers = split_layers(config.text_config, size)[rank]
-    return sum(b for n, b in sizes.items() if stage_keeps(n, rank, size, layers))
+        held = sum(p.size * tensor_share(n, config, size) for n, p in params)
+    else:
+        layers = split_layers(config.text_config, size)[rank]
+        held = sum(p.size for n, p in params if stage_keeps(n, rank, size, layers))
+    return held / sum(p.size for _, p in params)
 
 
 def rank_config(config: ModelConfig, rank: int, size: int, mode: str) -> ModelConfig:
