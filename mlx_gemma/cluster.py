@@ -34,9 +34,10 @@ import mlx.core as mx
 
 from .errors import DistributedError, InputError, MlxGemmaError
 
-CONNECT_TIMEOUT = 60.0
+# Seconds; the environment can change both (a slow network, a test).
+CONNECT_TIMEOUT = float(os.environ.get("MLX_GEMMA_CONNECT_TIMEOUT", 60))
+HEARTBEAT_TIMEOUT = float(os.environ.get("MLX_GEMMA_HEARTBEAT_TIMEOUT", 10))
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_TIMEOUT = 10.0
 # Set by mlx.launch (ring, jaccl, nccl) or mpirun: this process is one rank of several.
 _LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK")
 
@@ -218,10 +219,12 @@ class RankPlans(list):
         return "\n".join(lines)
 
 
-def join(connect_timeout: float = CONNECT_TIMEOUT, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> Cluster:
+def join(connect_timeout: Optional[float] = None, heartbeat_timeout: Optional[float] = None) -> Cluster:
     """This process's place in the launched group (a single-process Cluster when not launched)."""
     if not launched():
         return Cluster()
+    connect_timeout = connect_timeout or CONNECT_TIMEOUT
+    heartbeat_timeout = heartbeat_timeout or HEARTBEAT_TIMEOUT
     rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
     others = [h[0] for r, h in enumerate(_ring_hosts()) if str(r) != rank]
     line = (f"{'[rank ' + rank + '] ' if rank != '0' else ''}error: could not connect to the other ranks"

@@ -164,3 +164,111 @@ def test_pipeline_split_weighs_global_layers():
     assert [a for a, _ in thirds][1:] == [b for _, b in thirds][:-1] and thirds[-1][1] == 48
     shares = [sum(costs[a:b]) / sum(costs) for a, b in thirds]
     assert max(shares) - min(shares) < 0.03, shares
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def cli(*args):
+    return [sys.executable, "-m", "mlx_gemma.generate", *args]
+
+
+def test_cli_prints_once_from_rank_0(hf_checkpoint):
+    args = ["--model", str(hf_checkpoint), "--prompt", "the a is of and " * 4, "--temp", "0", "--max-tokens", "12",
+            "--verbose", "False"]
+    alone = subprocess.run(cli(*args), capture_output=True, text=True, env=ENV, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    r = launch(cli(*args), timeout=180)  # tensor parallel (--chat below runs --pipeline)
+    assert r.stdout == alone.stdout, (r.stdout, r.stderr[-2000:])
+    assert "WARN" not in r.stderr, r.stderr[-2000:]  # every rank exited 0
+
+
+def test_cli_chat_two_turns(hf_checkpoint):
+    args = ["--model", str(hf_checkpoint), "--chat", "--temp", "0", "--max-tokens", "8", "--verbose", "False"]
+    turns = "the a is\nof and the\nq\n"  # mlx.launch never passes on the end of its input: 'q' quits
+    alone = subprocess.run(cli(*args), input=turns, capture_output=True, text=True, env=ENV, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.count(">> ") == 3
+    r = launch(cli(*args, "--pipeline"), timeout=180, input=turns)
+    assert r.stdout == alone.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_cli_plan_per_rank_and_refusal(hf_checkpoint):
+    r = launch(cli("--model", str(hf_checkpoint), "--plan", "--pipeline"), timeout=120)
+    table = r.stdout.splitlines()
+    assert table[0] == "| item | rank 0 | rank 1 |", r.stdout + r.stderr[-2000:]
+    weights = next(line for line in table if line.startswith("| weights |")).split("|")[2:4]
+    assert weights[0] != weights[1]  # each rank counts its own layers
+    r = launch(cli("--model", str(hf_checkpoint), "--memory-limit", "3MB", "--no-quantize", "--prompt", "hi"),
+               timeout=120)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert errors and errors[0].startswith("error: rank 0 (tensor parallel): needs "), r.stderr[-2000:]
+    assert r.stdout == ""
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_ranks(tmp_path, rank_args, **env):
+    """The ranks as mlx.launch starts them on one machine (its ring hostfile and MLX_RANK), but
+    each with its own arguments and a handle the test can kill."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(len(rank_args))]))
+    return [subprocess.Popen(cli(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(ENV, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), **env))
+            for r, args in enumerate(rank_args)]
+
+
+def finish(procs, timeout):
+    out = []
+    for p in procs:
+        try:
+            out.append(p.communicate(timeout=timeout))
+        finally:
+            p.kill()
+    return out
+
+
+def test_mismatched_checkpoints_are_refused(tmp_path, hf_checkpoint, four_bit):
+    procs = start_ranks(tmp_path, [["--model", str(m), "--prompt", "hi"] for m in (hf_checkpoint, four_bit)])
+    (out0, err0), _ = finish(procs, 120)
+    assert procs[0].returncode == 1
+    assert err0.strip().splitlines()[-1].startswith("error: rank 1 has a different checkpoint than rank 0"), err0
+    assert out0 == ""
+
+
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
+def test_survivor_names_the_failed_rank(tmp_path, hf_checkpoint, fault):
+    """A rank killed (or frozen: SIGSTOP) while the others wait for it in a collective: rank 0
+    exits 1 with one line naming it, well within 30 s."""
+    procs = start_ranks(tmp_path, [["--model", str(hf_checkpoint), "--chat"]] * 2, MLX_GEMMA_HEARTBEAT_TIMEOUT="5")
+    try:
+        assert procs[0].stdout.read(3) == ">> "  # rank 0 waits for a line, rank 1 in the collective sharing it
+        procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        t = time.monotonic()
+        _, err = procs[0].communicate(timeout=30)
+        elapsed = time.monotonic() - t
+    finally:
+        for p in procs:
+            p.kill()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert procs[0].returncode == 1 and len(lines) == 1, err
+    cause = "rank 1 exited" if fault == "killed" else "rank 1 stopped responding (no heartbeat for 5 s)"
+    assert lines[0].startswith(f"error: {cause}"), err
+    assert elapsed < 30
+
+
+def test_unreachable_rank_times_out(tmp_path, hf_checkpoint):
+    procs = start_ranks(tmp_path, [["--model", str(hf_checkpoint), "--prompt", "hi"]] * 2,
+                        MLX_GEMMA_CONNECT_TIMEOUT="5")
+    procs[1].kill()  # never joins
+    (_, err), _ = finish(procs, 60)
+    assert procs[0].returncode != 0
+    assert err.strip().splitlines()[-1].startswith("error: could not connect to the other ranks (127.0.0.1:"), err
