@@ -9,8 +9,9 @@ a rank that dies, one stdout, one agreed input.
   HEARTBEAT_TIMEOUT seconds hangs (or its machine went away); a rank that stops on an error
   says so first. Each survivor prints one line naming the rank and the cause and exits 1.
   Collectives themselves have no timeout; the heartbeat bounds how long a survivor waits.
-- Output: only rank 0 writes to stdout and stderr (the others' go to /dev/null; their own
-  fatal error still reaches the terminal, marked with their rank). mlx.launch exits 0 whatever
+- Output: only rank 0 writes to stdout and stderr (the others' go to /dev/null). Another rank's
+  error reaches rank 0 over the side channel, which prints it; a rank that survives rank 0
+  prints its own line, marked with its rank. mlx.launch exits 0 whatever
   the ranks do, so these lines and each rank's exit status are what carry a failure.
 - Input: rank 0 reads standard input and shares what it read; every rank runs the same steps.
 """
@@ -188,10 +189,8 @@ class Cluster:
             return
         try:
             yield self
-        except MlxGemmaError as e:
+        except MlxGemmaError as e:  # rank 0 says it (mlx.launch stops the others once one exits)
             self._monitor.close(f"E{e}")
-            if self.rank:
-                self.report(str(e))
             raise
         except RuntimeError as e:  # a collective whose peer is gone: the monitor knows which
             time.sleep(3 * HEARTBEAT_INTERVAL)
@@ -257,6 +256,7 @@ class _Monitor:
         self.cluster, self.timeout = cluster, timeout
         self.closed = False
         self.lock = threading.Lock()
+        self.rank0_done = threading.Event()
         hosts = _ring_hosts()
         ips = [h[0].rsplit(":", 1)[0] for h in hosts] if len(hosts) == cluster.size else ["127.0.0.1"] * cluster.size
         rank = cluster.rank
@@ -291,6 +291,13 @@ class _Monitor:
             time.sleep(HEARTBEAT_INTERVAL)
 
     def _listen(self, peer: int, s: socket.socket) -> None:
+        try:
+            self._read(peer, s)
+        finally:
+            if peer == 0:
+                self.rank0_done.set()
+
+    def _read(self, peer: int, s: socket.socket) -> None:
         reader = s.makefile("r", encoding="utf-8", errors="replace")
         while True:
             try:
@@ -304,6 +311,8 @@ class _Monitor:
             if line.startswith("Q"):
                 return None
             if line.startswith("E"):
+                # An error every rank meets (a bad argument) is this rank's own to report, once.
+                time.sleep(HEARTBEAT_INTERVAL)
                 return self._fail(f"rank {peer} failed: {line[1:].strip()}")
 
     def _fail(self, why: str) -> None:
@@ -325,3 +334,6 @@ class _Monitor:
                 s.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+        if self.cluster.rank and last != "Q":
+            # Rank 0 reports the failure: leave it time to, before mlx.launch stops it for ours.
+            self.rank0_done.wait(3 * HEARTBEAT_INTERVAL)

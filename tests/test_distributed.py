@@ -202,7 +202,8 @@ def test_cli_plan_per_rank_and_refusal(hf_checkpoint):
     r = launch(cli("--model", str(hf_checkpoint), "--memory-limit", "3MB", "--no-quantize", "--prompt", "hi"),
                timeout=120)
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert errors and errors[0].startswith("error: rank 0 (tensor parallel): needs "), r.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and \
+        "rank 0 (tensor parallel): needs " in errors[0], r.stderr[-2000:]
     assert r.stdout == ""
 
 
