@@ -27,6 +27,10 @@ class InputError(MlxGemmaError):
     pass
 
 
+class DistributedError(MlxGemmaError):
+    """A multi-process run that cannot go on: a rank that died, hangs or holds another checkpoint."""
+
+
 class ContextError(InputError):
     """A prompt (with what the cache already holds) that leaves no room in the context."""
 

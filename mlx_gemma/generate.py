@@ -121,6 +121,9 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS, metavar="K",
                    help="tokens drafted per step")
     p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "
+                        "and contexts) instead of splitting every layer's heads (tensor parallel, faster decode)")
     p.add_argument("--verbose", type=_bool, nargs="?", const=True, default=None, metavar="True|False",
                    help="True (or the flag alone): also print loading details and the memory plan; False: "
                         "print only the generated text (default: the text and the stats block)")
@@ -235,7 +238,8 @@ def draft_model_path(args, path: Path, config) -> Optional[Path]:
     return found
 
 
-def run(args) -> None:
+def run(args, cluster=None) -> None:
+    from .cluster import Cluster
     from .config import ModelConfig
     from .generation import (check_context, check_count, check_sampling, print_stats, prompt_to_inputs,
                              stream_generate)
@@ -254,12 +258,14 @@ def run(args) -> None:
                                  args.video_audio, args.allow_long_media)
     _utf8(args.prompt, "--prompt")
     _utf8(args.system, "--system")
+    cluster = cluster or Cluster()
     budget = memory_budget(args.memory_limit)  # a bad --memory-limit is refused before anything is read
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    budget = cluster.smallest(budget)  # every rank plans alike, so all take the same decisions
+    cluster.seed(args.seed)
     path = resolve_model_path(args.model)
     if not (path / "config.json").exists():
         raise InputError(f"{path}: no config.json (not a model checkpoint directory)")
+    cluster.check_same_checkpoint(path)
     config = ModelConfig.from_file(path / "config.json")
     processor = Processor.from_pretrained(path, config)
     limit = config.text_config.max_position_embeddings
@@ -267,7 +273,7 @@ def run(args) -> None:
         inputs, ids, context = None, [], args.max_kv_size or limit  # without --max-kv-size: what fits, below
     else:
         if args.prompt == "-":
-            prompt = _decode(sys.stdin.buffer.read(), "--prompt -: standard input")
+            prompt = cluster.from_rank0(lambda: _decode(sys.stdin.buffer.read(), "--prompt -: standard input"))()
         else:
             prompt = args.prompt if args.prompt is not None else "hello"
         inputs = prompt_to_inputs(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking,
@@ -277,7 +283,7 @@ def run(args) -> None:
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
-    drafter_path = draft_model_path(args, path, config)
+    drafter_path = draft_model_path(args, path, config) if cluster.drafter(args.draft_model) else None
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
         return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,
@@ -302,12 +308,14 @@ def run(args) -> None:
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context
         plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+    plan = cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline, refuse=not args.plan)
     if args.plan:
         print(plan.table())
         return
     if not plan.fits:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
-    model = load_model(path, dtype=args.dtype, progress=True)
+    model = load_model(path, dtype=args.dtype, progress=True, group=cluster.group,
+                       parallel="pipeline" if args.pipeline else "tensor")
     model.vision_mask = args.vision_mask
     drafter = None
     if drafter_path is not None:
@@ -350,7 +358,7 @@ def run(args) -> None:
         full = (f"the chat's context holds {context:,} tokens ({why}): start a new conversation with 'r'"
                 + (f", or restart with {' or '.join(restart)}" if restart else ""))
         return chat_loop(model, processor, args, dict(options, max_tokens=args.max_tokens), make_cache,
-                         media_options, progress, full)
+                         media_options, progress, full, cluster.from_rank0(lambda: _read_line(">> ")))
     printer, last = _Printer(args.hide_thinking), None
     for last in stream_generate(model, processor, inputs, cache=make_cache(), max_tokens=args.max_tokens,
                                 **options):
@@ -424,7 +432,7 @@ def _media_paths(command: str, rest: str) -> list:
 
 
 def chat_loop(model, processor, args, options, make_cache, media_options, progress: Optional[_Progress] = None,
-              context_advice: str = "") -> None:
+              context_advice: str = "", read_line=lambda: _read_line(">> ")) -> None:
     from .generation import ChatSession, print_stats
 
     def new_session():
@@ -446,7 +454,7 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
         print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
-            line = _read_line(">> ")
+            line = read_line()
         except InputError as e:
             print(f"error: {e}; it was not sent", file=sys.stderr)
             continue
@@ -496,7 +504,15 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
 
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
-    run_cli(lambda: run(args))
+
+    def work():
+        from .cluster import join
+
+        cluster = join()  # one rank of several under mlx.launch, else a single process
+        with cluster.running():
+            return run(args, cluster)
+
+    run_cli(work)
 
 
 class _Module(types.ModuleType):

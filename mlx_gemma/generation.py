@@ -19,9 +19,9 @@ from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .cache import reuse_prefix, vision_blocks
-from .speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens, speculative_decode
 from .errors import ContextError, InputError
 from .prompt import MediaOptions, PromptInputs, token_types, user_content
+from .speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens, speculative_decode
 
 DEFAULT_MAX_TOKENS = 256
 # Prefill chunk: big enough to keep the matmuls efficient, small enough that the fp32

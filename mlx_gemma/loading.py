@@ -212,14 +212,26 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
 
 
 def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: bool = False,
-               progress: bool = False, split: Optional[int] = None) -> Model:
+               progress: bool = False, split: Optional[int] = None, group=None, parallel: str = "tensor") -> Model:
     """`dtype`: an mx dtype, a name, None (as stored) or "auto" (backend.activation_dtype);
-    `split`: ways to split each quantized matmul (default: one per core on the CPU backend)."""
+    `split`: ways to split each quantized matmul (default: one per core on the CPU backend);
+    `group` (an `mx.distributed` group of more than one rank): this rank's part of the model,
+    `parallel` "tensor" or "pipeline" (see distributed.py). `model.tensors_read` counts the
+    checkpoint tensors read."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint directory)")
     config = ModelConfig.from_file(config_file)
-    model = build_model(config, load_weights(path, progress), path)
+    rename, cls, finish = sanitize, Model, None
+    if group is not None and group.size() > 1:
+        from .distributed import loader
+
+        rename, cls, finish = loader(config, group, parallel)
+    weights = load_weights(path, progress, rename)
+    model = build_model(config, weights, path, cls)
+    model.tensors_read = len(weights)
+    if finish is not None:
+        finish(model)
     if isinstance(dtype, str):
         dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
@@ -234,10 +246,12 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
 
 
 def load(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, None] = "auto", lazy: bool = False,
-         progress: bool = False):
-    """`model, processor = load("google/gemma-4-12B-it")`; a local directory works too."""
+         progress: bool = False, group=None, parallel: str = "tensor"):
+    """`model, processor = load("google/gemma-4-12B-it")`; a local directory works too.
+    `group=mx.distributed.init()` under mlx.launch: this rank's part (`parallel` "tensor" or
+    "pipeline"); every rank then runs the same generation calls."""
     from .prompt import Processor
 
     path = resolve_model_path(path_or_repo)
-    model = load_model(path, dtype=dtype, lazy=lazy, progress=progress)
+    model = load_model(path, dtype=dtype, lazy=lazy, progress=progress, group=group, parallel=parallel)
     return model, Processor.from_pretrained(path, model.config)

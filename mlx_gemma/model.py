@@ -155,21 +155,31 @@ class TextModel(nn.Module):
         # transformers casts sqrt(hidden) to the weight dtype first: 62.0, not 61.97, in bf16.
         return h * mx.array(self.config.embed_scale, mx.float32).astype(h.dtype)
 
+    @property
+    def held(self) -> list:
+        """(layer, spec) of the layers this process runs: all of them, or the contiguous range
+        of a pipeline stage (distributed.pipeline leaves None for the other stages' layers)."""
+        return [(layer, spec) for layer, spec in zip(self.layers, self.config.layers) if layer is not None]
+
     def __call__(self, h: mx.array, cache: list, blocks: Optional[np.ndarray] = None,
                  vision_mask: str = "generate") -> mx.array:
+        return self.norm(self.run_layers(h, cache, blocks, vision_mask))
+
+    def run_layers(self, h: mx.array, cache: list, blocks: Optional[np.ndarray] = None,
+                   vision_mask: str = "generate") -> mx.array:
         """`blocks`: vision block ids of the new tokens. With vision_mask "generate" (the
         intended semantics, spec 3) only sliding layers see a whole block, clipped by the
         window; with "forward" (transformers' forward()) every layer does, unclipped."""
         L = h.shape[1]
         forward = vision_mask == "forward"
         masks = {}
-        for layer, spec, c in zip(self.layers, self.config.layers, cache):
+        for (layer, spec), c in zip(self.held, cache):
             # Layers of one type share offset and window, hence one mask per type.
             if spec.layer_type not in masks:
                 overlay = blocks if (spec.is_sliding or forward) else None
                 masks[spec.layer_type] = c.make_mask(L, overlay, unclipped=forward)
             h = layer(h, masks[spec.layer_type], c)
-        return self.norm(h)
+        return h
 
 
 class LanguageModel(nn.Module):
@@ -228,11 +238,12 @@ class Model(nn.Module):
 
     def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK, one_tensor: bool = True,
                    kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
-        """Per-layer caches. Global layers: one stored tensor on k_eq_v layers (`one_tensor`)
-        and/or group-quantized storage (`kv_bits`) from `quantized_kv_start` tokens on."""
+        """Per-layer caches (of the layers held here). Global layers: one stored tensor on k_eq_v
+        layers (`one_tensor`) and/or group-quantized storage (`kv_bits`) from `quantized_kv_start`
+        tokens on."""
         return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else
                 GlobalCache(one_tensor and s.k_eq_v, kv_bits, kv_group_size, quantized_kv_start)
-                for s in self.config.text_config.layers]
+                for _, s in self.language_model.model.held]
 
     def embed_text(self, input_ids: mx.array) -> mx.array:
         # Placeholder ids may lie outside the vocabulary: embed pad instead (spec 2.1).

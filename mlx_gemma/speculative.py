@@ -18,10 +18,10 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import TextConfig, _check_fields, _pick
-from .errors import CheckpointError, ConfigError, InputError
 from .backend import lazy_verify_head
 from .cache import DEFAULT_SLIDING_SLACK
+from .config import TextConfig, _check_fields, _pick
+from .errors import CheckpointError, ConfigError, InputError
 from .model import DecoderLayer, RMSNorm, RoPE
 
 MODEL_TYPE = "gemma4_unified_assistant"

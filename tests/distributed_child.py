@@ -1,0 +1,57 @@
+"""One rank of tests/test_distributed.py's launch: loads each (checkpoint, mode) of the job file
+with `load(..., group=...)`, runs the job's prompts greedily and writes, per rank, the tokens,
+log-probabilities, tensors read and the memory the weights took.
+
+Usage (under mlx.launch): python distributed_child.py JOB.json OUT_PREFIX
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import media_files as mf  # noqa: E402
+from mlx_gemma import load  # noqa: E402
+from mlx_gemma.generation import stream_generate  # noqa: E402
+
+
+def media(prompt: dict) -> dict:
+    out = {}
+    if prompt.get("image"):
+        out["image"] = [mf.noise_image(64, 80, seed=1)]
+    if prompt.get("audio"):
+        out["audio"] = [(mf.chirp(16_000, 0.5), 16_000)]
+    return out
+
+
+def run(model, processor, prompt: dict) -> dict:
+    tokens, logprobs = [], []
+    for r in stream_generate(model, processor, prompt["text"], max_tokens=prompt["max_tokens"], temp=0.0,
+                             prefill_step_size=prompt.get("step", 512), **media(prompt)):
+        tokens.append(r.token)
+        logprobs.append(np.array(r.logprobs).tolist())
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def main(job_file: str, out_prefix: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    group = mx.distributed.init()
+    results = []
+    for case in job["cases"]:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        model, processor = load(case["model"], group=group, parallel=case["mode"])
+        loaded = mx.get_peak_memory() - before
+        outputs = [run(model, processor, p) for p in case["prompts"]]
+        results.append({"model": case["model"], "mode": case["mode"], "tensors_read": model.tensors_read,
+                        "weights_peak": loaded, "outputs": outputs})
+        del model, processor
+    Path(f"{out_prefix}.{group.rank()}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
