@@ -295,6 +295,11 @@ def run(args, cluster=None) -> None:
     if args.chat and args.max_kv_size is None:
         context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
     plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+    if not plan.fits and draft is not None and args.draft_model is None:
+        # The default drafter is a speed-up, not a requirement: without it the run may fit.
+        lean = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
+        if lean.fits:
+            plan, draft, drafter_path = lean, None, None
     if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
         # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
         # 4-bit copy, made only if the config says it will fit; if not, the refusal below is about it.

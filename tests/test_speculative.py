@@ -200,3 +200,24 @@ def test_the_drafter_of_a_target_is_recorded_and_found(tmp_path, hf_checkpoint):
     raw = json.loads((out / "config.json").read_text())
     assert raw["draft_model"] == drafter and drafter_of(str(out), out, raw) == drafter
     assert drafter_of(str(out), out, {"draft_model": "me/my-drafter"}) == "me/my-drafter"
+
+
+def test_the_default_drafter_on_a_gpu_and_when_it_does_not_fit(monkeypatch, capsys, hf_checkpoint, drafter_checkpoint):
+    """No --draft-model: the target's own drafter where drafting pays (a GPU backend; patched
+    here), dropped rather than refusing a run that fits without it."""
+    import re
+
+    from mlx_gemma import backend
+    from mlx_gemma.generate import build_parser, run
+    from mlx_gemma.memory import parse_size
+
+    monkeypatch.setattr(backend, "drafting_pays", lambda: True)
+    monkeypatch.setitem(speculative.HUB_DRAFTERS, str(hf_checkpoint), str(drafter_checkpoint))
+    base = ["--model", str(hf_checkpoint), "--prompt", "hi", "--max-tokens", "8", "--temp", "0"]
+    run(build_parser().parse_args(base))
+    assert "Draft: accepted" in capsys.readouterr().out
+    run(build_parser().parse_args(base + ["--plan", "--draft-model", "none"]))
+    lean = parse_size(re.search(r"^\| total \| ([^|]+) \|$", capsys.readouterr().out, re.M).group(1).replace(" ", ""))
+    run(build_parser().parse_args(base + ["--memory-limit", f"{lean + 100_000}B"]))
+    out = capsys.readouterr().out
+    assert "Generation:" in out and "Draft:" not in out
