@@ -32,7 +32,7 @@ LAUNCH = Path(sys.executable).with_name("mlx.launch")
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 W = reference.WINDOW
 PROMPTS = [  # longer than the window, chunked prefill; an image; an audio clip
-    {"text": "the a is of and " * 6, "max_tokens": 12, "step": 7},
+    {"text": "the a is of and " * 6, "max_tokens": 24, "step": 7},
     {"text": "describe", "image": True, "max_tokens": 4},
     {"text": "what is it", "audio": True, "max_tokens": 4},
 ]
