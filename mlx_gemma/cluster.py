@@ -142,15 +142,15 @@ class Cluster:
                                        f"{bytes(d).hex()[:12]} vs {bytes(digests[0]).hex()[:12]}): give every rank "
                                        "the same --model")
 
-    def drafter(self, choice: Optional[str]) -> bool:
-        """Whether to look for an MTP drafter (`--draft-model`): not across ranks, where the K/V it
-        reads are split by head (tensor parallel) or live on the last rank only (pipeline)."""
-        if self.size == 1:
+    def drafter(self, choice: Optional[str], pipeline: bool) -> bool:
+        """Whether to look for an MTP drafter (`--draft-model`): not across pipeline stages, where
+        the K/V it reads live on the last rank only (tensor parallel gathers them)."""
+        if self.size == 1 or not pipeline:
             return True
         if choice not in (None, "none"):
-            raise DistributedError(f"--draft-model: not supported across {self.size} ranks (the drafter reads the "
-                                   "last layers' K/V, split by head under tensor parallel and held by the last rank "
-                                   "under --pipeline); use --draft-model none")
+            raise DistributedError(f"--draft-model: not supported with --pipeline across {self.size} ranks (the "
+                                   "drafter reads the last layers' K/V, held by the last rank); use --draft-model "
+                                   "none, or tensor parallel")
         return False
 
     # --- planning ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
   heads. A layer with ONE key/value head (the 12B's global k_eq_v layers) cannot be split: each
   rank computes and caches it whole while its queries are split. Embeddings, head and the media
   embedders stay replicated. Decode gains: each rank reads 1/N of the layer weights per token.
+  An MTP drafter is replicated too: it reads whole K/V (`shared_kv`), so a split layer's heads
+  are gathered from the ranks once per round; every rank then drafts the same tokens.
 - Pipeline parallel (`pipeline`): each rank holds a contiguous range of layers, balanced by a
   per-layer cost (`layer_costs`), and reads only its tensors from the checkpoint: memory per
   rank is about 1/N of the layers. Activations go rank to rank with send / recv; the last
@@ -30,7 +32,7 @@ from mlx.nn.layers.distributed import shard_linear
 from .cache import SlidingWindowCache
 from .config import ModelConfig, TextConfig
 from .errors import DistributedError
-from .model import TextModel
+from .model import Model, TextModel
 
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
 _MEDIA = ("vision_embedder.", "embed_vision.", "embed_audio.")
@@ -75,10 +77,26 @@ def check_tensor_parallel(config: ModelConfig, size: int) -> None:
                                        "groups (use --pipeline)")
 
 
+class TensorParallelModel(Model):
+    """A model whose layers `shard` split: what the drafter reads is gathered whole."""
+
+    def shared_kv(self, cache: list) -> dict:
+        size = self.group.size()
+        last = {s.layer_type: s for s in self.config.text_config.layers}
+        out = super().shared_kv(cache)
+        for kind, kv in out.items():
+            if kv_split(last[kind].num_kv_heads, size) > 1:  # rank r holds heads [r*n, (r+1)*n)
+                out[kind] = tuple(mx.distributed.all_gather(x.swapaxes(0, 1), group=self.group).swapaxes(0, 1)
+                                  for x in kv)
+        return out
+
+
 def shard(model, group: mx.distributed.Group):
     """Tensor parallel, in place (see the module docstring); returns `model`."""
     size = group.size()
     check_tensor_parallel(model.config, size)
+    model.__class__ = TensorParallelModel
+    model.group = group
     for layer, spec in model.language_model.model.held:
         attn, kv_ways = layer.self_attn, kv_split(spec.num_kv_heads, size)
         by_rows = ["q_proj"] + ([name for name in ("k_proj", "v_proj") if name in attn] if kv_ways > 1 else [])

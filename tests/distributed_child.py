@@ -1,6 +1,7 @@
 """One rank of tests/test_distributed.py's launch: loads each (checkpoint, mode) of the job file
 with `load(..., group=...)`, runs the job's prompts greedily and writes, per rank, the tokens,
-log-probabilities, tensors read and the memory the weights took.
+log-probabilities, tensors read and the memory the weights took; with a drafter, its first
+draft step's logits and the first prompt's reply drafted.
 
 Usage (under mlx.launch): python distributed_child.py JOB.json OUT_PREFIX
 """
@@ -15,7 +16,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import media_files as mf  # noqa: E402
 from mlx_gemma import load  # noqa: E402
+from conftest import draft_step  # noqa: E402
 from mlx_gemma.generation import stream_generate  # noqa: E402
+from mlx_gemma.speculative import load_drafter  # noqa: E402
+
+DRAFT_IDS = list(range(30, 78))  # 3 sliding windows of the tiny checkpoint
 
 
 def media(prompt: dict) -> dict:
@@ -27,10 +32,10 @@ def media(prompt: dict) -> dict:
     return out
 
 
-def run(model, processor, prompt: dict) -> dict:
+def run(model, processor, prompt: dict, drafter=None) -> dict:
     tokens, logprobs = [], []
     for r in stream_generate(model, processor, prompt["text"], max_tokens=prompt["max_tokens"], temp=0.0,
-                             prefill_step_size=prompt.get("step", 512), **media(prompt)):
+                             prefill_step_size=prompt.get("step", 512), draft_model=drafter, **media(prompt)):
         tokens.append(r.token)
         logprobs.append(np.array(r.logprobs).tolist())
     return {"tokens": tokens, "logprobs": logprobs}
@@ -49,6 +54,10 @@ def main(job_file: str, out_prefix: str) -> None:
         outputs = [run(model, processor, p) for p in case["prompts"]]
         results.append({"model": case["model"], "mode": case["mode"], "tensors_read": model.tensors_read,
                         "weights_peak": loaded, "outputs": outputs})
+        if case.get("drafter"):  # the first draft step after DRAFT_IDS, and a drafted greedy reply
+            drafter = load_drafter(case["drafter"], target=model)
+            results[-1]["draft_logits"] = np.array(draft_step(drafter, model, mx.array([DRAFT_IDS]))[0]).tolist()
+            results[-1]["drafted"] = run(model, processor, case["prompts"][0], drafter)
         del model, processor
     Path(f"{out_prefix}.{group.rank()}.json").write_text(json.dumps(results))
 

@@ -162,3 +162,25 @@ def test_mtp_round_bytes():
     assert roofline.drafter_kv_bytes(config.text_config, real, 4096, 2) == 3 * sliding + full
     table_md = roofline.mtp_chip_table(1e9, 0.0, 3, (0.5,))
     assert "1.88x" in table_md and "| M1 | 68.25 | 68.2 | 128.0 |" in table_md
+
+
+def test_distributed_quick_measures_traffic(stand_in, tmp_path):
+    """1 and 2 ranks on loopback, ours (tensor, pipeline) and mlx-lm's: every case timed, and
+    the counted traffic is what the splits send (tensor: 2 all-sums of the hidden state per
+    layer; pipeline: one send and one all-sum per step, whatever the layers)."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--model", str(stand_in), "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "distributed.json").read_text())
+    assert report["meta"]["machine"]["backend"] and report["meta"]["backend"].startswith("ring")
+    cases = {(c["implementation"], c["mode"]): c for c in report["cases"]}
+    assert set(cases) == {("mlx-gemma", "tensor"), ("mlx-gemma", "pipeline"), ("mlx-lm", "tensor")}
+    hidden = 4 * SMALL["hidden_size"]  # float32 activations on the CPU
+    for (impl, mode), c in cases.items():
+        for ranks in ("one_rank", "two_ranks"):
+            assert c[ranks]["prefill_s"] > 0 and c[ranks]["decode_s_per_token"] > 0
+        want = (2 * 2 * 2, 2 * 2 * hidden) if mode == "tensor" else (1 + 2, 2 * hidden)  # (messages, bytes)
+        assert (c["decode_per_token"]["messages"], c["decode_per_token"]["bytes"]) == want, (impl, mode)
+    assert report["projection"]["per_token"]["tensor"]["messages"] == 8 * 48 / 2
+    assert (out / "distributed.md").read_text().count("tok/s") > 10

@@ -14,15 +14,18 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 import reference
-from distributed_child import run as run_prompts
+from conftest import draft_step
+from distributed_child import DRAFT_IDS, run as run_prompts
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.distributed import check_tensor_parallel, layer_costs, split_layers
 from mlx_gemma.errors import DistributedError
 from mlx_gemma.loading import read_safetensors_header, sanitize, weight_files
+from mlx_gemma.speculative import load_drafter
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -30,9 +33,12 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 W = reference.WINDOW
 PROMPTS = [  # longer than the window, chunked prefill; an image; an audio clip
     {"text": "the a is of and " * 6, "max_tokens": 24, "step": 7},
-    {"text": "describe", "image": True, "max_tokens": 6},
-    {"text": "what is it", "audio": True, "max_tokens": 6},
+    {"text": "describe", "image": True, "max_tokens": 4},
+    {"text": "what is it", "audio": True, "max_tokens": 4},
 ]
+# How many of PROMPTS each checkpoint runs: the 4-bit one checks quantized splits, on text (the
+# media embedders are not split).
+RUNS = {"float32": 3, "4-bit": 1}
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +62,16 @@ def launch(args: list, timeout: float = 300, **kw) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def launched(hf_checkpoint, four_bit, layer_heavy, tmp_path_factory):
+def launched(hf_checkpoint, four_bit, layer_heavy, drafter_checkpoint, tmp_path_factory):
     """Every library case in one launch: {(model, mode): [rank 0 result, rank 1 result]}."""
-    cases = [{"model": str(m), "mode": mode, "prompts": PROMPTS}
-             for m in (hf_checkpoint, four_bit) for mode in ("tensor", "pipeline")]
-    cases += [{"model": str(layer_heavy), "mode": "pipeline", "prompts": PROMPTS[:1]}]
+    cases = [{"model": str(m), "mode": mode, "prompts": PROMPTS[:RUNS[which]]}
+             for m, which in ((hf_checkpoint, "float32"), (four_bit, "4-bit")) for mode in ("tensor", "pipeline")]
+    cases[0]["drafter"] = str(drafter_checkpoint)  # float32, tensor parallel
+    cases += [{"model": str(layer_heavy), "mode": "pipeline", "prompts": []}]  # its memory only
     tmp = tmp_path_factory.mktemp("launch")
     (tmp / "job.json").write_text(json.dumps({"cases": cases}))
     r = launch([sys.executable, str(REPO / "tests" / "distributed_child.py"), str(tmp / "job.json"),
-                str(tmp / "out")], timeout=400)
+                str(tmp / "out")], timeout=300)
     ranks = []
     for rank in (0, 1):
         f = tmp / f"out.{rank}.json"
@@ -78,9 +85,9 @@ def one_process(hf_checkpoint, four_bit):
     from mlx_gemma import load
 
     out = {}
-    for m in (hf_checkpoint, four_bit):
+    for m, which in ((hf_checkpoint, "float32"), (four_bit, "4-bit")):
         model, processor = load(m)
-        out[str(m)] = [run_prompts(model, processor, p) for p in PROMPTS]
+        out[str(m)] = [run_prompts(model, processor, p) for p in PROMPTS[:RUNS[which]]]
     return out
 
 
@@ -89,6 +96,7 @@ def one_process(hf_checkpoint, four_bit):
 def test_same_tokens_and_logits_as_one_process(launched, one_process, hf_checkpoint, four_bit, mode, which):
     model = str(hf_checkpoint if which == "float32" else four_bit)
     ranks = launched[model, mode]
+    assert len(ranks[0]["outputs"]) == len(one_process[model]) == RUNS[which]
     for prompt, ours, theirs, other_rank in zip(PROMPTS, ranks[0]["outputs"], one_process[model], ranks[1]["outputs"]):
         label = f"{which} {mode}: {prompt['text'][:20]!r}"
         assert ours["tokens"] == theirs["tokens"], label
@@ -98,6 +106,18 @@ def test_same_tokens_and_logits_as_one_process(launched, one_process, hf_checkpo
         assert err < 1e-4, f"{label}: {err}"
     if mode == "pipeline":  # no reduction is reordered: the same arithmetic, bit for bit
         assert ranks[0]["outputs"][0]["logprobs"] == one_process[model][0]["logprobs"]
+
+
+def test_tensor_parallel_drafts_as_one_process(launched, one_process, hf_checkpoint, drafter_checkpoint):
+    """The replicated drafter reads the sliding heads gathered from the ranks: its first draft
+    step is the one-process one, and a drafted greedy reply is the plain one on every rank."""
+    from mlx_gemma import load
+
+    model, _ = load(hf_checkpoint)
+    alone = np.array(draft_step(load_drafter(drafter_checkpoint, target=model), model, mx.array([DRAFT_IDS]))[0])
+    for rank in launched[str(hf_checkpoint), "tensor"]:
+        assert np.abs(np.array(rank["draft_logits"]) - alone).max() < 1e-4
+        assert rank["drafted"]["tokens"] == one_process[str(hf_checkpoint)][0]["tokens"]
 
 
 def test_tokens_are_not_trivial(one_process, hf_checkpoint):
@@ -249,7 +269,7 @@ def test_mismatched_checkpoints_are_refused(tmp_path, hf_checkpoint, four_bit):
 def test_survivor_names_the_failed_rank(tmp_path, hf_checkpoint, fault):
     """A rank killed (or frozen: SIGSTOP) while the others wait for it in a collective: rank 0
     exits 1 with one line naming it, well within 30 s."""
-    procs = start_ranks(tmp_path, [["--model", str(hf_checkpoint), "--chat"]] * 2, MLX_GEMMA_HEARTBEAT_TIMEOUT="5")
+    procs = start_ranks(tmp_path, [["--model", str(hf_checkpoint), "--chat"]] * 2, MLX_GEMMA_HEARTBEAT_TIMEOUT="3")
     try:
         assert procs[0].stdout.read(3) == ">> "  # rank 0 waits for a line, rank 1 in the collective sharing it
         procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
@@ -261,14 +281,14 @@ def test_survivor_names_the_failed_rank(tmp_path, hf_checkpoint, fault):
             p.kill()
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert procs[0].returncode == 1 and len(lines) == 1, err
-    cause = "rank 1 exited" if fault == "killed" else "rank 1 stopped responding (no heartbeat for 5 s)"
+    cause = "rank 1 exited" if fault == "killed" else "rank 1 stopped responding (no heartbeat for 3 s)"
     assert lines[0].startswith(f"error: {cause}"), err
     assert elapsed < 30
 
 
 def test_unreachable_rank_times_out(tmp_path, hf_checkpoint):
     procs = start_ranks(tmp_path, [["--model", str(hf_checkpoint), "--prompt", "hi"]] * 2,
-                        MLX_GEMMA_CONNECT_TIMEOUT="5")
+                        MLX_GEMMA_CONNECT_TIMEOUT="3")
     procs[1].kill()  # never joins
     (_, err), _ = finish(procs, 60)
     assert procs[0].returncode != 0
