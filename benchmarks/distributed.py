@@ -58,6 +58,7 @@ LINKS = [("Thunderbolt 5", 80e9, 5e-6), ("Thunderbolt 5", 80e9, 10e-6), ("10 GbE
 MAC_CHIPS = ("M4 Pro", "M4 Max")
 MESSAGES = {"all_sum": 2, "all_gather": 1, "send": 1, "recv_like": 0}  # per call, out of one rank (2 ranks)
 LLAMA_VOCAB = 32_000
+WORKER_TIMEOUT = 1800  # seconds a measurement may take before its ranks are killed
 
 
 # --- in each rank ---------------------------------------------------------------------------------
@@ -183,30 +184,34 @@ def _run(ranks: int, job: dict, tmp: Path) -> list[list[dict]]:
     cmd = [sys.executable, "-m", "benchmarks.distributed", "--worker", str(tmp / "job.json"), str(tmp / "out")]
     env = dict(os.environ)
     if ranks > 1:
-        (tmp / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(ranks)]))
+        loopback_hostfile(tmp / "hosts.json", ranks)
         env["MLX_HOSTFILE"] = str(tmp / "hosts.json")
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, MLX_RANK=str(r)) if ranks > 1 else env)
              for r in range(ranks)]
-    while any(p.poll() is None for p in procs):  # a rank that fails leaves the others waiting on it
-        if any(p.poll() for p in procs):
+    deadline = time.monotonic() + WORKER_TIMEOUT
+    while any(p.poll() is None for p in procs):
+        # a rank that fails leaves the others waiting on it; a hung one would hold them all
+        if any(p.poll() for p in procs) or time.monotonic() > deadline:
             for p in procs:
                 p.kill()
         time.sleep(0.5)
     codes = [p.wait() for p in procs]
     files = [tmp / f"out.{r}.json" for r in range(ranks)]
     if any(codes) or not all(f.exists() for f in files):
-        raise InputError(f"{ranks}-rank benchmark worker failed (exit {max(codes)})")
+        late = f", or ran past {WORKER_TIMEOUT} s" if time.monotonic() > deadline else ""
+        raise InputError(f"{ranks}-rank benchmark worker failed (exit {max(codes)}{late})")
     return [json.loads(f.read_text()) for f in files]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+def loopback_hostfile(path: Path, ranks: int) -> Path:
+    """A ring-backend hostfile (as mlx.launch writes it) of `ranks` free ports on 127.0.0.1."""
+    socks = [socket.socket() for _ in range(ranks)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
+    path.write_text(json.dumps([[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]))
     for s in socks:
         s.close()
-    return ports
+    return path
 
 
 def wire(traffic: dict) -> tuple[int, int]:

@@ -8,7 +8,6 @@ Launches are few and bounded: one runs every (checkpoint, mode) of the library c
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 import reference
+from benchmarks.distributed import loopback_hostfile
 from conftest import draft_step
 from distributed_child import DRAFT_IDS, run as run_prompts
 from mlx_gemma.config import ModelConfig
@@ -56,9 +56,21 @@ def layer_heavy(tmp_path_factory):
                                       intermediate_size=1024, head_dim=32, global_head_dim=64)
 
 
-def launch(args: list, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(LAUNCH), "--backend", "ring", "-n", "2", "--", *args], capture_output=True,
-                          text=True, env=ENV, cwd=REPO, timeout=timeout, **kw)
+def launch(args: list, timeout: float = 300, input: str = None) -> subprocess.CompletedProcess:
+    """mlx.launch of 2 ranks on 127.0.0.1, in a process group of its own that is killed at the
+    end, so that no rank outlives the test, passed or failed."""
+    p = subprocess.Popen([str(LAUNCH), "--backend", "ring", "-n", "2", "--", *args], text=True, env=ENV, cwd=REPO,
+                         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(input, timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:  # everyone has exited already
+            pass
+        p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -227,21 +239,10 @@ def test_cli_plan_per_rank_and_refusal(hf_checkpoint):
     assert r.stdout == ""
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def start_ranks(tmp_path, rank_args, **env):
     """The ranks as mlx.launch starts them on one machine (its ring hostfile and MLX_RANK), but
     each with its own arguments and a handle the test can kill."""
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(len(rank_args))]))
+    hostfile = loopback_hostfile(tmp_path / "hosts.json", len(rank_args))
     return [subprocess.Popen(cli(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=dict(ENV, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), **env))
             for r, args in enumerate(rank_args)]
