@@ -9,7 +9,7 @@ timing, through its own generation loop, greedy: prefill of a random-token promp
 first token) and decode (time per token after it). Cases: mlx-gemma tensor and pipeline
 parallel on the checkpoint, and mlx-lm's own tensor parallel (`Model.shard(group)`) on a
 random llama built in the process with the stand-in's layer widths (hidden 3840, MLP 15360,
-16 x 256 query heads, 8 key/value heads, as many layers, 4-bit, a 32K vocabulary: no download),
+16 x 256 query heads, 8 key/value heads, as many layers, 4-bit, the same vocabulary: no download),
 at the same float32 activations as ours on the CPU. Per-token overhead = 2-rank minus 1-rank
 time per decode token, for each implementation.
 
@@ -57,7 +57,6 @@ CASES = [("mlx-gemma", "tensor"), ("mlx-gemma", "pipeline"), ("mlx-lm", "tensor"
 LINKS = [("Thunderbolt 5", 80e9, 5e-6), ("Thunderbolt 5", 80e9, 10e-6), ("10 GbE", 10e9, 50e-6)]
 MAC_CHIPS = ("M4 Pro", "M4 Max")
 MESSAGES = {"all_sum": 2, "all_gather": 1, "send": 1, "recv_like": 0}  # per call, out of one rank (2 ranks)
-LLAMA_VOCAB = 32_000
 WORKER_TIMEOUT = 1800  # seconds a measurement may take before its ranks are killed
 
 
@@ -117,7 +116,7 @@ def _theirs(path: Path, group, mode: str, dtype: str):
     args = llama.ModelArgs(model_type="llama", hidden_size=text.hidden_size, num_hidden_layers=len(text.layers),
                            intermediate_size=text.intermediate_size, num_attention_heads=text.num_attention_heads,
                            head_dim=sliding.head_dim, num_key_value_heads=sliding.num_kv_heads,
-                           rms_norm_eps=1e-6, vocab_size=LLAMA_VOCAB, tie_word_embeddings=True)
+                           rms_norm_eps=1e-6, vocab_size=text.vocab_size, tie_word_embeddings=True)
     mx.random.seed(0)  # every rank builds the same weights, then keeps its slices
     model = llama.Model(args)
     nn.quantize(model, group_size=64, bits=4)

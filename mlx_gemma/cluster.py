@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import DistributedError, InputError, MlxGemmaError
 
@@ -92,9 +94,22 @@ class Cluster:
         """Every rank's `values` (ints below 2^31, as many on each rank), on every rank."""
         if self.size == 1:
             return [list(values)]
+        # A step still in flight on this thread's stream (the server's worker) holds the model's
+        # collectives: they must reach the ring before this one does, on every rank alike.
+        mx.synchronize()
         rows = mx.zeros((self.size, len(values)), dtype=mx.int32)
         rows[self.rank] = mx.array(values, dtype=mx.int32)
         return mx.distributed.all_sum(rows, group=self.group, stream=mx.cpu).tolist()
+
+    def share(self, value=None):
+        """Rank 0's `value` (any picklable object) on every rank; the other ranks pass nothing."""
+        if self.size == 1:
+            return value
+        data = pickle.dumps(value) if self.rank == 0 else b""
+        n = self.gather([len(data)])[0][0]
+        mine = np.frombuffer(data, np.uint8) if self.rank == 0 else np.zeros(n, np.uint8)
+        got = mx.distributed.all_sum(mx.array(mine), group=self.group, stream=mx.cpu)
+        return pickle.loads(bytes(np.array(got)))
 
     def from_rank0(self, read: Callable[[], Optional[str]]) -> Callable[[], Optional[str]]:
         """`read` run on rank 0, its text (or None, or the InputError it raised) on every rank."""
@@ -105,25 +120,35 @@ class Cluster:
             message = None
             if self.rank == 0:
                 try:
-                    message = {"text": read()}
+                    message = ("text", read())
                 except InputError as e:
-                    message = {"error": str(e)}
-            data = json.dumps(message).encode() if self.rank == 0 else b""
-            n = self.gather([len(data)])[0][0]
-            got = mx.distributed.all_sum(mx.array(list(data) if self.rank == 0 else [0] * n, dtype=mx.int32),
-                                         group=self.group, stream=mx.cpu)
-            message = json.loads(bytes(got.tolist()).decode())
-            if "error" in message:
-                raise InputError(message["error"])
-            return message["text"]
+                    message = ("error", str(e))
+            kind, value = self.share(message)
+            if kind == "error":
+                raise InputError(value)
+            return value
 
         return shared
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on some rank, on every rank. It runs on the default stream, as
+        the model's own collectives do: issued while a step is in flight, it still reaches every
+        rank in the same order as theirs."""
+        if self.size == 1:
+            return flag
+        return mx.distributed.all_sum(mx.array([float(flag)]), group=self.group).item() > 0
+
+    def _everyone(self, value: int) -> list[int]:
+        """Every rank's `value` (below 2^51), on every rank."""
+        return [high << 20 | low for high, low in self.gather([value >> 20, value & ((1 << 20) - 1)])]
+
     def smallest(self, value: int) -> int:
         """The smallest `value` of any rank (a memory budget: every rank plans with the same one)."""
-        if self.size == 1:
-            return value
-        return min(high << 20 | low for high, low in self.gather([value >> 20, value & ((1 << 20) - 1)]))
+        return value if self.size == 1 else min(self._everyone(value))
+
+    def largest(self, value: int) -> int:
+        """The largest `value` of any rank (the bytes of a cache whose layers the ranks split)."""
+        return value if self.size == 1 else max(self._everyone(value))
 
     def seed(self, seed: Optional[int]) -> None:
         """One sampling seed on every rank: each samples the same token from the same logits."""
@@ -142,15 +167,16 @@ class Cluster:
                                        f"{bytes(d).hex()[:12]} vs {bytes(digests[0]).hex()[:12]}): give every rank "
                                        "the same --model")
 
-    def drafter(self, choice: Optional[str], pipeline: bool) -> bool:
-        """Whether to look for an MTP drafter (`--draft-model`): not across pipeline stages, where
-        the K/V it reads live on the last rank only (tensor parallel gathers them)."""
-        if self.size == 1 or not pipeline:
+    def drafter(self, choice: Optional[str], pipeline: bool, config) -> bool:
+        """Whether to look for an MTP drafter (`--draft-model`): across pipeline stages, only
+        when one stage holds every layer whose K/V it reads (the last stage does, on Gemma 4)."""
+        from .distributed import drafting_rank
+
+        if self.size == 1 or not pipeline or drafting_rank(config.text_config, self.size) is not None:
             return True
         if choice not in (None, "none"):
-            raise DistributedError(f"--draft-model: not supported with --pipeline across {self.size} ranks (the "
-                                   "drafter reads the last layers' K/V, held by the last rank); use --draft-model "
-                                   "none, or tensor parallel")
+            raise DistributedError(f"--draft-model: the layers the drafter reads are on different ones of the "
+                                   f"{self.size} pipeline stages; use --draft-model none, or tensor parallel")
         return False
 
     # --- planning ---------------------------------------------------------------------------------
@@ -160,25 +186,46 @@ class Cluster:
         when one will not fit (unless `refuse` is off, for --plan)."""
         if self.size == 1:
             return plan
-        from . import distributed, memory
+        from . import memory
+        from .distributed import drafting_rank
 
         mode = "pipeline" if pipeline else "tensor"
+        # A drafter is replicated under tensor parallel; one pipeline stage holds it.
+        drafts = drafting_rank(config.text_config, self.size) if pipeline else None
         plans = RankPlans()
-        for r in range(self.size):
-            view = distributed.rank_config(config, r, self.size, mode)
-            weights = int(plan.weights * distributed.weight_share(config, r, self.size, mode))
-            p = memory.make_plan(view, weights, plan.context, plan.budget, kv, dtype_bytes, step)
+        for r, (view, weights) in enumerate(self.shares(config, plan.weights, pipeline)):
+            draft = plan.draft if drafts is None or r == drafts else None
+            p = memory.make_plan(view, weights, plan.context, plan.budget, kv, dtype_bytes, step, draft)
             if refuse and not p.fits:
                 raise DistributedError(f"rank {r} ({mode} parallel): "
                                        + memory.refusal(p, view, kv, dtype_bytes, step))
             plans.append(p)
         return plans
 
+    def shares(self, config, weights: int, pipeline: bool) -> list:
+        """(config view, weight bytes) of each rank's part of the model: the layers, heads and
+        MLP width it holds (`distributed.rank_config`)."""
+        if self.size == 1:
+            return [(config, weights)]
+        from . import distributed
+
+        mode = "pipeline" if pipeline else "tensor"
+        return [(distributed.rank_config(config, r, self.size, mode),
+                 int(weights * distributed.weight_share(config, r, self.size, mode))) for r in range(self.size)]
+
     # --- running ----------------------------------------------------------------------------------
 
     def report(self, line: str) -> None:
         prefix = f"[rank {self.rank}] " if self.rank else ""
         print(f"{prefix}error: {line}", file=self._error_stream, flush=True)
+
+    def abort(self, why: str) -> None:
+        """End this rank now, saying why here and to its peers: a failure on one rank inside a
+        generation, after which the ranks no longer run the same steps."""
+        self.report(why)
+        if self._monitor is not None:
+            self._monitor.close(f"E{why}")
+        os._exit(1)
 
     @contextmanager
     def running(self):

@@ -16,6 +16,9 @@
   hidden-size bytes per step instead of vocabulary-size logits. Every rank therefore holds
   the embedding (for two ranks that is what the first needs for its input and the last for
   its head anyway); the media embedders and the final norm's work live on the first / last.
+  An MTP drafter lives on the stage that holds the K/V it reads (the last layer of each type:
+  the last stage); its draft tokens (and, when sampling, its logits) are summed into every
+  rank the same way (`StageDrafter`), so that every rank runs the same speculative loop.
 
 Every rank runs the same generation loop; the model returns the same logits on every rank.
 """
@@ -213,11 +216,77 @@ class PipelineStage(TextModel):
         return mx.distributed.all_sum(mx.depends(mx.zeros_like(h), sent), group=group)
 
 
+def drafter_layers(text: TextConfig) -> list[int]:
+    """The layers whose caches an MTP drafter reads: the last of each type (`Model.shared_kv`)."""
+    return sorted({s.layer_type: s.index for s in text.layers}.values())
+
+
+def drafting_rank(text: TextConfig, size: int) -> Optional[int]:
+    """The pipeline stage holding every layer the drafter reads, if one does."""
+    needed = drafter_layers(text)
+    for rank, (start, end) in enumerate(split_layers(text, size)):
+        if all(start <= i < end for i in needed):
+            return rank
+    return None
+
+
+class PipelineModel(Model):
+    """A pipeline stage's model: the K/V a drafter reads exist on one stage only."""
+
+    def shared_kv(self, cache: list) -> Optional[dict]:
+        return super().shared_kv(cache) if self.drafts_here else None
+
+
+class StageDrafter:
+    """The drafter of a pipeline (`Drafter`'s interface): held by the stage with the K/V it
+    reads; what it proposes is summed into every rank, the other stages adding zeros. Those
+    zeros are computed from the step's input, so that each rank issues the draft steps'
+    collectives in the same order (a graph of independent sums could be run in any)."""
+
+    def __init__(self, drafter, group: mx.distributed.Group, vocab_size: int):
+        self.drafter, self.group, self.vocab_size = drafter, group, vocab_size
+
+    def _everywhere(self, mine: Optional[mx.array], shape: tuple, dtype, after: mx.array) -> mx.array:
+        """`mine` (this stage's, or None elsewhere: zeros that wait for `after`) summed over the ranks."""
+        if mine is None:
+            mine = mx.depends(mx.zeros(shape, dtype), after)
+        return mx.distributed.all_sum(mine.astype(dtype), group=self.group)
+
+    def hidden(self, inputs_embeds: mx.array, kv: Optional[dict], position: int) -> tuple[mx.array, mx.array]:
+        if self.drafter is None:  # nothing to compute here: a stand-in that follows the input
+            zero = mx.depends(mx.zeros(inputs_embeds.shape[:-1] + (1,)), inputs_embeds)
+            return zero, zero
+        return self.drafter.hidden(inputs_embeds, kv, position)
+
+    def greedy(self, y: mx.array) -> mx.array:
+        mine = self.drafter.greedy(y) if self.drafter is not None else None
+        return self._everywhere(mine, y.shape[:-1], mx.int32, y)
+
+    def logits(self, y: mx.array) -> mx.array:
+        mine = self.drafter.logits(y) if self.drafter is not None else None
+        return self._everywhere(mine, (*y.shape[:-1], self.vocab_size), mx.float32, y)
+
+    def __call__(self, inputs_embeds: mx.array, kv: Optional[dict], position: int) -> tuple[mx.array, mx.array]:
+        y, h_next = self.hidden(inputs_embeds, kv, position)
+        return self.logits(y), h_next
+
+
+def place_drafter(model: PipelineModel, load) -> StageDrafter:
+    """The pipeline's drafter: `load()` runs on the stage that drafts only."""
+    if drafting_rank(model.config.text_config, model.group.size()) is None:
+        raise DistributedError(f"MTP drafting over {model.group.size()} pipeline stages: the layers the drafter "
+                               "reads are on different stages; use tensor parallel or --draft-model none")
+    return StageDrafter(load() if model.drafts_here else None, model.group, model.config.text_config.vocab_size)
+
+
 def pipeline(model, group: mx.distributed.Group, layers: Optional[tuple[int, int]] = None):
     """Keep only this rank's stage of `model` (before its weights are loaded); returns it."""
     rank, size = group.rank(), group.size()
     text = model.config.text_config
     start, end = layers or split_layers(text, size)[rank]
+    model.__class__ = PipelineModel
+    model.group = group
+    model.drafts_here = all(start <= i < end for i in drafter_layers(text))
     stage = model.language_model.model
     stage.layers = [layer if start <= i < end else None for i, layer in enumerate(stage.layers)]
     stage.__class__ = PipelineStage

@@ -283,7 +283,7 @@ def run(args, cluster=None) -> None:
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
     if args.max_kv_size is not None and len(ids) >= args.max_kv_size:
         raise InputError(f"--max-kv-size {args.max_kv_size}: smaller than the prompt ({len(ids)} tokens)")
-    drafter_path = draft_model_path(args, path, config) if cluster.drafter(args.draft_model, args.pipeline) else None
+    drafter_path = draft_model_path(args, path, config) if cluster.drafter(args.draft_model, args.pipeline, config) else None
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
         return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,

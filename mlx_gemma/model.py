@@ -325,5 +325,6 @@ class Model(nn.Module):
         drafter mask keeps keys at distance <= window (`abs(q - kv) <= sliding_window`, flipped
         onto the newest keys), i.e. window + 1 of them, one more than a target query sees."""
         last = {s.layer_type: s for s in self.config.text_config.layers}  # the last one of each type
-        return {t: self.layers[s.index].self_attn.cached_kv(cache[s.index], s.window and s.window + 1)
+        held = [s.index for _, s in self.language_model.model.held]  # what `cache` has, in order
+        return {t: self.layers[s.index].self_attn.cached_kv(cache[held.index(s.index)], s.window and s.window + 1)
                 for t, s in last.items()}

@@ -65,8 +65,8 @@ def cache_bytes(cache: list) -> int:
 class PromptCache:
     """Snapshots keyed by `prompt_key` lists; least recently used evicted past `max_bytes`."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, measure: Callable[[list], int] = cache_bytes):
+        self.max_bytes, self.measure = max_bytes, measure
         self._entries: "OrderedDict[tuple, tuple[list, int]]" = OrderedDict()
         self.nbytes = 0
 
@@ -92,7 +92,7 @@ class PromptCache:
     def insert(self, key: list, cache: list, copy_cache: bool = False) -> None:
         """Store `cache`, which holds exactly `key` (copied first when the caller keeps using it).
         Entries it can stand in for (prefixes it can be trimmed back to) are dropped."""
-        size = cache_bytes(cache)
+        size = self.measure(cache)
         if size > self.max_bytes or not key:
             return
         stored = tuple(key)

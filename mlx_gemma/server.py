@@ -16,12 +16,13 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,6 +67,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body")
     p.add_argument("--queue-size", type=int, default=32,
                    help="requests waiting for the model; more are refused with 503")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "
+                        "and contexts) instead of splitting every layer's heads (tensor parallel, faster decode); "
+                        "rank 0 serves HTTP, the others follow it")
     return p
 
 
@@ -397,6 +402,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, *event) -> None:
+        if self.loop is None:  # a follower rank's copy of the job: rank 0 answers
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop has closed: the server is stopping
@@ -407,13 +414,21 @@ class Engine:
     """Owns the model, the processor and the prefix cache; `submit` queues a job.
 
     The model is loaded on the worker thread too: MLX streams are per thread, and no other
-    thread ever touches the model."""
+    thread ever touches the model.
 
-    def __init__(self, load, args, prompt_cache_bytes: int, context: int):
-        from .prompt_cache import PromptCache
+    Under mlx.launch (`cluster` of several ranks) rank 0 reads each request's prompt and media
+    and shares them with the others (`follow`), and every rank runs the same steps: the same
+    prefix-cache decisions (entries weigh the same on every rank), the same sampling seed, and
+    one agreement per step on whether rank 0's client is still there."""
+
+    def __init__(self, load, args, prompt_cache_bytes: int, context: int, cluster=None):
+        from .cluster import Cluster
+        from .prompt_cache import PromptCache, cache_bytes
 
         self.args, self.context = args, context  # prompt + reply tokens a request may use
-        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.cluster = cluster or Cluster()
+        self.prompt_cache = (PromptCache(prompt_cache_bytes, lambda c: self.cluster.largest(cache_bytes(c)))
+                             if prompt_cache_bytes > 0 else None)
         self.queue: queue.Queue = queue.Queue(maxsize=args.queue_size)
         self.busy = False
         loaded: queue.Queue = queue.Queue()
@@ -442,8 +457,13 @@ class Engine:
             loaded.put(e)
             return
         loaded.put(None)
+        if self.cluster.rank > 0:
+            return self._follow()
         while True:
             job = self.queue.get()
+            if job is None:  # the server is stopping: so do the other ranks
+                self.cluster.share(None)
+                return
             if job.cancelled.is_set():
                 remove_files(job.temp_files)
                 continue
@@ -454,9 +474,40 @@ class Engine:
                 job.emit("error", ApiError(499, "client closed the request"))
             except Exception as e:  # a bad request must not end the worker
                 job.emit("error", api_error(e))
+                self._check_in_step(e)
             finally:
                 self.busy = False
                 remove_files(job.temp_files)
+
+    def _check_in_step(self, e: Exception) -> None:
+        """A request's errors (ApiError, MlxGemmaError) arise alike on every rank; anything else
+        (out of memory, a bug) struck this rank alone, and the ranks no longer agree on what
+        runs next: they all stop, naming this one's cause."""
+        if self.cluster.size > 1 and not isinstance(e, (ApiError, MlxGemmaError)):
+            self.cluster.abort(f"the model failed on rank {self.cluster.rank}: {_one_line(str(e)) or type(e).__name__}")
+
+    def _follow(self) -> None:
+        """A rank other than 0: run every job rank 0 shares, until it shares None."""
+        while True:
+            shared = self.cluster.share()
+            if shared is None:
+                return
+            kind, params, inputs = shared
+            try:
+                self._answer(Job(kind, params, loop=None, events=None), inputs)
+            except Cancelled:
+                pass
+            except Exception as e:  # rank 0 meets the same and answers it
+                self._check_in_step(e)
+
+    def close(self) -> None:
+        """Stop the worker once the queue is done (and, under mlx.launch, the other ranks)."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def stopped(self, job: "Job") -> bool:
+        """Whether to stop `job` before the next step: its client went away (on rank 0)."""
+        return self.cluster.any(job.cancelled.is_set())
 
     def _inputs(self, job: Job):
         from .prompt import MediaOptions, PromptInputs
@@ -468,13 +519,18 @@ class Engine:
                                           tools=job.tools)
 
     def _run(self, job: Job) -> None:
+        inputs = self._inputs(job)
+        remove_files(job.temp_files)  # decoded: an uploaded video is not kept while it is answered
+        if self.cluster.size > 1:
+            self.cluster.share((job.kind, job.params, replace(inputs, messages=None)))
+        self._answer(job, inputs)
+
+    def _answer(self, job: Job, inputs) -> None:
         import mlx.core as mx
 
         from .generation import generate_step, make_sampling, stream_generate
         from .prompt_cache import prompt_key
 
-        inputs = self._inputs(job)
-        remove_files(job.temp_files)  # decoded: an uploaded video is not kept while it is answered
         ids, p = inputs.ids, job.params
         if len(ids) >= self.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the served context is {self.context}",
@@ -495,7 +551,7 @@ class Engine:
             return token
 
         def progress(done, total):
-            if job.cancelled.is_set():
+            if self.stopped(job):
                 raise Cancelled()
 
         if p.seed is not None:
@@ -526,7 +582,7 @@ class Engine:
         markers = self.processor.eos_token_ids | {self.processor.thought_start_id, self.processor.thought_end_id}
         try:
             for r in pieces:
-                if job.cancelled.is_set():
+                if self.stopped(job):
                     raise Cancelled()
                 generated = r.generation_tokens
                 entry = None
@@ -995,27 +1051,34 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
 
 
-def plan_server(path: Path, args) -> tuple[int, int]:
+def plan_server(path: Path, args, cluster=None) -> tuple[int, int]:
     """(prefix-cache bytes, context) within the memory budget: by default a quarter of what the
     weights leave goes to the prefix cache; a request may use the longest context whose plan
-    fits in the rest (the model's maximum where memory allows)."""
+    fits in the rest (the model's maximum where memory allows). Under mlx.launch each rank
+    plans its own part and all serve what the tightest one fits."""
+    from .cluster import Cluster
     from .config import ModelConfig
     from .memory import KVOptions, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes, weight_bytes
 
+    cluster = cluster or Cluster()
     config = ModelConfig.from_file(path / "config.json")
-    budget, weights, kv = memory_budget(args.memory_limit), weight_bytes(path), KVOptions(bits=args.kv_bits)
-    cache_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else max(0, (budget - weights) // 4)
+    budget, kv = cluster.smallest(memory_budget(args.memory_limit)), KVOptions(bits=args.kv_bits)
+    shares = cluster.shares(config, weight_bytes(path), args.pipeline)
+    cache_bytes = (args.prompt_cache_bytes if args.prompt_cache_bytes is not None
+                   else min(max(0, (budget - weights) // 4) for _, weights in shares))
     dtype_bytes = run_dtype_bytes(path, config)
-    context = longest_context(config, weights, budget - cache_bytes, kv, dtype_bytes)
-    if context == 0:
-        plan = make_plan(config, weights, 1, budget - cache_bytes, kv, dtype_bytes)
-        raise InputError(f"{path}: {refusal(plan, config, kv, dtype_bytes)} (the prefix cache holds "
-                         f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
+    for rank, (view, weights) in enumerate(shares):
+        if longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) == 0:
+            plan = make_plan(view, weights, 1, budget - cache_bytes, kv, dtype_bytes)
+            where = f"rank {rank}: " if cluster.size > 1 else ""
+            raise InputError(f"{path}: {where}{refusal(plan, view, kv, dtype_bytes)} (the prefix cache holds "
+                             f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
+    context = min(longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) for view, weights in shares)
     return cache_bytes, context
 
 
-def serve(args) -> None:
-    # Flags first, before the seconds of importing MLX and the minutes of loading.
+def check_flags(args) -> None:
+    """Flags first, before the seconds of importing MLX and the minutes of loading."""
     for name in ("max_tokens", "queue_size", "max_body_bytes"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}")
@@ -1025,7 +1088,12 @@ def serve(args) -> None:
         raise InputError(f"--kv-bits: must be 4 or 8, got {args.kv_bits}")
     if not 0 < args.port < 65536:
         raise InputError(f"--port: must be from 1 to 65535, got {args.port}")
-    check_port(args.host, args.port)
+
+
+def serve(args, cluster) -> None:
+    """Rank 0 (the only one, unless launched) serves HTTP; the other ranks follow its engine."""
+    if cluster.rank == 0:
+        check_port(args.host, args.port)
     import uvicorn
 
     from .generation import check_sampling
@@ -1033,18 +1101,39 @@ def serve(args) -> None:
 
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p)
     path = resolve_model_path(args.model)
-    cache_bytes, context = plan_server(path, args)
-    engine = Engine(lambda: load(path), args, cache_bytes, context)
+    cluster.check_same_checkpoint(path)
+    cache_bytes, context = plan_server(path, args, cluster)
+    cluster.seed(None)
+    mode = "pipeline" if args.pipeline else "tensor"
+    engine = Engine(lambda: load(path, group=cluster.group, parallel=mode), args, cache_bytes, context, cluster)
+    if cluster.rank > 0:
+        # Ctrl-C in the terminal reaches every rank: rank 0 stops serving and then stops this one.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine.thread.join()
+        return
     app = create_app(engine, args, args.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    log.info("serving %s on http://%s:%d (context %d tokens, prefix cache %d bytes)", args.model, args.host,
-             args.port, context, cache_bytes)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    ranks = f", {cluster.size} ranks, {mode} parallel" if cluster.size > 1 else ""
+    log.info("serving %s on http://%s:%d (context %d tokens, prefix cache %d bytes%s)", args.model, args.host,
+             args.port, context, cache_bytes, ranks)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        engine.close()
 
 
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
-    run_cli(lambda: serve(args), interrupted="server stopped")
+
+    def work():
+        check_flags(args)
+        from .cluster import join
+
+        cluster = join()  # one rank of several under mlx.launch, else a single process
+        with cluster.running():
+            serve(args, cluster)
+
+    run_cli(work, interrupted="server stopped")
 
 
 if __name__ == "__main__":

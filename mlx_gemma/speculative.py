@@ -241,6 +241,10 @@ def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, Non
     config = read_config(path)
     if target is not None:
         check_fits(config, target.config.text_config, path)
+    if target is not None and hasattr(target, "drafts_here"):  # pipeline stages: one holds the drafter
+        from .distributed import place_drafter
+
+        return place_drafter(target, lambda: load_drafter(path, dtype))
     weights = load_weights(path, rename=rename)
     if "masked_embedding.token_ordering" in weights:  # transformers stores it as int64
         weights["masked_embedding.token_ordering"] = weights["masked_embedding.token_ordering"].astype(mx.int32)

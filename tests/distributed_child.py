@@ -1,7 +1,7 @@
 """One rank of tests/test_distributed.py's launch: loads each (checkpoint, mode) of the job file
 with `load(..., group=...)`, runs the job's prompts greedily and writes, per rank, the tokens,
 log-probabilities, tensors read and the memory the weights took; with a drafter, its first
-draft step's logits and the first prompt's reply drafted.
+draft step's logits and the first prompt's reply drafted, greedy and sampled.
 
 Usage (under mlx.launch): python distributed_child.py JOB.json OUT_PREFIX
 """
@@ -32,9 +32,11 @@ def media(prompt: dict) -> dict:
     return out
 
 
-def run(model, processor, prompt: dict, drafter=None) -> dict:
+def run(model, processor, prompt: dict, drafter=None, temp: float = 0.0) -> dict:
+    """The reply's tokens and log-probabilities (sampled from seed 0 when `temp` > 0)."""
     tokens, logprobs = [], []
-    for r in stream_generate(model, processor, prompt["text"], max_tokens=prompt["max_tokens"], temp=0.0,
+    mx.random.seed(0)
+    for r in stream_generate(model, processor, prompt["text"], max_tokens=prompt["max_tokens"], temp=temp,
                              prefill_step_size=prompt.get("step", 512), draft_model=drafter, **media(prompt)):
         tokens.append(r.token)
         logprobs.append(np.array(r.logprobs).tolist())
@@ -58,6 +60,7 @@ def main(job_file: str, out_prefix: str) -> None:
             drafter = load_drafter(case["drafter"], target=model)
             results[-1]["draft_logits"] = np.array(draft_step(drafter, model, mx.array([DRAFT_IDS]))[0]).tolist()
             results[-1]["drafted"] = run(model, processor, case["prompts"][0], drafter)
+            results[-1]["sampled"] = run(model, processor, case["prompts"][0], drafter, temp=1.0)
         del model, processor
     Path(f"{out_prefix}.{group.rank()}.json").write_text(json.dumps(results))
 

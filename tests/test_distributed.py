@@ -78,7 +78,8 @@ def launched(hf_checkpoint, four_bit, layer_heavy, drafter_checkpoint, tmp_path_
     """Every library case in one launch: {(model, mode): [rank 0 result, rank 1 result]}."""
     cases = [{"model": str(m), "mode": mode, "prompts": PROMPTS[:RUNS[which]]}
              for m, which in ((hf_checkpoint, "float32"), (four_bit, "4-bit")) for mode in ("tensor", "pipeline")]
-    cases[0]["drafter"] = str(drafter_checkpoint)  # float32, tensor parallel
+    for case in cases[:2]:  # float32, tensor and pipeline parallel
+        case["drafter"] = str(drafter_checkpoint)
     cases += [{"model": str(layer_heavy), "mode": "pipeline", "prompts": []}]  # its memory only
     tmp = tmp_path_factory.mktemp("launch")
     (tmp / "job.json").write_text(json.dumps({"cases": cases}))
@@ -120,16 +121,23 @@ def test_same_tokens_and_logits_as_one_process(launched, one_process, hf_checkpo
         assert ranks[0]["outputs"][0]["logprobs"] == one_process[model][0]["logprobs"]
 
 
-def test_tensor_parallel_drafts_as_one_process(launched, one_process, hf_checkpoint, drafter_checkpoint):
-    """The replicated drafter reads the sliding heads gathered from the ranks: its first draft
-    step is the one-process one, and a drafted greedy reply is the plain one on every rank."""
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_drafting_as_one_process(launched, one_process, hf_checkpoint, drafter_checkpoint, mode):
+    """Tensor parallel: the replicated drafter reads the sliding heads gathered from the ranks.
+    Pipeline: the last stage drafts, and its tokens (logits, when sampling) reach every rank.
+    Either way the first draft step is the one-process one, and a drafted reply, greedy or
+    sampled from the same seed, is the one-process reply on every rank."""
     from mlx_gemma import load
 
-    model, _ = load(hf_checkpoint)
-    alone = np.array(draft_step(load_drafter(drafter_checkpoint, target=model), model, mx.array([DRAFT_IDS]))[0])
-    for rank in launched[str(hf_checkpoint), "tensor"]:
+    model, processor = load(hf_checkpoint)
+    drafter = load_drafter(drafter_checkpoint, target=model)
+    alone = np.array(draft_step(drafter, model, mx.array([DRAFT_IDS]))[0])
+    sampled = run_prompts(model, processor, PROMPTS[0], drafter, temp=1.0)["tokens"]
+    assert sampled != one_process[str(hf_checkpoint)][0]["tokens"]  # it did sample
+    for rank in launched[str(hf_checkpoint), mode]:
         assert np.abs(np.array(rank["draft_logits"]) - alone).max() < 1e-4
         assert rank["drafted"]["tokens"] == one_process[str(hf_checkpoint)][0]["tokens"]
+        assert rank["sampled"]["tokens"] == sampled
 
 
 def test_tokens_are_not_trivial(one_process, hf_checkpoint):
@@ -294,3 +302,46 @@ def test_unreachable_rank_times_out(tmp_path, hf_checkpoint):
     (_, err), _ = finish(procs, 60)
     assert procs[0].returncode != 0
     assert err.strip().splitlines()[-1].startswith("error: could not connect to the other ranks (127.0.0.1:"), err
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_server_on_two_ranks_answers_as_one_process(hf_checkpoint, tmp_path, mode):
+    """Rank 0 serves HTTP and shares each prompt; the other rank follows step by step: replies
+    equal the library's, the prefix cache is used alike on both ranks (pipeline ranks hold
+    caches of different sizes), a client that hangs up mid-stream stops both ranks in step,
+    and Ctrl-C (SIGINT to the group) stops every rank cleanly."""
+    from test_server import Server, abandon_stream, chat, data_url, png_bytes, reference, stream_text, user
+    from mlx_gemma import load
+
+    model, processor = load(hf_checkpoint)
+    flags = ["--pipeline"] if mode == "pipeline" else []
+    s = Server(hf_checkpoint, tmp_path / "server.log", *flags,
+               launcher=(str(LAUNCH), "--backend", "ring", "-n", "2", "--"))
+    try:
+        first = [{"role": "system", "content": "the a is of and " * 6}, user("name a colour")]
+        reply, _ = chat(s, first)
+        assert reply == reference(model, processor, first, 12)
+        second = first + [{"role": "assistant", "content": reply}, user("and a number")]
+        assert stream_text(s, second, 10) == reference(model, processor, second, 10)
+        reply, usage = chat(s, second + [{"role": "assistant", "content": "x"}, user("more")], 6)
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= len(processor.chat_ids(second))
+        abandon_stream(s.port, 400)  # both ranks stop at the same step, or the next request hangs
+        (tmp_path / "a.png").write_bytes(png_bytes())
+        image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(),
+                                                                                                  "image/png")}},
+                                              {"type": "text", "text": "describe"}]}]
+        local = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "a.png")},
+                                              {"type": "text", "text": "describe"}]}]
+        assert chat(s, image, 6)[0] == reference(model, processor, local, 6)
+        sampled = [s.request("POST", "/v1/chat/completions", {"messages": [user("hi")], "temperature": 1.0,
+                                                              "seed": 3, "max_tokens": 8})[1] for _ in range(2)]
+        assert sampled[0]["choices"] == sampled[1]["choices"]
+        os.killpg(s.proc.pid, signal.SIGINT)
+        s.proc.wait(timeout=30)
+        log = s.log_path.read_text()
+        assert f"2 ranks, {mode} parallel" in log and "error" not in log, log[-3000:]
+    finally:
+        s.stop()

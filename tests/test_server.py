@@ -6,7 +6,9 @@ import base64
 import http.client
 import io
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,13 +39,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server")):
+    """`launcher` (e.g. mlx.launch and its flags) starts the server in a process group of its
+    own, which `stop` signals whole."""
+
+    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server"), launcher=()):
         self.port, self.log_path, self.model = free_port(), log, str(checkpoint)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
+            [*launcher, sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
              "--api-key", KEY, "--max-tokens", "16", "--max-body-bytes", str(MAX_BODY), *flags],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=bool(launcher))
+        self.group = bool(launcher)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, log.read_text()
@@ -88,13 +94,21 @@ class Server:
             time.sleep(0.05)
 
     def stop(self):
-        self.proc.terminate()
+        self._signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait(timeout=20)
+        if self.group:  # whatever of the group outlived its launcher
+            self._signal(signal.SIGKILL)
         self.log.close()
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig) if self.group else self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
