@@ -4,8 +4,11 @@
   mlx's distributed linears (q/gate/up by output rows, o/down by input columns, an all-sum
   after each); sliding layers split their key/value heads too, so each rank caches only its
   heads. A layer with ONE key/value head (the 12B's global k_eq_v layers) cannot be split: each
-  rank computes and caches it whole while its queries are split. Embeddings, head and the media
-  embedders stay replicated. Decode gains: each rank reads 1/N of the layer weights per token.
+  rank computes and caches it whole while its queries are split. The tied embedding is split
+  by vocabulary rows (`VocabShard`): each rank embeds the tokens it holds (an all-sum of the
+  hidden state) and computes its slice of the logits (an all-gather of them), so the 262K x
+  hidden head, the largest single matrix, is read 1/N per rank too. The media embedders stay
+  replicated. Decode gains: each rank reads 1/N of the layer and head weights per token.
   An MTP drafter is replicated too: it reads whole K/V (`shared_kv`), so a split layer's heads
   are gathered from the ranks once per round; every rank then drafts the same tokens.
 - Pipeline parallel (`pipeline`): each rank holds a contiguous range of layers, balanced by a
@@ -39,6 +42,7 @@ from .model import Model, TextModel
 
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
 _MEDIA = ("vision_embedder.", "embed_vision.", "embed_audio.")
+_EMBEDDING = "language_model.model.embed_tokens."
 # Matmuls split by output rows (all-to-sharded) and by input columns (sharded-to-all).
 _BY_ROWS = ("q_proj", "gate_proj", "up_proj")
 _BY_COLUMNS = ("o_proj", "down_proj")
@@ -80,6 +84,32 @@ def check_tensor_parallel(config: ModelConfig, size: int) -> None:
                                        "groups (use --pipeline)")
 
 
+class VocabShard(nn.Module):
+    """Rows [start, start + n) of a tied embedding table (plain or quantized), one rank's
+    share: lookups and logits over the whole vocabulary, exactly as the whole table gives."""
+
+    def __init__(self, table: nn.Module, group: mx.distributed.Group):
+        super().__init__()
+        self.group = group
+        self.n = table.weight.shape[0] // group.size()
+        self.start = group.rank() * self.n
+        for name, value in table.items():  # weight, and a quantized table's scales / biases
+            if isinstance(value, mx.array):
+                table[name] = value[self.start:self.start + self.n]
+        self.table = table
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.n)
+        rows = self.table(mx.where(mine, local, 0))
+        return mx.distributed.all_sum(mx.where(mine[..., None], rows, mx.zeros_like(rows)), group=self.group)
+
+    def as_linear(self, h: mx.array) -> mx.array:
+        part = self.table.as_linear(h)  # [..., n]: this rank's slice of the logits
+        parts = mx.distributed.all_gather(part[None], group=self.group)  # [ranks, ..., n]
+        return mx.moveaxis(parts, 0, -2).reshape(*part.shape[:-1], -1)
+
+
 class TensorParallelModel(Model):
     """A model whose layers `shard` split: what the drafter reads is gathered whole."""
 
@@ -112,6 +142,9 @@ def shard(model, group: mx.distributed.Group):
         mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
         mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
         mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+    text = model.language_model.model
+    if model.config.text_config.vocab_size % size == 0:  # else it stays whole on every rank
+        text.embed_tokens = VocabShard(text.embed_tokens, group)
     return model
 
 
@@ -119,7 +152,8 @@ def tensor_share(name: str, config: ModelConfig, size: int) -> float:
     """The fraction of checkpoint tensor `name` (model naming) one rank holds under tensor parallel."""
     m = _LAYER.match(name)
     if m is None:
-        return 1.0
+        split = name.startswith(_EMBEDDING) and config.text_config.vocab_size % size == 0
+        return 1 / size if split else 1.0
     module = name.split(".")[-2]
     if module in _BY_ROWS + _BY_COLUMNS:
         return 1 / size

@@ -54,8 +54,10 @@ def main(job_file: str, out_prefix: str) -> None:
         model, processor = load(case["model"], group=group, parallel=case["mode"])
         loaded = mx.get_peak_memory() - before
         outputs = [run(model, processor, p) for p in case["prompts"]]
+        table = model.language_model.model.embed_tokens
         results.append({"model": case["model"], "mode": case["mode"], "tensors_read": model.tensors_read,
-                        "weights_peak": loaded, "outputs": outputs})
+                        "weights_peak": loaded, "outputs": outputs,
+                        "head_rows": (table.table if hasattr(table, "table") else table).weight.shape[0]})
         if case.get("drafter"):  # the first draft step after DRAFT_IDS, and a drafted greedy reply
             drafter = load_drafter(case["drafter"], target=model)
             results[-1]["draft_logits"] = np.array(draft_step(drafter, model, mx.array([DRAFT_IDS]))[0]).tolist()

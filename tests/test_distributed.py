@@ -119,6 +119,8 @@ def test_same_tokens_and_logits_as_one_process(launched, one_process, hf_checkpo
         assert err < 1e-4, f"{label}: {err}"
     if mode == "pipeline":  # no reduction is reordered: the same arithmetic, bit for bit
         assert ranks[0]["outputs"][0]["logprobs"] == one_process[model][0]["logprobs"]
+    # Tensor parallel splits the tied embedding / head by vocabulary rows; each stage holds it whole.
+    assert [r["head_rows"] for r in ranks] == [reference.VOCAB // (2 if mode == "tensor" else 1)] * 2
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
