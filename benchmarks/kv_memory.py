@@ -48,9 +48,10 @@ def config(layers: int, types=None, **text) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
-def fill(cache: list, context: int, dtype) -> None:
-    """Caches holding `context` tokens of random keys/values (what a prefill would leave)."""
-    for c in cache:
+def fill(cache: list, layers: list, context: int) -> None:
+    """Caches (of the LayerSpecs `layers`) holding `context` tokens of random keys/values (what a
+    prefill would leave)."""
+    for c, spec in zip(cache, layers):
         if isinstance(c, SlidingWindowCache):
             n = min(context, c.window - 1 + c.slack)
             c.offset = context - n  # as if the first tokens had been evicted
@@ -58,7 +59,7 @@ def fill(cache: list, context: int, dtype) -> None:
             x = mx.random.normal((1, 8, n, 256)) * 0.1
             c.update_and_fetch(x, x)
         elif c.one_tensor:
-            c.update_and_fetch_values(mx.random.normal((1, 1, context, 512)) * 0.1)
+            c.update_and_fetch_one(mx.random.normal((1, 1, context, spec.packed_width(c.bits and c.group_size))) * 0.1)
         else:
             x = mx.random.normal((1, 1, context, 512)) * 0.1
             c.update_and_fetch(x, x)
@@ -79,7 +80,7 @@ def decode_cost(contexts: list[int], steps: int = 8, repeats: int = 3) -> list[d
             times = []
             for _ in range(repeats):
                 cache = model.make_cache(**opts)
-                fill(cache, ctx, mx.float32)
+                fill(cache, cfg.text_config.layers, ctx)
                 token = mx.array([[1000]])
                 mx.eval(model(token, cache=cache))  # warm-up
                 t0 = time.perf_counter()

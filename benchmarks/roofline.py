@@ -21,7 +21,7 @@ from typing import Optional
 from mlx.utils import tree_flatten
 
 from mlx_gemma.config import ModelConfig, TextConfig
-from mlx_gemma.memory import KVOptions, element_bytes
+from mlx_gemma.memory import KVOptions, element_bytes, global_values_per_token
 from mlx_gemma.model import Model
 from mlx_gemma.quantization import QuantSpec, plan
 from mlx_gemma.speculative import Drafter, DrafterConfig
@@ -99,10 +99,10 @@ def kv_bytes(text: TextConfig, context: int, kv: KVOptions, dtype_bytes: int) ->
     """KV bytes a decode step at `context` reads: sliding layers hold at most `window` tokens."""
     total = 0.0
     for s in text.layers:
-        tokens = min(context, s.window) if s.is_sliding else context
-        tensors = 1 if (not s.is_sliding and kv.one_tensor and s.k_eq_v) else 2
-        per = element_bytes(dtype_bytes, None if s.is_sliding else kv.bits, kv.group_size)
-        total += tokens * tensors * s.num_kv_heads * s.head_dim * per
+        if s.is_sliding:
+            total += min(context, s.window) * 2 * s.num_kv_heads * s.head_dim * dtype_bytes
+        else:
+            total += context * global_values_per_token(s, kv) * element_bytes(dtype_bytes, kv.bits, kv.group_size)
     return total
 
 

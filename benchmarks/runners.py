@@ -61,10 +61,11 @@ class Implementation:
         """`context` random tokens in every cache (a sliding one keeps its window's worth)."""
         for spec, c in zip(self.config.text_config.layers, cache):
             n = min(context, spec.window) if spec.is_sliding else context
-            x = mx.random.normal((1, spec.num_kv_heads, n, spec.head_dim)).astype(self.dtype)
             if getattr(c, "one_tensor", False):  # mlx-gemma's one-tensor global cache
-                c.update_and_fetch_values(x)
+                width = spec.packed_width(c.bits and c.group_size)
+                c.update_and_fetch_one(mx.random.normal((1, spec.num_kv_heads, n, width)).astype(self.dtype))
             else:
+                x = mx.random.normal((1, spec.num_kv_heads, n, spec.head_dim)).astype(self.dtype)
                 c.update_and_fetch(x, x)
         mx.eval([c.state for c in cache])
 

@@ -69,10 +69,11 @@ class GlobalCache(_BaseCache):
     """The growing cache of a global layer. It can store less: one tensor on k_eq_v layers,
     and/or group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are cached.
 
-    One tensor: on k_eq_v layers the values are N = rmsnorm_noscale(k_proj(x)) and the keys
-    are rope(N * k_norm.weight), so only N is stored (`update_and_fetch_values`) and the layer
-    derives the keys each step. Two tensors: keys and values as usual (`update_and_fetch`).
-    Fetching returns full-precision tensors (quantized storage is dequantized per step).
+    One tensor: on k_eq_v layers with partial RoPE the layer packs values and keys into one
+    tensor per token (`update_and_fetch_one`; `Attention.pack`, spec 9). Two tensors: keys and
+    values as usual (`update_and_fetch`). Updating returns what is stored, as it is stored:
+    arrays, or (codes, scales, biases) that attention reads without dequantizing
+    (`model.attend`); `fetch` returns full precision.
     """
 
     step = 256
@@ -127,9 +128,7 @@ class GlobalCache(_BaseCache):
             if quantize:
                 for part, new in zip(self.stored[i], self._quantize(t)):
                     part[..., self.offset:end, :] = new
-                codes, scales, biases = (part[..., :end, :] for part in self.stored[i])
-                out.append(mx.dequantize(codes, scales, biases, group_size=self.group_size,
-                                         bits=self.bits).astype(t.dtype))
+                out.append(tuple(part[..., :end, :] for part in self.stored[i]))
             else:
                 self.stored[i][..., self.offset:end, :] = t
                 out.append(self.stored[i][..., :end, :])
@@ -139,8 +138,8 @@ class GlobalCache(_BaseCache):
     def update_and_fetch(self, keys, values):
         return tuple(self._update([keys, values]))
 
-    def update_and_fetch_values(self, values):
-        return self._update([values])[0]
+    def update_and_fetch_one(self, packed):
+        return self._update([packed])[0]
 
     def make_mask(self, L: int, blocks=None, unclipped: bool = False):
         return window_mask(L, self.offset, 0, self.offset + L, None, blocks, unclipped)

@@ -81,6 +81,20 @@ class LayerSpec:
     def is_sliding(self) -> bool:
         return self.layer_type == SLIDING
 
+    @property
+    def packs_kv(self) -> bool:
+        """Keys and values fit one stored tensor (spec 9): V = N and K = rope(N * w_k) differ only
+        in the dims partial RoPE rotates. Full RoPE rotates every dim: nothing to share then."""
+        return self.k_eq_v and self.rope.is_partial
+
+    def packed_width(self, group_size: Optional[int] = None) -> int:
+        """Values per token and kv head of the one stored tensor: N, then the 2 * rotated_pairs
+        rotated key dims (640 for the 12B), zero-padded to whole quantization groups."""
+        rotated = 2 * self.rope.rotated_pairs
+        if group_size:
+            rotated = -(-rotated // group_size) * group_size
+        return self.head_dim + rotated
+
 
 def _rope_spec(params: dict, head_dim: int, layer_type: str) -> RopeSpec:
     if not isinstance(params, dict):

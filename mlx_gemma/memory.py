@@ -12,7 +12,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .config import FULL, SLIDING, ModelConfig, TextConfig
+from .config import FULL, SLIDING, LayerSpec, ModelConfig, TextConfig
 from .errors import InputError
 from .loading import SAFETENSORS_DTYPE_BYTES, read_safetensors_header, weight_files
 from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DrafterConfig, read_config, rename
@@ -123,12 +123,16 @@ def element_bytes(dtype_bytes: int, bits: Optional[int], group_size: int) -> flo
     return dtype_bytes if bits is None else bits / 8 + 2 * dtype_bytes / group_size
 
 
+def global_values_per_token(s: LayerSpec, kv: KVOptions) -> int:
+    """Values a global layer caches per token: one packed tensor (640 per kv head for the 12B,
+    spec 9) or keys and values."""
+    per_head = s.packed_width(kv.bits and kv.group_size) if (kv.one_tensor and s.packs_kv) else 2 * s.head_dim
+    return s.num_kv_heads * per_head
+
+
 def global_bytes_per_token(text: TextConfig, kv: KVOptions, dtype_bytes: int) -> float:
-    total = 0.0
-    for s in text.layers_of(FULL):
-        tensors = 1 if (kv.one_tensor and s.k_eq_v) else 2
-        total += tensors * s.num_kv_heads * s.head_dim * element_bytes(dtype_bytes, kv.bits, kv.group_size)
-    return total
+    per = element_bytes(dtype_bytes, kv.bits, kv.group_size)
+    return sum(global_values_per_token(s, kv) * per for s in text.layers_of(FULL))
 
 
 def sliding_bytes(text: TextConfig, kv: KVOptions, dtype_bytes: int, chunk: int) -> int:
@@ -143,18 +147,17 @@ def prefill_chunk(text: TextConfig, context: int, step: int, dtype_bytes: int) -
     return int(max(MIN_CHUNK, min(step, ATTENTION_SCRATCH // per_query)))
 
 
-def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: int, kv: KVOptions) -> int:
+def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: int) -> int:
     """Peak temporaries of one forward step over `chunk` tokens with `context` cached."""
     h, heads = text.hidden_size, text.num_attention_heads
     d = max(s.head_dim for s in text.layers)
-    kv_heads = max(s.num_kv_heads for s in text.layers_of(FULL))
     scores = heads * chunk * (context + chunk) * dtype_bytes  # materialised once, in the activation dtype
     mlp = 3 * chunk * text.intermediate_size * dtype_bytes
     stream = 8 * chunk * max(h, heads * d) * dtype_bytes
-    # keys derived from a one-tensor cache / values dequantized from a quantized one, per layer
-    derived = 2 * (context + chunk) * kv_heads * d * dtype_bytes if (kv.one_tensor or kv.bits) else 0
+    # Nothing the size of the cache: attention reads the packed tensor and quantized codes as
+    # stored (model.attend); the packed query and output are a few rows.
     logits = 2 * text.vocab_size * 4
-    return scores + mlp + stream + derived + logits
+    return scores + mlp + stream + logits
 
 
 @dataclass
@@ -266,7 +269,7 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
     chunk = prefill_chunk(text, context, step, dtype_bytes)
     return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
                 global_per_token=per_token, global_total=int(per_token * allocated),
-                activations=activation_bytes(text, chunk, context, dtype_bytes, kv), budget=budget, draft=draft,
+                activations=activation_bytes(text, chunk, context, dtype_bytes), budget=budget, draft=draft,
                 draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
 
 

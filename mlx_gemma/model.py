@@ -12,6 +12,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from .cache import DEFAULT_SLIDING_SLACK, GlobalCache, SlidingWindowCache, vision_blocks
 from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
@@ -63,12 +64,21 @@ class RoPE(nn.Module):
                             freqs=self._freqs)
 
 
+def attend(q: mx.array, k, v, mask, cache) -> mx.array:
+    """Attention (scale 1.0: q_norm and k_norm take the place of 1/sqrt(d)) over keys/values as
+    the cache stores them. Quantized storage is read as codes, scales and biases by
+    quantized_matmul: dequantizing first would write and read the whole cache again each step."""
+    if isinstance(k, tuple):
+        return quantized_scaled_dot_product_attention(q, k, v, 1.0, mask, cache.group_size, cache.bits)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
         h, d = cfg.hidden_size, spec.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, spec.num_kv_heads, d
-        self.k_eq_v = spec.k_eq_v
+        self.k_eq_v, self.spec = spec.k_eq_v, spec
         self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
         if not spec.k_eq_v:
@@ -87,25 +97,50 @@ class Attention(nn.Module):
         # k_eq_v: the values are the *raw* key projection, normalised without scale (spec 2.4).
         v_raw = k_raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_norm(v_raw).transpose(0, 2, 1, 3)
-        if self.k_eq_v and getattr(cache, "one_tensor", False):
-            # The cache holds only N = v; keys are k_norm(raw) = N * w, then RoPE at positions
-            # 0..T-1 (a global cache starts at position 0): half the memory, more work per step.
-            v = cache.update_and_fetch_values(v)
-            k = self.rope(self.k_norm.rescale(v), 0)
+        k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset)
+        if getattr(cache, "one_tensor", False):
+            # One array is both keys and values: one read per step, and only new tokens are roped.
+            t = cache.update_and_fetch_one(self.pack(k, v, cache))
+            o = attend(self.packed_query(q, cache), t, t, mask, cache)[..., :self.head_dim]
         else:
-            k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset)
             k, v = cache.update_and_fetch(k, v)
-        # Scale 1.0: q_norm and k_norm take the place of 1/sqrt(d).
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+            o = attend(q, k, v, mask, cache)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _rotated(self, x: mx.array) -> mx.array:
+        """The dims partial RoPE rotates: [0, rp) and their rotate-half partners [d/2, d/2 + rp)."""
+        half, rp = self.head_dim // 2, self.spec.rope.rotated_pairs
+        return mx.concatenate([x[..., :rp], x[..., half:half + rp]], axis=-1)
+
+    def _pad(self, x: mx.array, cache) -> mx.array:
+        """Zeros up to the packed width (whole quantization groups; none for the 12B's 640)."""
+        extra = self.spec.packed_width(cache.bits and cache.group_size) - x.shape[-1]
+        return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
+
+    def pack(self, k: mx.array, v: mx.array, cache) -> mx.array:
+        """T = [N, rotated dims of K] per token (spec 9): V = N, and outside the rotated dims
+        K = N * w_k, so `packed_query` can score against N there."""
+        return self._pad(mx.concatenate([v, self._rotated(k)], axis=-1), cache)
+
+    def packed_query(self, q: mx.array, cache) -> mx.array:
+        """q' with q'.T = q.K: [q * w_k with the rotated dims zeroed, q's rotated dims]. q * w_k
+        is formed in float32 and rounded once; N is stored rounded, so in bfloat16 the scores
+        differ from q . bf16(N * w_k) by rounding (spec 9 caveat)."""
+        d, rp = self.head_dim, self.spec.rope.rotated_pairs
+        dim = mx.arange(d)
+        still = ((dim % (d // 2)) >= rp).astype(mx.float32)
+        passing = (q.astype(mx.float32) * (self.k_norm.weight.astype(mx.float32) * still)).astype(q.dtype)
+        return self._pad(mx.concatenate([passing, self._rotated(q)], axis=-1), cache)
 
     def cached_kv(self, cache, last: Optional[int] = None) -> tuple[mx.array, mx.array]:
         """Keys and values of the (newest `last`) cached tokens, in time order, as this layer
         attends to them: what the MTP drafter reads (spec 8)."""
         stored = cache.fetch(last)
-        if len(stored) == 1:  # one-tensor storage holds N = v; the keys are derived as above
-            v = stored[0]
-            return self.rope(self.k_norm.rescale(v), cache.offset - v.shape[2]), v
+        if len(stored) == 1:  # one packed tensor: V = N, K = N * w_k with the rotated dims put back
+            t, d, half, rp = stored[0], self.head_dim, self.head_dim // 2, self.spec.rope.rotated_pairs
+            v, k = t[..., :d], self.k_norm.rescale(t[..., :d])
+            k = mx.concatenate([t[..., d:d + rp], k[..., rp:half], t[..., d + rp:d + 2 * rp], k[..., half + rp:]], -1)
+            return k, v
         return stored[0], stored[1]
 
 
@@ -239,10 +274,10 @@ class Model(nn.Module):
     def make_cache(self, sliding_slack: int = DEFAULT_SLIDING_SLACK, one_tensor: bool = True,
                    kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
         """Per-layer caches (of the layers held here). Global layers: one stored tensor on k_eq_v
-        layers (`one_tensor`) and/or group-quantized storage (`kv_bits`) from `quantized_kv_start`
-        tokens on."""
+        layers with partial RoPE (`one_tensor`, spec 9) and/or group-quantized storage (`kv_bits`)
+        from `quantized_kv_start` tokens on."""
         return [SlidingWindowCache(s.window, sliding_slack) if s.is_sliding else
-                GlobalCache(one_tensor and s.k_eq_v, kv_bits, kv_group_size, quantized_kv_start)
+                GlobalCache(one_tensor and s.packs_kv, kv_bits, kv_group_size, quantized_kv_start)
                 for _, s in self.language_model.model.held]
 
     def embed_text(self, input_ids: mx.array) -> mx.array:

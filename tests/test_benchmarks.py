@@ -184,3 +184,17 @@ def test_distributed_quick_measures_traffic(stand_in, tmp_path):
         assert (c["decode_per_token"]["messages"], c["decode_per_token"]["bytes"]) == want, (impl, mode)
     assert report["projection"]["per_token"]["tensor"]["messages"] == 8 * 48 / 2
     assert (out / "distributed.md").read_text().count("tok/s") > 10
+
+
+def test_decode_attention_reads_what_the_global_cache_stores():
+    """One 12B global layer: attention reads each stored array once per pass (the packed one in
+    two passes, unfused), within 5% of the stored size; the previous path read several times it."""
+    from benchmarks import kv_attention
+
+    rows = {r["kind"]: r for r in kv_attention.run([512], steps=1, repeats=1)}
+    for kind, r in rows.items():
+        passes = 2 if kind.startswith("one-tensor") else 1
+        assert r["after"]["read_over_stored"] == pytest.approx(passes, rel=0.05), kind
+        assert r["after"]["fused_read_over_stored"] == pytest.approx(1, rel=0.05), kind
+    assert rows["one-tensor"]["before"]["read_over_stored"] > 3.9  # N, its rescale, derived keys, N
+    assert rows["one-tensor"]["after"]["stored_bytes"] == 640 / 512 * rows["one-tensor"]["before"]["stored_bytes"]

@@ -60,7 +60,9 @@ def test_sliding_memory_stays_flat_as_context_grows(model):
 
 @pytest.mark.parametrize("chunk", [1, 5, W + 3])
 def test_one_tensor_cache_equals_two_tensor_cache(model, chunk):
-    """Through prefill, decode and chunked prefill across the window boundary."""
+    """Through prefill, decode and chunked prefill across the window boundary. Not bit-equal:
+    the packed scores are (q * w_k) . N where the two-tensor ones are q . (N * w_k), summed in
+    another order (float32 rounding)."""
     ids = ids_of(5 * W + 3)
     two = feed(model, model.make_cache(one_tensor=False), ids, chunk)
     one_cache = model.make_cache(one_tensor=True)
@@ -68,7 +70,7 @@ def test_one_tensor_cache_equals_two_tensor_cache(model, chunk):
     assert any(isinstance(c, GlobalCache) and c.one_tensor for c in one_cache)
     err = float(np.abs(one - two).max() / np.abs(two).max())
     record_parity("one-tensor vs two-tensor global cache logits (float32)", err)
-    assert err <= 1e-6
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize("bits, tolerance", [(8, 5e-2), (4, 4e-1)])
@@ -106,11 +108,11 @@ def test_compact_caches_trim(model, opts):
 def test_quantized_cache_stays_quantized_after_trimming_below_the_start():
     cache = GlobalCache(one_tensor=True, bits=8, group_size=32, quantize_after=10)
     x = mx.random.normal((1, 1, 12, 64))
-    cache.update_and_fetch_values(x)
+    cache.update_and_fetch_one(x)
     assert cache.quantized
     cache.trim(6)
-    out = cache.update_and_fetch_values(x[:, :, :2])
-    assert cache.quantized and out.shape == (1, 1, 8, 64)
+    out = cache.update_and_fetch_one(x[:, :, :2])
+    assert cache.quantized and isinstance(out, tuple) and out[0].shape[2] == 8  # codes, as stored
 
 
 def test_prefill_chunks_shrink_as_context_grows():
