@@ -134,7 +134,7 @@ def run(contexts: list[int], steps: int, repeats: int) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"# Global-layer decode attention: bytes read and step time (issue #14)", "",
+    lines = ["# Global-layer decode attention: bytes read and step time (issue #14)", "",
              f"Backend: {result['backend']} (MLX {result['mlx']}, {result['system']} {result['machine']}), "
              f"{result['activations']} activations, {result['weights']} projections; one 12B global layer "
              "(16 heads, head dim 512, 1 kv head). Made by `python -m benchmarks.kv_attention`.", "",

@@ -146,7 +146,7 @@ def test_plan_output_parses(hf_checkpoint):
     assert "Prompt:" not in r.stdout  # nothing ran
 
 
-def test_plan_counts_the_drafter(hf_checkpoint, drafter_checkpoint):
+def test_plan_cli_shows_the_drafter(hf_checkpoint, drafter_checkpoint):
     from mlx_gemma.memory import drafter_bytes, parse_size
 
     r = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--plan", "--draft-model", str(drafter_checkpoint),
