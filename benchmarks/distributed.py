@@ -20,7 +20,8 @@ payload bytes, and runs one decode step and one prefill with it on.
 Projection for two Macs (the real 12B, bfloat16 activations, 4-bit default recipe) from the
 measured messages and bytes per token: a 2-rank ring all-sum of N bytes is 2 messages (reduce-
 scatter, all-gather) and N bytes out of each rank, a send 1 message and its bytes; tensor mode's
-traffic grows with the layers (scaled from the stand-in's to 48), pipeline's does not. Links:
+traffic in the layers grows with them (scaled from the stand-in's to 48; what the embedding and
+the head exchange is measured apart and not scaled), pipeline's does not. Links:
 Thunderbolt 5 at 80 Gb/s and 5-10 us per message, 10 GbE at 10 Gb/s and 50 us. A rank's decode
 step reads its share of the weights at the chip's bandwidth (roofline: an upper bound); tensor
 ranks read theirs at the same time, pipeline stages one after the other.
@@ -99,7 +100,10 @@ def _ours(path: Path, group, mode: str, dtype: str):
     def forward(ids, cache):
         return model(mx.array(ids)[None], cache=cache, logits_to_keep=1)
 
-    return model.config.text_config.num_hidden_layers, model.make_cache, generate, forward
+    def outside(ids):  # what a step does besides its layers: the embedding and the head
+        return model.language_model.head(model.language_model.model.embed(mx.array(ids)[None]))
+
+    return model.config.text_config.num_hidden_layers, model.make_cache, generate, forward, outside
 
 
 def _theirs(path: Path, group, mode: str, dtype: str):
@@ -132,7 +136,11 @@ def _theirs(path: Path, group, mode: str, dtype: str):
     def forward(ids, cache):
         return model(mx.array(ids)[None], cache=cache)
 
-    return len(text.layers), lambda: make_prompt_cache(model), generate, forward
+    def outside(ids):
+        table = model.model.embed_tokens
+        return table.as_linear(table(mx.array(ids)[None]))
+
+    return len(text.layers), lambda: make_prompt_cache(model), generate, forward, outside
 
 
 def _time(make_cache, generate, ids, decode: int, repeats: int) -> dict:
@@ -160,13 +168,14 @@ def worker(job_file: str, out_prefix: str) -> None:
     ids = np.random.default_rng(0).integers(1000, 20000, job["prompt"]).tolist()  # ordinary text ids
     results = []
     for impl, mode in job["cases"]:
-        layers, make_cache, generate, forward = (_ours if impl == "mlx-gemma" else _theirs)(path, group, mode,
-                                                                                      job["dtype"])
+        layers, make_cache, generate, forward, outside = (_ours if impl == "mlx-gemma" else _theirs)(
+            path, group, mode, job["dtype"])
         r = {"implementation": impl, "mode": mode, "ranks": group.size(), "layers": layers,
              **_time(make_cache, generate, ids, job["decode"], job["repeats"])}
         cache = make_cache()
         r["prefill_traffic"] = traffic.measure(lambda: forward(ids, cache))
         r["decode_traffic"] = traffic.measure(lambda: forward(ids[:1], cache))
+        r["outside_layers_traffic"] = traffic.measure(lambda: outside(ids[:1]))
         results.append(r)
         mx.clear_cache()
     Path(f"{out_prefix}.{group.rank()}.json").write_text(json.dumps(results))
@@ -226,11 +235,13 @@ def per_token(ranks: list[dict], tokens: int) -> dict:
     return {"messages": messages / tokens, "bytes": nbytes / tokens}
 
 
-def project(decode: dict, mode: str, layers: int, dtype_bytes: int) -> dict:
-    """Messages and bytes per decode token for the real 12B at bfloat16 (see the docstring)."""
+def project(decode: dict, outside: dict, mode: str, layers: int, dtype_bytes: int) -> dict:
+    """Messages and bytes per decode token for the real 12B at bfloat16 (see the docstring):
+    the layers' part scaled to its 48 layers, the embedding's and head's (`outside`) as is."""
     real = ModelConfig.from_file(HUB_CONFIG)
     scale = real.text_config.num_hidden_layers / layers if mode == "tensor" else 1
-    return {"messages": decode["messages"] * scale, "bytes": decode["bytes"] * scale * 2 / dtype_bytes}
+    return {k: ((decode[k] - outside[k]) * scale + outside[k]) * (2 / dtype_bytes if k == "bytes" else 1)
+            for k in ("messages", "bytes")}
 
 
 def mac_table(projected: dict) -> tuple[str, dict]:
@@ -277,10 +288,13 @@ def benchmark(args) -> dict:
                      "two_ranks": {k: r0[k] for k in ("prefill_s", "decode_s_per_token")},
                      "overhead_s_per_token": r0["decode_s_per_token"] - base["decode_s_per_token"],
                      "decode_per_token": per_token([r["decode_traffic"] for r in ranks], 1),
+                     "outside_layers_per_token": per_token([r["outside_layers_traffic"] for r in ranks], 1),
                      "prefill_per_token": per_token([r["prefill_traffic"] for r in ranks], profile["prompt"]),
-                     "traffic": [{k: r[k] for k in ("decode_traffic", "prefill_traffic")} for r in ranks]})
+                     "traffic": [{k: r[k] for k in ("decode_traffic", "prefill_traffic", "outside_layers_traffic")}
+                                 for r in ranks]})
     dtype_bytes = 4  # float32 activations on the CPU backend (a Mac runs the 4-bit 12B in bfloat16)
-    projected = {r["mode"]: project(r["decode_per_token"], r["mode"], r["layers"], dtype_bytes)
+    projected = {r["mode"]: project(r["decode_per_token"], r["outside_layers_per_token"], r["mode"], r["layers"],
+                                    dtype_bytes)
                  for r in rows if r["implementation"] == "mlx-gemma"}
     _, macs = mac_table(projected)
     return {"meta": {"model": name, "checkpoint": str(path), "machine": machine(), "commit": commit(),

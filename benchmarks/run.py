@@ -2,11 +2,15 @@
 
     python -m benchmarks.run --model PATH_OR_REPO --compare mlx-vlm        # the full profile (a Mac)
     python -m benchmarks.run --synthetic 2 --quick --compare mlx-vlm       # minutes on a 2-core CPU
+    python -m benchmarks.run --synthetic 2 --long --compare mlx-vlm        # decode at 1K/8K/32K context
 
 Full profile: prefill at 512, 4K and 32K prompt tokens; decode over 128 tokens at 512 and 32K
 context; time to first token for an image at budgets 70, 280 and 1120, 30 s of audio and 60 s of
 video; peak memory of each; one warm-up, 3 repetitions (median, min..max). Quick: a 16-token
-prefill, 4 decode tokens at 32 and 1024 context, one budget-70 image, 2 repetitions.
+prefill, 4 decode tokens at 32 and 1024 context, one budget-70 image, 2 repetitions. Long: 4
+decode tokens at 1K, 8K and 32K context, caches pre-filled (issue 14: how decode cost and peak
+memory grow with the context); each of our cases also gets the memory planner's prediction
+for it (`memory.make_plan` at that context, a one-token step), beside the measured peak.
 
 `--synthetic LAYERS` stands in for the real checkpoint (benchmarks/synthetic.py). Each
 implementation runs in its own process (benchmarks/runners.py), so peak memory is its own.
@@ -33,7 +37,7 @@ from mlx_gemma.backend import DTYPES, activation_dtype
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError, run_cli
 from mlx_gemma.loading import resolve_model_path
-from mlx_gemma.memory import KVOptions, activation_dtype_bytes, tensor_bytes
+from mlx_gemma.memory import KVOptions, activation_dtype_bytes, make_plan, tensor_bytes, weight_bytes
 from mlx_gemma.quantization import QuantSpec
 
 from . import roofline
@@ -47,6 +51,7 @@ PROFILES = {
                         ["audio", 30, 1], ["video", 60, 1]], repeats=3),
     "quick": dict(cases=[["prefill", 16, 1], ["decode", 32, 4], ["decode", 1024, 4], ["image", 70, 1]],
                   repeats=2),
+    "long": dict(cases=[["decode", 1024, 4], ["decode", 8192, 4], ["decode", 32768, 4]], repeats=1),
 }
 # The peer at its defaults when those differ from ours (bfloat16 activations on the CPU backend,
 # ~8x slower there): the quick profile times just a prefill and a short decode, once.
@@ -116,6 +121,20 @@ def annotate(result: dict, config: ModelConfig, weights: float, kv_layout: KVOpt
             c.update(tokens_per_s=c["prompt_tokens"] / t, ttft_s=t, flops=flops, achieved_gflop_s=flops / t / 1e9)
 
 
+def predict_peaks(result: dict, path: Path, config: ModelConfig) -> None:
+    """What the memory planner predicts for each of our cases (weights + KV + activations; a
+    decode case's step is one token), and the measured peak over it."""
+    from mlx_gemma.generation import DEFAULT_PREFILL_STEP
+
+    dtype_bytes = 4 if result["activation_dtype"] == "float32" else 2
+    for c in result["cases"]:
+        decode = c["kind"] == "decode"
+        context = c["value"] + c["tokens"] if decode else c["prompt_tokens"] + 1
+        plan = make_plan(config, weight_bytes(path), context, 1 << 50, KVOptions(), dtype_bytes,
+                         1 if decode else DEFAULT_PREFILL_STEP)
+        c.update(predicted_peak_bytes=plan.total, measured_over_predicted=c["peak_memory_bytes"] / plan.total)
+
+
 def key(c: dict) -> str:
     return f"{c['kind']} {c['value']}"
 
@@ -159,11 +178,13 @@ def table(report: dict) -> str:
         if c is None:
             return "-"
         spread = f"{c['min_s']:.2f}-{c['max_s']:.2f} s"
+        peak = f"peak {c['peak_memory_bytes'] / 1e9:.3f} GB"
+        if "predicted_peak_bytes" in c:
+            peak += f" (planned {c['predicted_peak_bytes'] / 1e9:.3f} GB, {c['measured_over_predicted']:.3f}x)"
         if c["kind"] == "decode":
-            return (f"{c['tokens_per_s']:.3g} tok/s ({spread}/tok), {c['achieved_gb_s']:.2f} GB/s, "
-                    f"peak {c['peak_memory_bytes'] / 1e9:.2f} GB")
+            return f"{c['tokens_per_s']:.3g} tok/s ({spread}/tok), {c['achieved_gb_s']:.2f} GB/s, {peak}"
         return (f"TTFT {c['median_s']:.2f} s ({spread}), {c['tokens_per_s']:.3g} tok/s, "
-                f"{c['achieved_gflop_s']:.2f} GFLOP/s, peak {c['peak_memory_bytes'] / 1e9:.2f} GB")
+                f"{c['achieved_gflop_s']:.2f} GFLOP/s, {peak}")
 
     for c in ours["cases"]:
         k = key(c)
@@ -222,7 +243,8 @@ def benchmark(args) -> dict:
     else:
         path, model_name = resolve_model_path(args.model), args.model
     config = ModelConfig.from_file(path / "config.json")
-    profile = dict(PROFILES["quick" if args.quick else "full"])
+    profile_name = "quick" if args.quick else "long" if args.long else "full"
+    profile = dict(PROFILES[profile_name])
     if args.repeats:
         profile["repeats"] = args.repeats
     mine = our_dtype(path, config, args.dtype)
@@ -233,7 +255,7 @@ def benchmark(args) -> dict:
         plan.append((args.compare, mine, "same dtypes", profile))
         theirs = stored_dtype(path)
         if theirs != mine:
-            plan.append((args.compare, theirs, "defaults", QUICK_PEER_DEFAULTS if args.quick else profile))
+            plan.append((args.compare, theirs, "defaults", profile if profile_name == "full" else QUICK_PEER_DEFAULTS))
     check = bytes_check(path, config)
     runs = []
     for name, dtype, setting, spec in plan:
@@ -242,6 +264,8 @@ def benchmark(args) -> dict:
         result["setting"] = setting
         layout = KVOptions(one_tensor=name == "mlx-gemma")  # mlx-vlm keeps keys and values
         annotate(result, config, check["decode_weight_bytes"], layout)
+        if name == "mlx-gemma":
+            predict_peaks(result, path, config)
         runs.append(result)
     for r in runs[1:]:
         r["ratios"] = ratios(runs[0], r)
@@ -254,7 +278,7 @@ def benchmark(args) -> dict:
                  "layers": text.num_hidden_layers, "machine": machine(), "commit": commit(),
                  "command": "python -m benchmarks.run " + " ".join(args.argv),
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "profile": "quick" if args.quick else "full"},
+                 "profile": profile_name},
         "runs": runs,
         "bytes_check": check,
         "real_12b_decode_bytes": {"weights": real_weights,
@@ -263,9 +287,15 @@ def benchmark(args) -> dict:
     }
 
 
+def stem(profile: str) -> str:
+    """Results file names: the long profile's beside the speed suite's, not over them."""
+    return "speed_long" if profile == "long" else "speed"
+
+
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = stem(report["meta"]["profile"])
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     m, real = report["meta"], report["real_12b_decode_bytes"]
     check = report["bytes_check"]
     md = [f"# Speed: {m['model']}", "",
@@ -278,8 +308,8 @@ def write(report: dict, out: Path) -> None:
           f"A decode step reads {real['weights'] / 1e9:.2f} GB of weights plus "
           f"{real['kv_at_512'] / 1e9:.3f} GB of KV at 512 tokens, {real['kv_at_32768'] / 1e9:.3f} GB at 32K.", "",
           roofline.chip_table(real["weights"], real["kv_at_512"], real["kv_at_32768"], 32768), ""]
-    (out / "speed.md").write_text("\n".join(md))
-    plot(report, out / "speed.png")
+    (out / f"{name}.md").write_text("\n".join(md))
+    plot(report, out / f"{name}.png")
 
 
 def parser(prog: str, doc: str, quick: str) -> argparse.ArgumentParser:
@@ -297,23 +327,26 @@ def parser(prog: str, doc: str, quick: str) -> argparse.ArgumentParser:
 
 
 def run_benchmark(p: argparse.ArgumentParser, argv, benchmark, write, name: str) -> None:
-    """Parse, measure, write `name`.{json,md} (and print the markdown), errors in one line."""
+    """Parse, measure, write `name`.{json,md} (and print the markdown), errors in one line;
+    `name` may be a function of the parsed arguments."""
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
 
     def work():
         report = benchmark(args)
         write(report, args.out)
-        print((args.out / f"{name}.md").read_text())
+        print((args.out / f"{name(args) if callable(name) else name}.md").read_text())
 
     run_cli(work, "interrupted")
 
 
 def main(argv=None) -> None:
     p = parser("python -m benchmarks.run", __doc__, "short prompts, few decode tokens, one small image")
+    p.add_argument("--long", action="store_true", help="decode at 1K, 8K and 32K context (caches pre-filled), "
+                   "with the memory planner's prediction beside each measured peak")
     p.add_argument("--compare", choices=PEERS, default=None, help="run the peer on the same checkpoint too")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
-    run_benchmark(p, argv, benchmark, write, "speed")
+    run_benchmark(p, argv, benchmark, write, lambda args: stem("long" if args.long else "full"))
 
 
 if __name__ == "__main__":

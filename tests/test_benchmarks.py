@@ -167,7 +167,8 @@ def test_mtp_round_bytes():
 def test_distributed_quick_measures_traffic(stand_in, tmp_path):
     """1 and 2 ranks on loopback, ours (tensor, pipeline) and mlx-lm's: every case timed, and
     the counted traffic is what the splits send (tensor: 2 all-sums of the hidden state per
-    layer; pipeline: one send and one all-sum per step, whatever the layers)."""
+    layer, and ours one more for the embedding and an all-gather of the logits; pipeline: one
+    send and one all-sum per step, whatever the layers)."""
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--model", str(stand_in), "--quick",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -181,8 +182,13 @@ def test_distributed_quick_measures_traffic(stand_in, tmp_path):
         for ranks in ("one_rank", "two_ranks"):
             assert c[ranks]["prefill_s"] > 0 and c[ranks]["decode_s_per_token"] > 0
         want = (2 * 2 * 2, 2 * 2 * hidden) if mode == "tensor" else (1 + 2, 2 * hidden)  # (messages, bytes)
-        assert (c["decode_per_token"]["messages"], c["decode_per_token"]["bytes"]) == want, (impl, mode)
-    assert report["projection"]["per_token"]["tensor"]["messages"] == 8 * 48 / 2
+        step, outside = c["decode_per_token"], c["outside_layers_per_token"]
+        assert (step["messages"] - outside["messages"], step["bytes"] - outside["bytes"]) == want, (impl, mode)
+        if (impl, mode) == ("mlx-gemma", "tensor"):  # the split embedding's all-sum, the head's all-gather
+            assert outside["messages"] == 2 + 1 and outside["bytes"] >= 4 * 262_144 / 2, outside
+        else:
+            assert outside == {"messages": 0, "bytes": 0}, (impl, mode)
+    assert report["projection"]["per_token"]["tensor"]["messages"] == 8 * 48 / 2 + 3  # the layers' part scaled
     assert (out / "distributed.md").read_text().count("tok/s") > 10
 
 
