@@ -160,6 +160,26 @@ def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: in
     return scores + mlp + stream + logits
 
 
+def upcast_scales_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """With float32 activations (the CPU backend's choice, backend.set_dtype) a quantized matmul
+    first casts its matrix's scales and biases, stored in bfloat16, to float32: a transient the
+    size of the largest quantized matrix's, the tied head's (measured: 127 MB for the 12B's
+    4-bit head, `python -m benchmarks.run --long`)."""
+    q = config.quantization
+    if not q or dtype_bytes != 4:
+        return 0
+    from .quantization import EMBEDDING
+
+    text = config.text_config
+    head = q.get(EMBEDDING, q)
+    if head is False:  # the embedding kept unquantized: the largest quantized matrix is an MLP's
+        rows, group = text.intermediate_size, q["group_size"]
+    else:
+        rows, group = text.vocab_size, head.get("group_size", q["group_size"])
+    per_group = 2 if head is False or head.get("mode", q.get("mode", "affine")) == "affine" else 1
+    return rows * text.hidden_size // group * per_group * 4
+
+
 @dataclass
 class DraftPlan:
     """Speculative decoding in a plan: the drafter's config (speculative.read_config), its
@@ -269,7 +289,8 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
     chunk = prefill_chunk(text, context, step, dtype_bytes)
     return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
                 global_per_token=per_token, global_total=int(per_token * allocated),
-                activations=activation_bytes(text, chunk, context, dtype_bytes), budget=budget, draft=draft,
+                activations=activation_bytes(text, chunk, context, dtype_bytes) + upcast_scales_bytes(config, dtype_bytes),
+                budget=budget, draft=draft,
                 draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
 
 

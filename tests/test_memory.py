@@ -242,3 +242,30 @@ def test_drafter_shortens_the_context_and_the_refusal_says_so(drafter_checkpoint
 def test_bad_number_of_draft_tokens(drafter_checkpoint):
     with pytest.raises(InputError, match=r"^--num-draft-tokens 0: must be a whole number, at least 1$"):
         draft_plan(drafter_checkpoint, 0)
+
+
+def test_float32_activations_upcast_the_heads_scales_as_planned():
+    """A 4-bit quantized matmul with float32 activations casts the matrix's bfloat16 scales and
+    biases to float32 first: the transient the planner adds for the 12B's head on the CPU path
+    (and not with bfloat16 activations, a Mac's)."""
+    from mlx_gemma.memory import upcast_scales_bytes
+
+    cfg = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
+    cfg.quantization = {"group_size": 64, "bits": 4, "mode": "affine"}
+    text = cfg.text_config
+    codes = mx.zeros((text.vocab_size, text.hidden_size // 8), mx.uint32)
+    scales, biases = (mx.zeros((text.vocab_size, text.hidden_size // 64), mx.bfloat16) for _ in range(2))
+    x = mx.ones((1, text.hidden_size))
+    mx.eval(codes, scales, biases, x)
+    for dtype in (mx.float32, mx.bfloat16):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(mx.quantized_matmul(x.astype(dtype), codes, scales, biases, transpose=True, group_size=64, bits=4,
+                                    stream=mx.cpu))  # the CPU backend's kernel, on any machine
+        extra = mx.get_peak_memory() - base
+        planned = upcast_scales_bytes(cfg, dtype.size)
+        if dtype == mx.float32:
+            assert abs(extra - planned) < 0.02 * planned, (extra, planned)
+        else:
+            assert planned == 0 and extra < 0.02 * upcast_scales_bytes(cfg, 4)
