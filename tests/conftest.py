@@ -109,3 +109,19 @@ def draft_step(drafter, model, ids):
     e = model.language_model.model.embed(ids[:, -1:])
     return drafter(mx.concatenate([e, hidden[:, -1:].astype(e.dtype)], axis=-1), model.shared_kv(cache),
                    cache[0].offset)
+
+
+def ids_of(n, seed=0):
+    """A prompt of `n` ordinary token ids of the tiny checkpoint, bos first."""
+    import numpy as np
+
+    return [2] + np.random.default_rng(seed).integers(20, reference.VOCAB, size=n - 1).tolist()
+
+
+def feed(model, cache, ids, chunk):
+    """The logits of `ids` fed into `cache` `chunk` tokens at a time."""
+    import mlx.core as mx
+    import numpy as np
+
+    return np.concatenate([np.array(model(mx.array([ids[i:i + chunk]]), cache=cache)[0])
+                           for i in range(0, len(ids), chunk)])

@@ -27,8 +27,6 @@ from mlx_gemma.errors import DistributedError
 from mlx_gemma.loading import read_safetensors_header, sanitize, weight_files
 from mlx_gemma.speculative import load_drafter
 
-# One worker runs this module: its 2-rank launches (module fixtures) run once, not once per worker.
-pytestmark = pytest.mark.xdist_group("distributed")
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")

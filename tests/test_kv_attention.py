@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 
 import reference
+from conftest import feed, ids_of
 from mlx_gemma import model as model_module
 from mlx_gemma.cache import GlobalCache, window_mask
 from mlx_gemma.config import ModelConfig, RopeSpec
 
 W = reference.WINDOW
-
-
-def ids_of(n, seed=0):
-    return [2] + np.random.default_rng(seed).integers(20, reference.VOCAB, size=n - 1).tolist()
-
-
-def feed(model, cache, ids, chunk):
-    return np.concatenate([np.array(model(mx.array([ids[i:i + chunk]]), cache=cache)[0])
-                           for i in range(0, len(ids), chunk)])
 
 
 def dequantize_then_attend(q, k, v, scale, mask, group_size, bits):

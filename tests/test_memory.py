@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import record_parity
+from conftest import feed, ids_of, record_parity
 from mlx_gemma.cache import GlobalCache, SlidingWindowCache
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError
@@ -20,15 +20,6 @@ from mlx_gemma.memory import (DraftPlan, KVOptions, draft_plan, drafter_bytes, g
 
 REPO = Path(__file__).resolve().parent.parent
 W = reference.WINDOW
-
-
-def ids_of(n, seed=0):
-    return [2] + np.random.default_rng(seed).integers(20, reference.VOCAB, size=n - 1).tolist()
-
-
-def feed(model, cache, ids, chunk):
-    return np.concatenate([np.array(model(mx.array([ids[i:i + chunk]]), cache=cache)[0])
-                           for i in range(0, len(ids), chunk)])
 
 
 @pytest.mark.parametrize("kv", [KVOptions(one_tensor=False), KVOptions(one_tensor=True),

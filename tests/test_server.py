@@ -26,9 +26,6 @@ import media_files as mf
 from mlx_gemma.generation import generate
 
 
-# One worker runs this module: the servers its module fixtures start run once, not once per worker.
-pytestmark = pytest.mark.xdist_group("server")
-
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key"
 MAX_BODY = 4_000_000
