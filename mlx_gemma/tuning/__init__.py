@@ -1,0 +1,1 @@
+"""LoRA fine-tuning: the dataset reader (data.py), the adapter layers and the trainer."""
