@@ -12,7 +12,7 @@ import reference
 from mlx_gemma import media
 from mlx_gemma.errors import InputError
 from mlx_gemma.prompt import MediaOptions
-from mlx_gemma.tuning.data import load_datasets, load_split
+from mlx_gemma.tuning.data import describe, load_datasets, load_split
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and a cat?"},
@@ -82,6 +82,24 @@ def test_a_generation_prompt_prefill_is_not_trained(processor, tmp_path, monkeyp
     assert decoded_runs(processor, example) == ["hello<turn|>", "a cat is a cat.<turn|>"]
 
 
+def test_tools_reach_the_template(processor, tmp_path, monkeypatch):
+    naming = reference.CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}{% for t in tools or [] %}"
+                                             "{{ t['function']['name'] }}{% endfor %}")
+    assert naming != reference.CHAT_TEMPLATE
+    monkeypatch.setattr(processor.tokenizer._tokenizer, "chat_template", naming)
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    data = write(tmp_path, "train", {"messages": CHAT, "tools": tools},
+                 {"prompt": "hi there", "completion": "hello", "tools": tools}, {"messages": CHAT, "tools": "weather"})
+    with pytest.raises(InputError, match=r"\ntrain.jsonl:3: 'tools' must be a list of function schemas"):
+        load_split(data, "train", processor)
+    write(tmp_path, "train", {"messages": CHAT, "tools": tools}, {"prompt": "hi there", "completion": "hello",
+                                                                  "tools": tools})
+    chat, pair = load_split(data, "train", processor, mask_prompt=True)
+    assert chat.ids.tolist() == processor.chat_inputs(CHAT, add_generation_prompt=False, tools=tools).ids
+    assert "weather" in processor.decode(pair.ids.tolist()[:12])
+    assert decoded_runs(processor, chat) == ["hello<turn|>", "a cat is a cat.<turn|>"]
+
+
 def test_multimodal_chat_matches_transformers(processor, files):
     messages = [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "and"},
                                              {"type": "audio", "audio": str(files / "meow.wav")}]},  # absolute
@@ -98,6 +116,8 @@ def test_multimodal_chat_matches_transformers(processor, files):
     np.testing.assert_array_equal(example.media["image_position_ids"], ref["image_position_ids"])
     np.testing.assert_array_equal(example.media["input_features"], ref["input_features"])
     assert decoded_runs(processor, example) == ["a cat.<turn|>"]
+    assert describe([example], "training", processor.config) == \
+        f"1 training example ({len(example)} tokens, 1 image, 1 audio)"
 
 
 def test_media_arrays_are_the_generation_paths(processor, files):

@@ -107,14 +107,16 @@ def load_split(directory: Path, split: str, processor, *, mask_prompt: bool = Fa
 
 def describe(examples: list, what: str, config) -> str:
     """'1,000 training examples (123,456 tokens, 12 images, 3 audio)': the media that are there."""
-    tokens = sum(len(e) for e in examples)
-    counts = {"images": 0, "videos": 0, "audio": 0}
-    for e in examples:
-        counts["images"] += _runs(e.ids, config.image_token_id)
-        counts["videos"] += len(e.media.get("num_frames_per_video", ()))
-        counts["audio"] += _runs(e.ids, config.audio_token_id)
-    parts = [f"{tokens:,} tokens"] + [f"{n:,} {kind}" for kind, n in counts.items() if n]
-    return f"{len(examples):,} {what} example{'s' * (len(examples) != 1)} ({', '.join(parts)})"
+    counts = {"token": sum(len(e) for e in examples),
+              "image": sum(_runs(e.ids, config.image_token_id) for e in examples),
+              "video": sum(len(e.media.get("num_frames_per_video", ())) for e in examples),
+              "audio": sum(_runs(e.ids, config.audio_token_id) for e in examples)}
+    parts = [_count(n, kind) for kind, n in counts.items() if n or kind == "token"]
+    return f"{_count(len(examples), what + ' example')} ({', '.join(parts)})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1 and noun != 'audio')}"
 
 
 def _runs(ids: np.ndarray, token: int) -> int:
