@@ -25,6 +25,8 @@ Which tokens train (`Example.trained[i]`: the loss counts predicting ids[i] from
 
 Unlike mlx-lm, which truncates long examples with a warning, an example longer than
 max_seq_length tokens is reported: a truncated reply teaches the model to stop mid-sentence.
+The media arrays stay in memory with their examples (float32 pixels: 7.7 MB per image at
+budget 280, 1.9 MB per 30 s of audio).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def load_datasets(directory, processor, *, mask_prompt: bool, max_seq_length: in
                   options: Optional[MediaOptions] = None, test: bool = False,
                   train: bool = True) -> tuple[list, list, list]:
     """(train, valid, test) as mlx-lm reads them: train is required when training, valid is
-    optional, test is read (and required) only when asked for. Prints one line per split read."""
+    optional, test is read (and required) only when asked for; `train=False` (evaluation only)
+    skips train and valid. A file that is there but empty is an error in every split. Prints one
+    line per split read."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: no such data directory (it holds train.jsonl, valid.jsonl, test.jsonl)")
