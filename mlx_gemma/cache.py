@@ -19,7 +19,7 @@ from mlx_lm.models.cache import _BaseCache
 
 DEFAULT_SLIDING_SLACK = 128
 
-__all__ = ["GlobalCache", "SlidingWindowCache", "window_mask", "vision_blocks", "reuse_prefix",
+__all__ = ["GlobalCache", "SlidingWindowCache", "WholeSequence", "window_mask", "vision_blocks", "reuse_prefix",
            "DEFAULT_SLIDING_SLACK"]
 
 
@@ -63,6 +63,23 @@ def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Option
         same = np.concatenate([np.zeros((len(b), L, n_keys - L), bool), same], axis=2)
         mask = (mask[None] | mx.array(same))[:, None]
     return mask
+
+
+class WholeSequence:
+    """No cache: one call sees the whole sequence (training, scoring). Keys and values pass
+    through untouched, so gradients and recomputation (mx.checkpoint) see a pure function."""
+
+    offset = 0
+    one_tensor = False
+
+    def __init__(self, window: Optional[int] = None):
+        self.window = window
+
+    def make_mask(self, L: int, blocks=None, unclipped: bool = False):
+        return window_mask(L, 0, 0, L, self.window, blocks, unclipped)
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
 
 
 class GlobalCache(_BaseCache):

@@ -1,0 +1,224 @@
+"""The LoRA training loop: batches of examples (tuning/data.py) -> loss -> adapter updates.
+
+mlx-lm's `TrainingArgs`, optimizers and schedules are used as they are. Its `train()` is not:
+it compiles the step, and ours cannot be traced (media placement and vision masks are
+computed on the host from the token ids); it patches `__call__` of the layer *class* for
+checkpointing, which would leave every later inference in the process recomputing; and it
+writes adapters in place, so an interrupted save loses the last good one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.trainer import TrainingArgs
+
+from ..cache import WholeSequence, vision_blocks
+from ..model import DecoderLayer
+from ..prompt import token_types
+
+# Rows of hidden states whose logits are formed at once: [rows, vocab] float32 and its few
+# copies in the backward are the largest activations of a step (262K vocab: 128 MB each).
+LOSS_ROWS = 128
+
+
+@dataclass
+class Batch:
+    """Examples padded to one length: `embeds` [B, L, hidden] (media rows in place), the
+    positions whose next token is trained (`rows`, flat indices into B * L) and those tokens."""
+
+    embeds: mx.array
+    blocks: Optional[np.ndarray]
+    rows: mx.array
+    targets: mx.array
+
+    @property
+    def tokens(self) -> int:
+        return self.targets.size
+
+
+def make_batch(model, examples: list) -> Batch:
+    """Pad with the pad token on the right (causal attention never looks at it, the loss skips
+    it); embed the media of every example in order, which is the order of their placeholders."""
+    cfg = model.config
+    L = max(len(e) for e in examples)
+    ids = np.full((len(examples), L), cfg.text_config.pad_token_id, np.int32)
+    trained = np.zeros((len(examples), L), bool)
+    for b, e in enumerate(examples):
+        ids[b, :len(e)], trained[b, :len(e)] = e.ids, e.trained
+    soft: dict = {}
+    for e in examples:
+        for token, rows in (model.embed_media(**e.media) if e.media else {}).items():
+            soft.setdefault(token, []).append(rows)
+    soft = {t: mx.concatenate(r) for t, r in soft.items()}
+    embeds = mx.stop_gradient(model.embed_inputs(mx.array(ids), soft))
+    # Position i predicts token i + 1: row b * L + i of the hidden states, target ids[b, i + 1].
+    b, i = np.divmod(np.flatnonzero(trained[:, 1:]), max(L - 1, 1))
+    return Batch(embeds, vision_blocks(token_types(ids, cfg)), mx.array(b * L + i), mx.array(ids[b, i + 1]))
+
+
+class CheckpointedLayer(DecoderLayer):
+    """A decoder layer that keeps only its input for the backward pass and recomputes the rest.
+    Set per instance (`layer.__class__`), so other models in the process are untouched."""
+
+    def __call__(self, h, mask, cache):
+        def run(params, h):
+            self.update(params)
+            return DecoderLayer.__call__(self, h, mask, cache)
+
+        return mx.checkpoint(run)(self.trainable_parameters(), h)
+
+
+def checkpoint_layers(model, enable: bool = True) -> None:
+    for layer in model.layers:
+        if layer is not None:
+            layer.__class__ = CheckpointedLayer if enable else DecoderLayer
+
+
+def head_loss(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
+    """Summed cross entropy of head(h) (float32) against `targets`, LOSS_ROWS rows at a time,
+    one after the other in the forward and again in the backward: the logits of the whole
+    sequence ([tokens, 262K] float32, several copies in the backward) would not fit a 16 GB Mac.
+    mx.depends chains the pieces, or the graph would hold all of them at once."""
+
+    def piece(x, t):
+        return nn.losses.cross_entropy(head(x).astype(mx.float32), t, reduction="sum")
+
+    @mx.custom_function
+    def summed(h, targets):
+        total = mx.array(0.0, mx.float32)
+        for start in range(0, targets.size, LOSS_ROWS):
+            x = mx.depends(h[start:start + LOSS_ROWS], total)
+            total = total + piece(x, targets[start:start + LOSS_ROWS])
+        return total
+
+    @summed.vjp
+    def summed_vjp(primals, cotangent, output):
+        h, targets = primals
+        grads = []
+        for start in range(0, targets.size, LOSS_ROWS):
+            x = h[start:start + LOSS_ROWS]
+            if grads:
+                x = mx.depends(x, grads[-1])
+            t = targets[start:start + LOSS_ROWS]
+            grads.append(mx.vjp(lambda x: piece(x, t), [x], [cotangent])[1][0])
+        return mx.concatenate(grads) if grads else mx.zeros_like(h), mx.zeros_like(targets)
+
+    return summed(h, targets)
+
+
+def loss(model, batch: Batch) -> tuple[mx.array, int]:
+    """Mean cross entropy over the trained tokens, and their number."""
+    lm = model.language_model
+    cache = [WholeSequence(spec.window) for _, spec in lm.model.held]
+    h = lm.model(batch.embeds, cache, batch.blocks, model.vision_mask)
+    h = h.reshape(-1, h.shape[-1])[batch.rows]
+    return head_loss(lm.head, h, batch.targets) / max(batch.tokens, 1), batch.tokens
+
+
+def iterate_batches(examples: list, batch_size: int, loop: bool = False, seed: int = 0) -> Iterator[list]:
+    """Batches of similar length (mlx-lm's scheme: sort by length, cut, shuffle the batches)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    rng = np.random.default_rng(seed)
+    while True:
+        for k in (rng.permutation(len(batches)) if loop else range(len(batches))):
+            yield [examples[i] for i in batches[k]]
+        if not loop:
+            return
+
+
+def evaluate(model, examples: list, batch_size: int, num_batches: int) -> float:
+    """Token-weighted mean loss over `num_batches` batches (-1: all)."""
+    total, tokens = 0.0, 0
+    for n, group in enumerate(iterate_batches(examples, batch_size)):
+        if n == num_batches:
+            break
+        value, count = loss(model, make_batch(model, group))
+        total += value.item() * count
+        tokens += count
+    return total / max(tokens, 1)
+
+
+@dataclass
+class Report:
+    iteration: int
+    train_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    learning_rate: Optional[float] = None
+    iterations_per_second: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    trained_tokens: Optional[int] = None
+    peak_memory: Optional[float] = None  # GB
+
+    def line(self) -> str:
+        # The columns and wording of mlx-lm's reports before its table UI, so logs parse alike.
+        if self.val_loss is not None:
+            return f"Iter {self.iteration}: Val loss {self.val_loss:.3f}"
+        return (f"Iter {self.iteration}: Train loss {self.train_loss:.3f}, Learning Rate "
+                f"{self.learning_rate:.3e}, It/sec {self.iterations_per_second:.3f}, Tokens/sec "
+                f"{self.tokens_per_second:.3f}, Trained Tokens {self.trained_tokens}, "
+                f"Peak mem {self.peak_memory:.3f} GB")
+
+
+def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, *,
+          save: Callable[[int], None], start: int = 0, seed: int = 0,
+          report: Callable[[Report], None] = lambda r: print(r.line(), flush=True)) -> list[Report]:
+    """Iterations start + 1 .. args.iters; `save(iteration)` every `args.steps_per_save` and at
+    the end. Returns the reports (for the loss curve)."""
+    checkpoint_layers(model, args.grad_checkpoint)
+    grad_fn = nn.value_and_grad(model, lambda m, b: loss(m, b))
+    reports, losses, tokens, steps, elapsed, trained, accumulated = [], 0.0, 0, 0, 0.0, 0, None
+    batches = iterate_batches(train_set, args.batch_size, loop=True, seed=seed)
+    try:
+        model.train()
+        for it in range(start + 1, args.iters + 1):
+            group = next(batches)
+            if val_set and (it == start + 1 or it % args.steps_per_eval == 0 or it == args.iters):
+                tic = time.perf_counter()
+                model.eval()
+                reports.append(Report(it, val_loss=evaluate(model, val_set, args.batch_size, args.val_batches)))
+                model.train()
+                report(reports[-1])
+                print(f"Iter {it}: Val took {time.perf_counter() - tic:.3f}s", flush=True)
+            tic = time.perf_counter()
+            batch = make_batch(model, group)
+            (value, count), grads = grad_fn(model, batch)
+            if accumulated is not None:
+                grads = tree_map(lambda x, y: x + y, grads, accumulated)
+            if it % args.grad_accumulation_steps == 0:
+                if args.grad_accumulation_steps > 1:
+                    grads = tree_map(lambda x: x / args.grad_accumulation_steps, grads)
+                optimizer.update(model, grads)
+                accumulated = None
+            else:
+                accumulated = grads
+            mx.eval(model.trainable_parameters(), optimizer.state, value, accumulated)
+            elapsed += time.perf_counter() - tic
+            losses, tokens, steps = losses + value.item(), tokens + count, steps + 1
+            if it % args.steps_per_report == 0 or it == args.iters:
+                trained += tokens
+                reports.append(Report(it, train_loss=losses / steps, learning_rate=optimizer.learning_rate.item(),
+                                      iterations_per_second=steps / elapsed, tokens_per_second=tokens / elapsed,
+                                      trained_tokens=trained, peak_memory=mx.get_peak_memory() / 1e9))
+                report(reports[-1])
+                losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+            if it % args.steps_per_save == 0 and it != args.iters:
+                save(it)
+        if args.iters > start:
+            save(args.iters)
+    finally:
+        checkpoint_layers(model, False)
+        model.eval()
+    return reports
+
+
+def trainable_count(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
