@@ -45,6 +45,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.generate",
                        description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--adapter-path", default=None, metavar="DIR",
+                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory")
     p.add_argument("--prompt", "-p", default=None,
                    help="the user message; '-' reads standard input (UTF-8) (default: hello)")
     p.add_argument("--system", "--system-prompt", dest="system", default=None,
@@ -320,7 +322,7 @@ def run(args, cluster=None) -> None:
     if not plan.fits:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
     model = load_model(path, dtype=args.dtype, progress=True, group=cluster.group,
-                       parallel="pipeline" if args.pipeline else "tensor")
+                       parallel="pipeline" if args.pipeline else "tensor", adapter_path=args.adapter_path)
     model.vision_mask = args.vision_mask
     drafter = None
     if drafter_path is not None:

@@ -212,11 +212,13 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
 
 
 def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: bool = False,
-               progress: bool = False, split: Optional[int] = None, group=None, parallel: str = "tensor") -> Model:
+               progress: bool = False, split: Optional[int] = None, group=None, parallel: str = "tensor",
+               adapter_path: Union[str, Path, None] = None) -> Model:
     """`dtype`: an mx dtype, a name, None (as stored) or "auto" (backend.activation_dtype);
     `split`: ways to split each quantized matmul (default: one per core on the CPU backend);
     `group` (an `mx.distributed` group of more than one rank): this rank's part of the model,
-    `parallel` "tensor" or "pipeline" (see distributed.py). `model.tensors_read` counts the
+    `parallel` "tensor" or "pipeline" (see distributed.py); `adapter_path`: LoRA adapters
+    (mlx-lm's layout or PEFT's, tuning/adapters.py). `model.tensors_read` counts the
     checkpoint tensors read."""
     config_file = path / "config.json"
     if not config_file.exists():
@@ -236,6 +238,13 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
         dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
         set_dtype(model, dtype)
+    if adapter_path is not None:
+        if group is not None and group.size() > 1:
+            raise CheckpointError(f"{adapter_path}: adapters across several ranks are not supported yet "
+                                  "(fuse them first: python -m mlx_gemma.fuse)")
+        from .tuning.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     split_matmuls(model, split)
     if not lazy:
         try:
@@ -246,12 +255,13 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
 
 
 def load(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, None] = "auto", lazy: bool = False,
-         progress: bool = False, group=None, parallel: str = "tensor"):
+         progress: bool = False, group=None, parallel: str = "tensor", adapter_path: Union[str, Path, None] = None):
     """`model, processor = load("google/gemma-4-12B-it")`; a local directory works too.
     `group=mx.distributed.init()` under mlx.launch: this rank's part (`parallel` "tensor" or
     "pipeline"); every rank then runs the same generation calls."""
     from .prompt import Processor
 
     path = resolve_model_path(path_or_repo)
-    model = load_model(path, dtype=dtype, lazy=lazy, progress=progress, group=group, parallel=parallel)
+    model = load_model(path, dtype=dtype, lazy=lazy, progress=progress, group=group, parallel=parallel,
+                       adapter_path=adapter_path)
     return model, Processor.from_pretrained(path, model.config)

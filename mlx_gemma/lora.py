@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from .backend import DTYPES
 from .errors import ArgumentParser, InputError, run_cli
 
 # mlx-lm's defaults where it has them; a local data directory and a model are required here.
@@ -30,6 +31,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--scale", type=float, help="LoRA scale (lora_parameters.scale; default 20.0)")
     p.add_argument("--alpha", type=float, help="PEFT's lora_alpha: sets scale = alpha / rank")
     p.add_argument("--dropout", type=float, help="LoRA dropout (lora_parameters.dropout; default 0.0)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="activation dtype (auto: float32 for a quantized model on the CPU backend, else as stored)")
     p.add_argument("--plan", action="store_true", help="print the training memory plan and exit")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory the run may use (default: what the GPU may use, e.g. 16GB Mac ~11.8 GB)")
@@ -112,7 +115,7 @@ def run(args) -> None:
 
     from .loading import load, resolve_model_path
     from .prompt import MediaOptions
-    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from .tuning import budget, checkpoints, data, trainer
     from .tuning.curve import plot_losses
@@ -125,7 +128,10 @@ def run(args) -> None:
     if not plan.fits:
         raise InputError(budget.refusal(plan))
     mx.random.seed(args.seed)
-    model, processor = load(path, progress=True)
+    # --test alone evaluates the adapters at --adapter-path when there are any (mlx-lm does too)
+    evaluated = None if args.train or not args.adapter_path or not Path(args.adapter_path).exists() \
+        else args.adapter_path
+    model, processor = load(path, dtype=args.dtype, progress=True, adapter_path=evaluated)
     options = MediaOptions(image_budget=args.image_budget, video_budget=args.video_budget)
     train_set, valid_set, test_set = data.load_datasets(Path(args.data), processor, mask_prompt=args.mask_prompt,
                                                         max_seq_length=args.max_seq_length, options=options,
@@ -165,8 +171,6 @@ def run(args) -> None:
                                   grad_accumulation_steps=args.grad_accumulation_steps)
         reports = trainer.train(model, opt, train_set, valid_set, train_args, save=save, start=start, seed=args.seed)
         plot_losses(reports, out / "loss_curve.png")
-    elif args.adapter_path and Path(args.adapter_path).exists():
-        model = load_adapters(model, args.adapter_path)
     if args.test:
         value = trainer.evaluate(model, test_set, args.batch_size, args.test_batches)
         print(f"Test loss {value:.3f}, Test ppl {math.exp(min(value, 700.0)):.3f}.")

@@ -42,6 +42,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.server",
                        description="Serve Gemma 4 12B over an OpenAI-compatible HTTP API.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--adapter-path", default=None, metavar="DIR",
+                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -1105,7 +1107,8 @@ def serve(args, cluster) -> None:
     cache_bytes, context = plan_server(path, args, cluster)
     cluster.seed(None)
     mode = "pipeline" if args.pipeline else "tensor"
-    engine = Engine(lambda: load(path, group=cluster.group, parallel=mode), args, cache_bytes, context, cluster)
+    engine = Engine(lambda: load(path, group=cluster.group, parallel=mode, adapter_path=args.adapter_path), args,
+                    cache_bytes, context, cluster)
     if cluster.rank > 0:
         # Ctrl-C in the terminal reaches every rank: rank 0 stops serving and then stops this one.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -131,7 +131,7 @@ def training_plan(path: Path, args) -> TrainingPlan:
                               batch_size=args.batch_size, seq_length=args.max_seq_length,
                               num_layers=args.num_layers, lora_parameters=args.lora_parameters,
                               checkpointing=bool(args.grad_checkpoint),
-                              dtype_bytes=run_dtype_bytes(path, config))
+                              dtype_bytes=run_dtype_bytes(path, config, args.dtype))
 
 
 def refusal(plan: TrainingPlan) -> str:
