@@ -26,22 +26,43 @@ from mlx_gemma.tuning.data import Example
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def peft_adapter(hf_checkpoint, tmp_path_factory):
+def make_peft(hf_checkpoint, out, **options):
     """A PEFT LoRA adapter with random nonzero A and B on every decoder projection."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = reference.load_reference(hf_checkpoint)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+    config = LoraConfig(target_modules=TARGETS, lora_dropout=0.0, **{"r": 4, "lora_alpha": 8, **options})
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn_like(p) * 0.05)
-    out = tmp_path_factory.mktemp("peft") / "adapter"
     peft_model.save_pretrained(out)
     return out, peft_model
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(hf_checkpoint, tmp_path_factory):
+    return make_peft(hf_checkpoint, tmp_path_factory.mktemp("peft") / "adapter")
+
+
+@pytest.mark.parametrize("options", [{}, {"use_rslora": True, "rank_pattern": {"down_proj": 2},
+                                          "alpha_pattern": {"q_proj": 3}}], ids=["plain", "rslora-patterns"])
+def test_peft_adapter_logits_match_transformers_and_peft(hf_checkpoint, processor, tmp_path, options):
+    from test_multimodal import compare, image, user
+
+    path, peft_model = make_peft(hf_checkpoint, tmp_path / "adapter", **options)
+    model, _ = load(hf_checkpoint, dtype=mx.float32, adapter_path=path)
+    ids = ids_of(40)
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+    base = np.array(load(hf_checkpoint, dtype=mx.float32)[0](mx.array([ids]))[0])
+    got = np.array(model(mx.array([ids]))[0])
+    assert np.abs(expected - base).max() > 1e-2  # the adapter matters
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    inputs = processor.chat_inputs([user({"type": "image", "image": image()})])
+    compare(model, peft_model, inputs, "PEFT adapter, one image", variants=("forward",))
 
 
 def torch_loss_and_grads(peft_model, ids, trained):
@@ -259,3 +280,109 @@ def test_bad_runs_are_one_line_errors(hf_checkpoint, overfit_data, tmp_path, cap
     assert message in err, err
     if args:
         assert err.count("\n") == 0, err
+
+
+def run_fuse(*argv):
+    from mlx_gemma.fuse import main
+
+    main([str(a) for a in argv])
+
+
+def test_adapter_trained_here_exports_to_peft_with_the_same_logits(trained, hf_checkpoint, tmp_path):
+    from peft import PeftModel
+
+    out, _ = trained
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    peft_model = PeftModel.from_pretrained(reference.load_reference(hf_checkpoint), tmp_path / "peft").eval()
+    ids = ids_of(30)
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+    ours, _ = load(hf_checkpoint, dtype=mx.float32, adapter_path=out)
+    got = np.array(ours(mx.array([ids]))[0])
+    base = reference.reference_logits(reference.load_reference(hf_checkpoint), ids)
+    assert np.abs(expected - base).max() > 1e-2  # the export carries the training
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # and it comes back: the PEFT directory loads here with the same logits
+    again, _ = load(hf_checkpoint, dtype=mx.float32, adapter_path=tmp_path / "peft")
+    assert np.array_equal(np.array(again(mx.array([ids]))[0]), got)
+
+
+def test_fused_checkpoint_equals_base_plus_adapter_here_and_in_mlx_vlm(trained, hf_checkpoint, tmp_path):
+    from mlx_vlm import load as vlm_load
+
+    from mlx_gemma.checkpoint import quantize_checkpoint
+
+    out, _ = trained
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--save-path", tmp_path / "fused")
+    ids = mx.array([ids_of(30)])
+    with_adapter = np.array(load(hf_checkpoint, dtype=mx.float32, adapter_path=out)[0](ids))
+    merged_model, _ = load(tmp_path / "fused", dtype=mx.float32)
+    merged = np.array(merged_model(ids, cache=merged_model.make_cache(one_tensor=False)))
+    assert np.abs(merged - with_adapter).max() <= 1e-4 * np.abs(with_adapter).max()
+    theirs, _ = vlm_load(str(tmp_path / "fused"))
+    vlm = np.array(theirs(ids).logits.astype(mx.float32))
+    assert np.abs(vlm - merged).max() <= 1e-4 * np.abs(merged).max()
+    # --quantize: the recipes applied to the merged weights, exactly as quantize would
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--save-path", tmp_path / "q8", "--quantize",
+             "--bits", "8", "--group-size", "32")
+    expected = quantize_checkpoint(str(tmp_path / "fused"), str(tmp_path / "q8-expected"), bits=8, group_size=32)
+    got_model, expected_model = load(tmp_path / "q8")[0], load(expected)[0]
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
+    assert np.array_equal(np.array(got_model(ids)), np.array(expected_model(ids)))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"use_dora": True}, "use_dora = True is not supported"),
+    ({"bias": "all"}, "bias = 'all' is not supported"),
+    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ("vision", "is not a linear layer of this model"),
+    ("shape", "the layer needs"),
+    ("no-weights", "no adapter_model.safetensors"),
+    ("bad-json", "cannot read it as JSON"),
+])
+def test_bad_peft_adapters_are_one_line_errors(peft_adapter, hf_checkpoint, tmp_path, change, message):
+    import shutil
+
+    from mlx_gemma.errors import CheckpointError
+
+    src, _ = peft_adapter
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    weights = mx.load(str(bad / "adapter_model.safetensors"))
+    if isinstance(change, dict):
+        config.update(change)
+    elif change in ("vision", "shape"):
+        name = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+        if change == "vision":  # a module of transformers' vision stack that this model does not have
+            for part in ("A", "B"):
+                key = name.replace("lora_A", f"lora_{part}")
+                weights[key.replace("language_model.layers.0", "vision_tower.encoder.layers.0")] = weights.pop(key)
+        else:
+            weights[name] = weights[name][:, :-1]
+    if change == "no-weights":
+        (bad / "adapter_model.safetensors").unlink()
+    else:
+        mx.save_safetensors(str(bad / "adapter_model.safetensors"), weights)
+    (bad / "adapter_config.json").write_text("{not json" if change == "bad-json" else json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        load(hf_checkpoint, adapter_path=bad)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert str(bad) in str(e.value)
+
+
+def test_generate_and_server_take_adapter_path(trained, hf_checkpoint, capsys):
+    from mlx_gemma.generate import main as generate_main
+    from mlx_gemma.server import build_parser
+
+    out, _ = trained
+    replies = []
+    for extra in ([], ["--adapter-path", str(out)]):
+        generate_main(["--model", str(hf_checkpoint), "--prompt", "say seven", "--max-tokens", "6",
+                       "--temp", "0", "--verbose", "False", *extra])
+        replies.append(capsys.readouterr().out.strip())
+    assert replies[1].startswith("seven") and replies[0] != replies[1], replies
+    assert build_parser().parse_args(["--adapter-path", str(out)]).adapter_path == str(out)

@@ -1,0 +1,175 @@
+"""`python -m mlx_gemma.fuse --model M --adapter-path A --save-path OUT`: adapters merged into
+the weights, as mlx-lm's `mlx_lm.fuse` does; or `--export-peft DIR`: the adapters as a PEFT
+directory that transformers + peft load.
+
+A quantized base is dequantized where an adapter sits, merged, and quantized again at that
+layer's own bits and group size (`--dequantize`: the whole model stays dequantized;
+`--quantize RECIPE`: the merged model is quantized afresh by our recipes, through
+`quantize_checkpoint`). Outputs are written to a temporary directory and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import ArgumentParser, InputError, run_cli
+from .quantization import add_quant_flags
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m mlx_gemma.fuse",
+                       description="Merge LoRA / DoRA adapters into a Gemma 4 checkpoint, or export them for PEFT.")
+    p.add_argument("--model", required=True, help="base checkpoint directory or Hugging Face repo id")
+    p.add_argument("--adapter-path", required=True, help="adapters (mlx_gemma.lora / mlx-lm output, or PEFT)")
+    p.add_argument("--save-path", default=None, help="where to write the merged checkpoint")
+    p.add_argument("--dequantize", action="store_true", help="write the merged model unquantized")
+    p.add_argument("--quantize", action="store_true",
+                   help="quantize the merged model afresh with --bits/--group-size/--mode/--recipe")
+    add_quant_flags(p)
+    p.add_argument("--export-peft", default=None, metavar="DIR",
+                   help="write the adapters as a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder, only if mlx-gemma wrote it")
+    return p
+
+
+def fused(model, dequantize: bool = False):
+    """Every adapted layer replaced by its merged linear layer (mlx-lm's LoRALinear.fuse);
+    with `dequantize`, every other quantized layer dequantized too."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    merged = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if not merged:
+        raise InputError("--adapter-path: the adapters replaced no layer")
+    model.update_modules(tree_unflatten(merged))
+    if dequantize:
+        plain = []
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+                w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
+                if isinstance(m, nn.QuantizedLinear):
+                    layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                    if "bias" in m:
+                        layer.bias = m.bias
+                else:
+                    layer = nn.Embedding(*w.shape)
+                layer.weight = w
+                plain.append((name, layer))
+        model.update_modules(tree_unflatten(plain))
+    return model
+
+
+def write_fused(model, source: Path, out: Path, dequantize: bool, force: bool) -> Path:
+    from mlx.utils import tree_flatten
+
+    from .checkpoint import write_checkpoint
+    from .config import hub_form
+
+    config = hub_form(json.loads((source / "config.json").read_text()))
+    if dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    params = tree_flatten(model.parameters())
+    return write_checkpoint(out, source, ((k, v, v.nbytes) for k, v in params), config,
+                            sum(v.nbytes for _, v in params), force=force, desc="Fusing")
+
+
+def transformers_name(ours: str) -> str:
+    """Our module path -> transformers' (the inverse of loading.sanitize for decoder modules)."""
+    from .loading import sanitize
+
+    name = "model.language_model." + ours.removeprefix("language_model.model.")
+    if sanitize(name + ".weight") != ours + ".weight":
+        raise InputError(f"--export-peft: {ours} has no transformers name PEFT could target")
+    return name
+
+
+def export_peft(model, out: Path, base: str) -> Path:
+    """Our LoRA layers as PEFT writes them: A [r, in], B [out, r], lora_alpha = scale * r;
+    target_modules a regex of exactly the adapted modules, rank/alpha patterns where a module
+    differs from the first one."""
+    import mlx.core as mx
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from .checkpoint import check_destination
+
+    layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_a")]
+    if not layers:
+        raise InputError("--export-peft: the adapters replaced no layer")
+    if any(not isinstance(m, LoRALinear) for _, m in layers):
+        raise InputError("--export-peft: only LoRA adapters export to PEFT (DoRA's magnitudes do not map)")
+    names = [transformers_name(n) for n, _ in layers]
+    ranks = {t: m.lora_a.shape[1] for t, (_, m) in zip(names, layers)}
+    alphas = {t: float(m.scale) * ranks[t] for t, (_, m) in zip(names, layers)}
+    r, alpha = ranks[names[0]], alphas[names[0]]
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": r, "lora_alpha": alpha,
+              "target_modules": "(?:" + "|".join(re.escape(t) for t in names) + ")",
+              "rank_pattern": {f"^{re.escape(t)}$": v for t, v in ranks.items() if v != r},
+              "alpha_pattern": {f"^{re.escape(t)}$": v for t, v in alphas.items() if v != alpha},
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+              "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
+    weights = {}
+    for t, (_, m) in zip(names, layers):
+        weights[f"base_model.model.{t}.lora_A.weight"] = m.lora_a.T.astype(mx.float32)
+        weights[f"base_model.model.{t}.lora_B.weight"] = m.lora_b.T.astype(mx.float32)
+    target = check_destination(out, force=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if target.exists():
+            target.rmdir()  # check_destination lets through an empty folder only
+        tmp.rename(target)
+    except OSError as e:
+        raise InputError(f"{target}: cannot write ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def run(args) -> list:
+    import mlx.core as mx
+
+    from .checkpoint import check_destination, quantize_checkpoint
+    from .loading import load_model, resolve_model_path
+
+    if not args.save_path and not args.export_peft:
+        raise InputError("give --save-path (a merged checkpoint) and/or --export-peft DIR")
+    if args.dequantize and args.quantize:
+        raise InputError("--dequantize and --quantize: choose one")
+    if args.save_path:
+        check_destination(Path(args.save_path).expanduser(), args.force)  # before loading anything
+    source = resolve_model_path(args.model)
+    model = load_model(source, dtype=None, split=1, adapter_path=args.adapter_path)
+    written = []
+    if args.export_peft:
+        written.append(export_peft(model, Path(args.export_peft).expanduser(), str(args.model)))
+    if args.save_path:
+        out = Path(args.save_path).expanduser()
+        if not args.quantize:
+            written.append(write_fused(fused(model, args.dequantize), source, out, args.dequantize, args.force))
+        else:
+            with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+                plain = write_fused(fused(model, dequantize=True), source, Path(tmp) / "merged", True, False)
+                del model
+                mx.clear_cache()
+                written.append(quantize_checkpoint(str(plain), str(out), args.bits, args.group_size, args.mode,
+                                                   args.recipe, force=args.force))
+    return written
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = build_parser().parse_args(argv)
+    for path in run_cli(lambda: run(args), "interrupted: nothing was written"):
+        print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
