@@ -2,7 +2,10 @@
 a tiny multimodal set overfit through `python -m mlx_gemma.lora`, resuming, checkpoints that
 survive a failed save, the training memory plan, and one-line errors for bad runs."""
 
+import contextlib
+import io
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -152,9 +155,6 @@ def trained(hf_checkpoint, overfit_data, tmp_path_factory):
 
     data, _ = overfit_data
     out = tmp_path_factory.mktemp("run") / "adapters"
-    import contextlib
-    import io
-
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         main(["--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "40", "--batch-size", "1",
@@ -224,12 +224,16 @@ def test_a_failed_save_leaves_the_last_checkpoint_intact(hf_checkpoint, overfit_
 
 
 def test_plan_counts_checkpointing_and_fits_the_12b_on_a_16gb_mac():
+    from mlx_gemma.quantization import QuantSpec, quantized_size
+
     config = ModelConfig.from_file(Path(__file__).parent / "data" / "gemma-4-12B-it.config.json")
     lora = {"rank": 8, "scale": 20.0, "dropout": 0.0}
     common = dict(batch_size=1, seq_length=2048, num_layers=-1, lora_parameters=lora, dtype_bytes=2)
-    # 4-bit weights of the 12B (benchmarks/sizes.py: 6.7 GB), the GPU share of a 16 GB Mac.
-    kept = make_training_plan(config, int(6.7e9), int(11.8e9), checkpointing=False, **common)
-    checkpointed = make_training_plan(config, int(6.7e9), int(11.8e9), checkpointing=True, **common)
+    # 4-bit default-recipe weights of the 12B and a 16 GB Mac's GPU budget, as test_memory has them.
+    weights = int(quantized_size(config, QuantSpec(), "default")["total_bytes"])
+    budget = int(10.7 * 2**30 * 0.93)
+    kept = make_training_plan(config, weights, budget, checkpointing=False, **common)
+    checkpointed = make_training_plan(config, weights, budget, checkpointing=True, **common)
     assert checkpointed.fits and not kept.fits
     assert checkpointed.activations < kept.activations / 10
     # rank 8 on q, k, (v), o, gate, up, down of 48 layers: r * (in + out) each.
@@ -344,8 +348,6 @@ def test_fused_checkpoint_equals_base_plus_adapter_here_and_in_mlx_vlm(trained, 
     ("bad-json", "cannot read it as JSON"),
 ])
 def test_bad_peft_adapters_are_one_line_errors(peft_adapter, hf_checkpoint, tmp_path, change, message):
-    import shutil
-
     from mlx_gemma.errors import CheckpointError
 
     src, _ = peft_adapter

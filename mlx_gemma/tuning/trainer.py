@@ -24,8 +24,9 @@ from ..model import DecoderLayer
 from ..prompt import token_types
 
 # Rows of hidden states whose logits are formed at once: [rows, vocab] float32 and its few
-# copies in the backward are the largest activations of a step (262K vocab: 128 MB each).
-LOSS_ROWS = 128
+# copies in the backward are the largest activations of a step (262K vocab: 67 MB each; 64
+# rows keep the 12B's 2048-token step inside a 16 GB Mac, tuning/budget.py).
+LOSS_ROWS = 64
 
 
 @dataclass
