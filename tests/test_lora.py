@@ -388,3 +388,16 @@ def test_generate_and_server_take_adapter_path(trained, hf_checkpoint, capsys):
         replies.append(capsys.readouterr().out.strip())
     assert replies[1].startswith("seven") and replies[0] != replies[1], replies
     assert build_parser().parse_args(["--adapter-path", str(out)]).adapter_path == str(out)
+
+
+def test_dora_trains_saves_and_loads(hf_checkpoint, overfit_data, tmp_path, capsys):
+    data, _ = overfit_data
+    log = run_lora(capsys, "--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "3",
+                   "--batch-size", "1", "--fine-tune-type", "dora", "--learning-rate", "1e-3",
+                   "--steps-per-report", "3", "--adapter-path", str(tmp_path))
+    assert [it for it, _ in train_losses(log)] == [3]
+    assert any(k.endswith(".m") for k in mx.load(str(tmp_path / "adapters.safetensors")))
+    tuned, _ = load(hf_checkpoint, adapter_path=tmp_path)
+    ids = mx.array([ids_of(20)])
+    base = np.array(load(hf_checkpoint)[0](ids))
+    assert np.abs(np.array(tuned(ids)) - base).max() > 1e-4  # the magnitudes and adapters were applied
