@@ -18,6 +18,7 @@ from .errors import ArgumentParser, InputError, run_cli
 
 # mlx-lm's defaults where it has them; a local data directory and a model are required here.
 OURS = {"model": None, "data": None, "num_layers": 16}
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "muon": "Muon", "sgd": "SGD", "adafactor": "Adafactor"}
 UNSUPPORTED = {"report_to": "--report-to (wandb / swanlab)", "trust_remote_code": "--trust-remote-code"}
 
 
@@ -85,6 +86,8 @@ def check_args(args: dict) -> None:
     if args["fine_tune_type"] not in ("lora", "dora"):
         raise InputError(f"--fine-tune-type {args['fine_tune_type']}: only lora and dora (the base stays frozen, "
                          "quantized or not)")
+    if str(args["optimizer"]).lower() not in OPTIMIZERS:
+        raise InputError(f"optimizer {args['optimizer']!r}: use one of {', '.join(OPTIMIZERS)}")
     if not args["model"]:
         raise InputError("--model is required (a local checkpoint directory or a Hub id)")
     if not (args["train"] or args["test"] or args["plan"]):
@@ -111,12 +114,10 @@ def run(args) -> None:
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import TrainingArgs
-    from mlx_lm.tuner.utils import build_schedule
+    from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 
     from .loading import load, resolve_model_path
     from .prompt import MediaOptions
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     from .tuning import budget, checkpoints, data, trainer
     from .tuning.curve import plot_losses
 
@@ -159,8 +160,7 @@ def run(args) -> None:
                   f"{out / checkpoints.checkpoint_name(it)}.", flush=True)
 
         lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
-        opt = getattr(optim, {"adam": "Adam", "adamw": "AdamW", "muon": "Muon", "sgd": "SGD",
-                              "adafactor": "Adafactor"}[args.optimizer.lower()])(
+        opt = getattr(optim, OPTIMIZERS[args.optimizer.lower()])(
             learning_rate=lr, **args.optimizer_config.get(args.optimizer.lower(), {}))
         opt.init(model.trainable_parameters())
         opt.state["step"] = mx.array(start, mx.uint64)  # the schedule continues where it stopped
