@@ -46,7 +46,8 @@ def build_parser() -> ArgumentParser:
                        description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
-                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory")
+                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
+                        "(default: none)")
     p.add_argument("--prompt", "-p", default=None,
                    help="the user message; '-' reads standard input (UTF-8) (default: hello)")
     p.add_argument("--system", "--system-prompt", dest="system", default=None,

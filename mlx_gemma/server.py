@@ -43,7 +43,8 @@ def build_parser() -> ArgumentParser:
                        description="Serve Gemma 4 12B over an OpenAI-compatible HTTP API.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
-                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory")
+                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
+                        "(default: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
