@@ -38,31 +38,16 @@ def build_parser() -> ArgumentParser:
 
 
 def fused(model, dequantize: bool = False):
-    """Every adapted layer replaced by its merged linear layer (mlx-lm's LoRALinear.fuse);
-    with `dequantize`, every other quantized layer dequantized too."""
-    import mlx.core as mx
-    import mlx.nn as nn
+    """Every adapted layer replaced by its merged linear layer, as mlx_lm.fuse does (its
+    LoRALinear / DoRALinear `fuse`); with `dequantize`, every other quantized layer too."""
     from mlx.utils import tree_unflatten
+    from mlx_lm.utils import dequantize_model
 
     merged = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not merged:
         raise InputError("--adapter-path: the adapters replaced no layer")
     model.update_modules(tree_unflatten(merged))
-    if dequantize:
-        plain = []
-        for name, m in model.named_modules():
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-                w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
-                if isinstance(m, nn.QuantizedLinear):
-                    layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-                    if "bias" in m:
-                        layer.bias = m.bias
-                else:
-                    layer = nn.Embedding(*w.shape)
-                layer.weight = w
-                plain.append((name, layer))
-        model.update_modules(tree_unflatten(plain))
-    return model
+    return dequantize_model(model) if dequantize else model
 
 
 def write_fused(model, source: Path, out: Path, dequantize: bool, force: bool) -> Path:

@@ -174,7 +174,7 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
     """Iterations start + 1 .. args.iters; `save(iteration)` every `args.steps_per_save` and at
     the end. Returns the reports (for the loss curve)."""
     checkpoint_layers(model, args.grad_checkpoint)
-    grad_fn = nn.value_and_grad(model, lambda m, b: loss(m, b))
+    grad_fn = nn.value_and_grad(model, loss)
     reports, losses, tokens, steps, elapsed, trained, accumulated = [], 0.0, 0, 0, 0.0, 0, None
     batches = iterate_batches(train_set, args.batch_size, loop=True, seed=seed)
     try:
