@@ -72,6 +72,7 @@ class Implementation:
 
 class MlxGemma(Implementation):
     name = "mlx-gemma"
+    compile = None  # decode compiled or not: the backend's default (backend.compiled_decode_pays)
 
     def __init__(self, path: Path, dtype: str):
         super().__init__(path, dtype)
@@ -87,7 +88,15 @@ class MlxGemma(Implementation):
         from mlx_gemma.generation import generate_step
 
         soft = self.model.embed_media(**arrays) if arrays else None
-        return generate_step(self.model, ids, cache, max_tokens=max_tokens, soft_tokens=soft)
+        return generate_step(self.model, ids, cache, max_tokens=max_tokens, soft_tokens=soft, compile=self.compile)
+
+
+class MlxGemmaCompiled(MlxGemma):
+    name, compile = "mlx-gemma:compiled", True
+
+
+class MlxGemmaEager(MlxGemma):
+    name, compile = "mlx-gemma:eager", False
 
 
 class MlxVlm(Implementation):
@@ -116,7 +125,7 @@ class MlxVlm(Implementation):
                              max_tokens=max_tokens, temperature=0.0, **kwargs)
 
 
-IMPLEMENTATIONS = {c.name: c for c in (MlxGemma, MlxVlm)}
+IMPLEMENTATIONS = {c.name: c for c in (MlxGemma, MlxGemmaCompiled, MlxGemmaEager, MlxVlm)}
 
 
 def prompt(config: ModelConfig, kind: str, value: int, seed: int = 0):
@@ -185,15 +194,17 @@ def run(name: str, path: Path, dtype: str, cases: list, repeats: int, warmup: bo
     impl = IMPLEMENTATIONS[name](path, dtype)
     mx.eval(impl.model.parameters())
     load_s = time.perf_counter() - tic
+    tic = time.perf_counter()
     if warmup:  # compile kernels, size the allocator: a short prompt and one decode step
         for _ in impl.steps(prompt(impl.config, "prefill", 4)[0], impl.make_cache(), 2, {}):
             pass
+    warmup_s = time.perf_counter() - tic
     results = []
     for kind, value, tokens in cases:
         print(f"  {name} ({impl.dtype}): {kind} {value}", file=sys.stderr, flush=True)
         results.append(time_case(impl, kind, value, tokens, repeats))
     return {"implementation": name, "activation_dtype": str(impl.dtype).removeprefix("mlx.core."),
-            "load_s": load_s, "cases": results}
+            "load_s": load_s, "warmup_s": warmup_s, "cases": results}
 
 
 def main(argv=None) -> None:

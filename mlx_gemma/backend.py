@@ -66,6 +66,15 @@ def lazy_verify_head() -> bool:
     return on_cpu()
 
 
+def compiled_decode_pays() -> bool:
+    """Whether decode steps run compiled (`generation.compiled_decode`) by default. On a GPU
+    the trace is built in milliseconds and saves the step's Python and kernel launches. The CPU
+    backend builds each fused kernel with the system C++ compiler, about 30 s for a first
+    decode on a clean machine (cached on disk afterwards), which a one-off CPU run never earns
+    back (benchmarks/decode_overhead.py measures the steady state both ways)."""
+    return not on_cpu()
+
+
 def default_splits() -> int:
     """How many ways to split a matmul: one per core on the CPU backend, else none."""
     return max(1, min(os.cpu_count() or 1, 8)) if on_cpu() else 1

@@ -19,8 +19,8 @@ from mlx_lm.models.cache import _BaseCache
 
 DEFAULT_SLIDING_SLACK = 128
 
-__all__ = ["GlobalCache", "SlidingWindowCache", "WholeSequence", "window_mask", "vision_blocks", "reuse_prefix",
-           "DEFAULT_SLIDING_SLACK"]
+__all__ = ["GlobalCache", "SlidingWindowCache", "WholeSequence", "DecodeStep", "window_mask", "vision_blocks",
+           "reuse_prefix", "DEFAULT_SLIDING_SLACK"]
 
 
 def vision_blocks(token_types: np.ndarray) -> np.ndarray:
@@ -115,13 +115,18 @@ class GlobalCache(_BaseCache):
         first = self.stored[0][0] if self.quantized else self.stored[0]
         return first.shape[2]
 
-    def _grow(self, tensors: list, needed: int, quantize: bool) -> None:
+    def _layouts(self) -> list:
+        """(batch, heads, width, dtype) of each stored tensor, as given to `_update`."""
+        if not self.quantized:
+            return [(t.shape[0], t.shape[1], t.shape[3], t.dtype) for t in self.stored]
+        return [(c.shape[0], c.shape[1], s.shape[3] * self.group_size, s.dtype) for c, s, _ in self.stored]
+
+    def _grow(self, layouts: list, needed: int, quantize: bool) -> None:
         """Reallocate with room for `needed` tokens (a multiple of `step`), keeping the cached ones."""
         size = -(-needed // self.step) * self.step
         grown = []
-        for i, t in enumerate(tensors):
-            B, H, _, D = t.shape
-            fresh = mx.zeros((B, H, size - self.offset, D), t.dtype)
+        for i, (B, H, D, dtype) in enumerate(layouts):
+            fresh = mx.zeros((B, H, size - self.offset, D), dtype)
             fresh = self._quantize(fresh) if quantize else fresh
             if not self.offset:
                 grown.append(fresh)
@@ -132,14 +137,23 @@ class GlobalCache(_BaseCache):
                 grown.append(mx.concatenate([self.stored[i][..., :self.offset, :], fresh], axis=2))
         self.stored = grown
 
-    def _update(self, tensors: list) -> list:
-        end = self.offset + tensors[0].shape[2]
+    def reserve(self, n: int, tensors: Optional[list] = None) -> bool:
+        """Room for `n` more tokens (shaped like `tensors`, default like the stored ones), in the
+        storage kind they go into; True when that is quantized."""
+        end = self.offset + n
         # Once quantized, the storage stays so (also after a trim back below quantize_after).
         quantize = self.quantized or (bool(self.bits) and end > self.quantize_after)
         if quantize and self.stored is not None and not self.quantized:
             self.stored = [self._quantize(t) for t in self.stored]  # crossing quantize_after
         if end > self._capacity():
-            self._grow(tensors, end, quantize)
+            layouts = self._layouts() if tensors is None else \
+                [(t.shape[0], t.shape[1], t.shape[3], t.dtype) for t in tensors]
+            self._grow(layouts, end, quantize)
+        return quantize
+
+    def _update(self, tensors: list) -> list:
+        end = self.offset + tensors[0].shape[2]
+        quantize = self.reserve(tensors[0].shape[2], tensors)
         out = []
         for i, t in enumerate(tensors):
             if quantize:
@@ -157,6 +171,17 @@ class GlobalCache(_BaseCache):
 
     def update_and_fetch_one(self, packed):
         return self._update([packed])[0]
+
+    @property
+    def buffers(self) -> list:
+        return self.stored
+
+    def write_index(self) -> int:
+        return self.offset
+
+    def advance(self, buffers: list) -> None:
+        self.stored = buffers
+        self.offset += 1
 
     def make_mask(self, L: int, blocks=None, unclipped: bool = False):
         return window_mask(L, self.offset, 0, self.offset + L, None, blocks, unclipped)
@@ -228,19 +253,26 @@ class SlidingWindowCache(_BaseCache):
         history = self._history()
         return window_mask(L, self.offset, self.offset - history, history + L, self.window, blocks, unclipped)
 
+    def reserve(self, n: int, tensors: Optional[tuple] = None) -> None:
+        """Room for `n` more tokens after the held ones (shaped like `tensors`, the new keys
+        and values; default like the held ones)."""
+        if self.keys is not None and self._len + n <= self.keys.shape[2]:
+            return
+        keep = min(self._len, self.capacity)
+        grow = max(n, self.step)  # room for this update and the next decode steps
+        keys, values = tensors or (self.keys, self.values)
+        B, H, _, D = keys.shape
+        new_k = mx.zeros((B, H, grow, D), keys.dtype)
+        new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+        if keep:
+            start = self._len - keep
+            new_k = mx.concatenate([self.keys[..., start:self._len, :], new_k], axis=2)
+            new_v = mx.concatenate([self.values[..., start:self._len, :], new_v], axis=2)
+        self.keys, self.values, self._len = new_k, new_v, keep
+
     def update_and_fetch(self, keys, values):
         L = keys.shape[2]
-        if self.keys is None or self._len + L > self.keys.shape[2]:
-            keep = min(self._len, self.capacity)
-            grow = max(L, self.step)  # room for this update and the next decode steps
-            B, H, _, D = keys.shape
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if keep:
-                start = self._len - keep
-                new_k = mx.concatenate([self.keys[..., start:self._len, :], new_k], axis=2)
-                new_v = mx.concatenate([self.values[..., start:self._len, :], new_v], axis=2)
-            self.keys, self.values, self._len = new_k, new_v, keep
+        self.reserve(L, (keys, values))
         history = self._history()
         self.keys[..., self._len:self._len + L, :] = keys
         self.values[..., self._len:self._len + L, :] = values
@@ -248,6 +280,18 @@ class SlidingWindowCache(_BaseCache):
         self.offset += L
         start = self._len - L - history
         return self.keys[..., start:self._len, :], self.values[..., start:self._len, :]
+
+    @property
+    def buffers(self) -> list:
+        return [self.keys, self.values]
+
+    def write_index(self) -> int:
+        return self._len
+
+    def advance(self, buffers: list) -> None:
+        self.keys, self.values = buffers
+        self._len += 1
+        self.offset += 1
 
     def fetch(self, last: Optional[int] = None) -> list:
         """Keys and values of the newest `last` (default: all held) tokens."""
@@ -293,6 +337,54 @@ class SlidingWindowCache(_BaseCache):
         if self.keys is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+
+class DecodeStep:
+    """A cache as one decode step inside mx.compile sees it (`generation.compiled_decode`).
+
+    The step's input is the cache's buffers and the new token's position and buffer slot, all
+    arrays, so one trace serves every step until a buffer is reallocated (`reserve`, outside
+    the trace: every 256 tokens for a global layer, once for a sliding one). The new token is
+    written at its slot; attention reads a fixed-size span under a mask where the eager path
+    slices the valid part (the same keys, weighted the same): a global layer's whole buffer,
+    a sliding layer's `window` slots ending at the new token.
+    After the step, `cache.advance(step.buffers)` takes the written buffers.
+    """
+
+    def __init__(self, cache, buffers: list, offset: mx.array, index: mx.array):
+        self.buffers = list(buffers)
+        self.offset, self.index = offset, index  # RoPE position; slot in the buffers
+        self.window = getattr(cache, "window", None)
+        self.one_tensor = getattr(cache, "one_tensor", False)
+        self.bits, self.group_size = getattr(cache, "bits", None), getattr(cache, "group_size", 64)
+        first = self.buffers[0][0] if isinstance(self.buffers[0], tuple) else self.buffers[0]
+        size = first.shape[2]
+        self.span = size if self.window is None else min(self.window, size)
+        self.start = mx.clip(index - self.span + 1, 0, size - self.span)
+
+    def make_mask(self, L: int, blocks=None, unclipped: bool = False):
+        # The span holds no key older than the window: only slots after the new token are hidden.
+        return (self.start + mx.arange(self.span) <= self.index)[None, None, None]
+
+    def _read(self, x: mx.array) -> mx.array:
+        if self.span == x.shape[2]:
+            return x
+        return mx.slice(x, self.start[None], (2,), x.shape[:2] + (self.span,) + x.shape[3:])
+
+    def _write(self, i: int, x: mx.array):
+        at, buf = self.index[None], self.buffers[i]
+        if isinstance(buf, tuple):
+            new = mx.quantize(x, group_size=self.group_size, bits=self.bits)
+            self.buffers[i] = tuple(mx.slice_update(p, n, at, axes=(2,)) for p, n in zip(buf, new))
+            return tuple(self._read(p) for p in self.buffers[i])
+        self.buffers[i] = mx.slice_update(buf, x, at, axes=(2,))
+        return self._read(self.buffers[i])
+
+    def update_and_fetch(self, keys, values):
+        return self._write(0, keys), self._write(1, values)
+
+    def update_and_fetch_one(self, packed):
+        return self._write(0, packed)
 
 
 def max_trim(cache: list) -> int:

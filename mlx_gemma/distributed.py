@@ -267,6 +267,9 @@ def drafting_rank(text: TextConfig, size: int) -> Optional[int]:
 class PipelineModel(Model):
     """A pipeline stage's model: the K/V a drafter reads exist on one stage only."""
 
+    # A stage's step ends in a send that only the caches depend on (`_tie`): kept eager.
+    compiles_decode = False
+
     def shared_kv(self, cache: list) -> Optional[dict]:
         return super().shared_kv(cache) if self.drafts_here else None
 

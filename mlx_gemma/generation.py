@@ -18,7 +18,8 @@ import numpy as np
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
-from .cache import reuse_prefix, vision_blocks
+from .backend import compiled_decode_pays
+from .cache import DecodeStep, reuse_prefix, vision_blocks
 from .errors import ContextError, InputError
 from .prompt import MediaOptions, PromptInputs, token_types, user_content
 from .speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens, speculative_decode
@@ -109,17 +110,50 @@ def prefill(model, ids: np.ndarray, cache: list,
     return prompt[done:], soft_in(done, total)
 
 
+def compiled_decode(model, cache: list) -> Optional[Callable[[mx.array], mx.array]]:
+    """One decode step, `tokens [1] -> logits [1, vocab]` updating `cache`, traced by mx.compile
+    and replayed: a step's ops (about thirty per layer) are not rebuilt in Python each token,
+    and the elementwise ones (casts around the norms, GELU, softcap) fuse into fewer kernels.
+    The caches are the step's state: their buffers go in and come back (`cache.DecodeStep`);
+    a reallocated buffer (every 256 tokens for a global layer) means one new trace.
+    None when the model or a cache cannot run so (a pipeline stage sends and receives).
+    """
+    if not getattr(model, "compiles_decode", False) or not all(hasattr(c, "advance") for c in cache):
+        return None
+
+    def forward(tokens, positions, buffers):
+        steps = [DecodeStep(c, b, positions[i, 0], positions[i, 1]) for i, (c, b) in enumerate(zip(cache, buffers))]
+        logits = model(tokens[None], cache=steps, logits_to_keep=1)[:, -1, :]
+        return logits, [s.buffers for s in steps]
+
+    forward = mx.compile(forward)
+
+    def decode(tokens: mx.array) -> mx.array:
+        for c in cache:
+            c.reserve(1)
+        positions = mx.array([[c.offset, c.write_index()] for c in cache], dtype=mx.int32)
+        # One dtype for every step's token (a prompt's int32, a sampler's uint32): one trace.
+        logits, buffers = forward(tokens.astype(mx.int32), positions, [c.buffers for c in cache])
+        for c, b in zip(cache, buffers):
+            c.advance(b)
+        return logits
+
+    return decode
+
+
 def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optional[Callable] = None,
                   logits_processors: Optional[list] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                   prefill_step_size: Union[int, Callable[[int], int]] = DEFAULT_PREFILL_STEP,
                   progress: Optional[Callable[[int, int], None]] = None,
-                  soft_tokens: Optional[dict] = None) -> Iterator[tuple[int, mx.array]]:
+                  soft_tokens: Optional[dict] = None, compile: Optional[bool] = None) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) after feeding `prompt` into `cache` (updated in place).
 
     `prefill_step_size` is a chunk size, or a function of the tokens already cached giving it
     (the memory planner shrinks chunks as the context grows, keeping peak memory flat).
     Chunks never end inside an image or video frame. `soft_tokens` (`model.embed_media`)
-    fill the prompt's media placeholders.
+    fill the prompt's media placeholders. Decode steps run compiled (`compiled_decode`) when `compile`
+    is True (default: `backend.compiled_decode_pays`); the sampler and logits processors run as
+    given, outside the trace.
 
     The next step is queued before a token is yielded (so the device never waits on Python):
     after the loop the cache holds the prompt and every yielded token, except the last one
@@ -130,8 +164,14 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
     logits_processors = logits_processors or []
     history = mx.array(ids)
 
+    compile = compiled_decode_pays() if compile is None else compile
+    decode = compiled_decode(model, cache) if compile else None
+
     def step(tokens: mx.array, soft: Optional[dict] = None):
-        logits = model(tokens[None], cache=cache, logits_to_keep=1, soft_tokens=soft)[:, -1, :]
+        if decode and tokens.size == 1 and not soft:
+            logits = decode(tokens)
+        else:
+            logits = model(tokens[None], cache=cache, logits_to_keep=1, soft_tokens=soft)[:, -1, :]
         for process in logits_processors:
             logits = process(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

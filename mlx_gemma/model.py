@@ -252,6 +252,8 @@ class Model(nn.Module):
     to their whole block (`vision_mask`, spec 3).
     """
 
+    compiles_decode = True  # generation.compiled_decode may trace a decode step
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
