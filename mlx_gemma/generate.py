@@ -7,6 +7,7 @@ The parser imports nothing heavy (mlx-lm pulls in transformers and torch, second
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import signal
@@ -109,7 +110,8 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--video-audio", action="store_true",
                    help="also feed each video's sound track, as audio right after its frames")
     m.add_argument("--allow-long-media", action="store_true",
-                   help="accept audio over 30 s and video over 60 s (beyond what the model was trained on)")
+                   help="accept audio over 30 s and video over 60 s (beyond what the model was trained on); "
+                        "video frames are then decoded as prefill reads them, not all up front")
     m.add_argument("--vision-mask", choices=VISION_MASKS, default="generate",
                    help="image attention: 'generate' (whole image on sliding layers, the intended one) or "
                         "'forward' (also on global layers, as transformers' forward() does)")
@@ -249,7 +251,7 @@ def run(args, cluster=None) -> None:
     from .checkpoint import pull_estimate, quantized_copy
     from .loading import load_model, resolve_model_path
     from .memory import (KVOptions, activation_dtype_bytes, draft_plan, human, longest_context, make_plan,
-                         memory_budget, prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
+                         media_bytes, memory_budget, prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
     from .prompt import MediaOptions, Processor
 
     check_count("--max-tokens", args.max_tokens)
@@ -316,6 +318,10 @@ def run(args, cluster=None) -> None:
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context
         plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+    if inputs is not None and inputs.has_media:
+        chunk = prefill_chunk(config.text_config, 0, args.prefill_step_size, dtype_bytes)
+        plan = dataclasses.replace(plan, media_tokens=sum(inputs.token_counts().values()),
+                                   media=media_bytes(inputs, config.text_config.hidden_size, dtype_bytes, chunk))
     plan = cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline, refuse=not args.plan)
     if args.plan:
         print(plan.table())

@@ -63,6 +63,42 @@ def _soft_slices(soft_tokens: Optional[dict], ids: np.ndarray):
                                for t, rows in soft_tokens.items()}
 
 
+class FrameRows:
+    """The soft tokens of a prompt's videos, embedded a prefill chunk at a time: `rows[a:b]`
+    decodes (media.FrameStream) and embeds only the frames holding rows a..b-1, so a long video
+    never holds all its frames, pixel arrays or soft tokens at once. Prefill chunks end between
+    frames, so each frame is read once."""
+
+    def __init__(self, model, videos: list):
+        self.model, self.clips = model, [v.frames for v in videos]
+        self.starts = np.cumsum([0] + [c.num_tokens for c in self.clips])
+        self.shape = (int(self.starts[-1]), model.config.text_config.hidden_size)
+
+    def __getitem__(self, rows: slice) -> mx.array:
+        out = []
+        for clip, start in zip(self.clips, self.starts):
+            lo, hi = max(rows.start, start) - start, min(rows.stop, start + clip.num_tokens) - start
+            if lo >= hi:
+                continue
+            n = clip.tokens_per_frame
+            first, last = lo // n, -(-hi // n)
+            pixels, positions = clip.patches(first, last)
+            soft = self.model.embed_media(pixel_values_videos=pixels, video_position_ids=positions)
+            out.append(soft[self.model.config.video_token_id][lo - first * n:hi - first * n])
+        return mx.concatenate(out) if out else mx.zeros((0, self.shape[1]))
+
+
+def embed_prompt_media(model, inputs: PromptInputs) -> Optional[dict]:
+    """Soft tokens of the prompt's media (`Model.embed_media`); streamed videos' frames are
+    embedded when prefill reads them (`FrameRows`)."""
+    if not inputs.has_media:
+        return None
+    soft = model.embed_media(**inputs.arrays(videos=not inputs.streams_video))
+    if inputs.streams_video:
+        soft[model.config.video_token_id] = FrameRows(model, inputs.videos)
+    return soft
+
+
 def _block_safe_end(blocks: np.ndarray, start: int, end: int) -> int:
     """Move a chunk end out of a vision block: back to the block's start, or, when the block
     began at the chunk's start, past its end (a block is attended as a whole, spec 3)."""
@@ -438,7 +474,7 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
     with wired_limit(model):
         tic = time.perf_counter()
         prompt_time, n, token, logprobs = 1e-9, 0, None, None
-        soft = model.embed_media(**inputs.arrays()) if inputs.has_media else None
+        soft = embed_prompt_media(model, inputs)
         common = dict(logits_processors=logits_processors, max_tokens=max_tokens,
                       prefill_step_size=prefill_step_size, progress=progress, soft_tokens=soft)
         if draft_model is None:

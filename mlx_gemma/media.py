@@ -56,10 +56,84 @@ class VisionInput:
     def num_tokens(self) -> int:
         return self.tokens_per_frame * len(self.pixel_values)
 
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    @property
+    def budget(self) -> int:
+        return self.pixel_values.shape[1]
+
+    def patches(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels and positions of frames first..last-1 (what `FrameStream` decodes on demand)."""
+        return self.pixel_values[first:last], self.position_ids[first:last]
+
+
+class FrameStream:
+    """The sampled frames of a video file, decoded and patchified only when asked for
+    (`patches`), in order, a prefill chunk's worth at a time: a long video (--allow-long-media)
+    never holds all its frames or pixel arrays. `pixel_values` / `position_ids` decode them all
+    (what needs transformers' processor arrays, e.g. fine-tuning)."""
+
+    def __init__(self, source, wanted: np.ndarray, budget: int, height: int, width: int):
+        self.source, self.wanted, self.budget = source, wanted, budget
+        h, w = target_size(height, width, budget)
+        self.tokens_per_frame = (h // PATCH) * (w // PATCH)
+        self._decoded = None  # [container, enumerate(its frames), index of the next frame]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_per_frame * len(self.wanted)
+
+    def __len__(self) -> int:
+        return len(self.wanted)
+
+    def _frames(self, first: int):
+        import av
+
+        if self._decoded is None or self._decoded[2] > self.wanted[first]:  # (re)start from the top
+            self.close()
+            container = av.open(str(self.source))
+            self._decoded = [container, enumerate(container.decode(video=0)), 0]
+        return self._decoded
+
+    def patches(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        import av
+
+        pixels, positions = [], []
+        try:
+            decoded = self._frames(first)
+            for want in self.wanted[first:last]:
+                for i, frame in decoded[1]:
+                    decoded[2] = i + 1
+                    if i == want:
+                        p, q, _ = _frame_patches(frame.to_ndarray(format="rgb24"), self.budget, self.source)
+                        pixels.append(p)
+                        positions.append(q)
+                        break
+                else:
+                    raise InputError(f"{self.source}: frame {want} could not be decoded (the stream ended)")
+        except (av.error.FFmpegError, OSError) as e:  # e.g. the file is gone since it was loaded
+            self.close()
+            raise InputError(f"{self.source}: cannot decode video ({e})") from None
+        return np.concatenate(pixels), np.concatenate(positions)
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        return self.patches(0, len(self))[0]
+
+    @property
+    def position_ids(self) -> np.ndarray:
+        return self.patches(0, len(self))[1]
+
+    def close(self) -> None:
+        if self._decoded is not None:
+            self._decoded[0].close()
+            self._decoded = None
+
 
 @dataclass
 class Video:
-    frames: VisionInput
+    frames: Union[VisionInput, FrameStream]
     timestamps: list  # seconds of each sampled frame in the file
     audio: Optional[np.ndarray] = None  # the sound track, 16 kHz mono, when asked for
 
@@ -223,14 +297,18 @@ def image_input(source: ImageSource, budget: int = DEFAULT_IMAGE_BUDGET) -> Visi
     return VisionInput(*_frame_patches(open_image(source), budget, source))
 
 
-def _frame_patches(img: np.ndarray, budget: int, source) -> tuple[np.ndarray, np.ndarray, int]:
-    height, width = img.shape[:2]
+def _check_shape(height: int, width: int, budget: int, source) -> None:
     # A grid of `budget` patches is at most budget:1; more elongated images are squeezed along
     # their long side (as transformers does). Beyond 2x squeezing the content is gone.
     if max(height, width) > 2 * budget * min(height, width):
         name = source if isinstance(source, (str, Path)) else "image"
         raise InputError(f"{name}: {width}x{height} pixels is too elongated for budget {budget} "
                          f"(aspect ratios up to {2 * budget}:1 are accepted)")
+
+
+def _frame_patches(img: np.ndarray, budget: int, source) -> tuple[np.ndarray, np.ndarray, int]:
+    height, width = img.shape[:2]
+    _check_shape(height, width, budget, source)
     h, w = target_size(height, width, budget)
     pixels, positions, n = patchify(resize(img, h, w), budget)
     return pixels[None], positions[None], n
@@ -362,9 +440,10 @@ def sample_indices(total: int, video_fps: float, fps: Optional[float], num_frame
 
 def load_video(source: Union[str, Path], budget: int = DEFAULT_VIDEO_BUDGET, fps: Optional[float] = VIDEO_FPS,
                num_frames: Optional[int] = None, with_audio: bool = False,
-               allow_long: bool = False) -> Video:
+               allow_long: bool = False, streamed: bool = False) -> Video:
     """Decode with PyAV and sample frames at `fps` (or `num_frames` spread evenly), each one
-    patchified at `budget`; with `with_audio`, the sound track as 16 kHz mono."""
+    patchified at `budget`; with `with_audio`, the sound track as 16 kHz mono. `streamed`:
+    the frames are decoded later, when read (`FrameStream`)."""
     import av
 
     check_budget(budget, "--video-budget")
@@ -385,6 +464,14 @@ def load_video(source: Union[str, Path], budget: int = DEFAULT_VIDEO_BUDGET, fps
                 raise InputError(f"{source}: the video stream has no frames")
             _check_length(source, total / video_fps, VIDEO_LIMIT_S, "video", allow_long)
             wanted = sample_indices(total, video_fps, None if num_frames else fps, num_frames)
+            if streamed:
+                height, width = stream.codec_context.height, stream.codec_context.width
+                if not height or not width:  # the header does not say: the first frame does
+                    height, width = next(container.decode(video=0)).to_ndarray(format="rgb24").shape[:2]
+                _check_shape(height, width, budget, source)
+                audio = _sound_track(container, source, allow_long) if with_audio else None
+                return Video(FrameStream(source, wanted, budget, height, width),
+                             [float(i) / video_fps for i in wanted], audio)
             container.seek(0)
             frames = []
             keep = set(wanted.tolist())

@@ -12,6 +12,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import media
 from .config import FULL, SLIDING, LayerSpec, ModelConfig, TextConfig
 from .errors import InputError
 from .loading import SAFETENSORS_DTYPE_BYTES, read_safetensors_header, weight_files
@@ -244,6 +245,8 @@ class Plan:
     budget: int
     draft: Optional[DraftPlan] = None
     draft_activations: int = 0
+    media_tokens: int = 0  # the prompt's soft tokens (in `context`)
+    media: int = 0  # what its media hold while it is prefilled (`media_bytes`)
 
     @property
     def drafter_weights(self) -> int:
@@ -254,7 +257,7 @@ class Plan:
         # Draft activations are added to the prefill peak though the two never coexist: safe,
         # and by at most that row.
         return self.weights + self.sliding + self.global_total + self.activations + \
-            self.drafter_weights + self.draft_activations
+            self.drafter_weights + self.draft_activations + self.media
 
     @property
     def fits(self) -> bool:
@@ -271,6 +274,8 @@ class Plan:
                 ("global KV at this context", human(self.global_total)),
                 ("activations (peak, prefill chunk)", human(self.activations)),
                 *draft,
+                *([("media tokens", f"{self.media_tokens:,}"), ("media inputs (while prefilling)", human(self.media))]
+                  if self.media_tokens else []),
                 ("total", human(self.total)),
                 ("budget", human(self.budget)),
                 ("fits", "yes" if self.fits else "no")]
@@ -292,6 +297,23 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
                 activations=activation_bytes(text, chunk, context, dtype_bytes) + upcast_scales_bytes(config, dtype_bytes),
                 budget=budget, draft=draft,
                 draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
+
+
+PATCH_BYTES = media.PATCH ** 2 * 3 * 4 + 2 * 4  # one patch's float32 pixels and its int32 (x, y)
+
+
+def media_bytes(inputs, hidden: int, dtype_bytes: int, chunk: int) -> int:
+    """What a prompt's media (`prompt.PromptInputs`) hold while it is prefilled: their processor
+    arrays twice (the numpy arrays and their copy on the device) and their soft tokens; of a
+    streamed video (media.FrameStream) only the frames one prefill chunk reads."""
+    total = 0
+    for v in [*inputs.images, *(v.frames for v in inputs.videos)]:
+        per_frame = v.tokens_per_frame * hidden * dtype_bytes + 2 * v.budget * PATCH_BYTES
+        frames = min(len(v), chunk // v.tokens_per_frame + 2) if isinstance(v, media.FrameStream) else len(v)
+        total += frames * per_frame
+    for wave in inputs.audio:
+        total += 2 * wave.nbytes + -(-len(wave) // media.FRAME_SAMPLES) * hidden * dtype_bytes
+    return total
 
 
 def longest_context(config: ModelConfig, weights: int, budget: int, kv: KVOptions, dtype_bytes: int = 2,
@@ -317,6 +339,10 @@ def refusal(plan: Plan, config: ModelConfig, kv: KVOptions, dtype_bytes: int = 2
         theirs = f" ({human(plan.drafter_weights)} of them the drafter's)" if draft else ""
         return (f"the weights alone need {human(weights)}{theirs}, budget {human(plan.budget)}: the memory "
                 f"limit must be at least {human(minimum)} (or quantize the weights: python -m mlx_gemma.quantize)")
+    if plan.media and plan.total - plan.media <= plan.budget:
+        return (f"needs {human(plan.total)}, budget {human(plan.budget)}, {human(plan.media)} of it the prompt's "
+                "media: use a smaller --video-budget or fewer frames (--fps, --video-frames), or "
+                "--allow-long-media (decodes video frames as they are read)")
     for bits in (8, 4):
         if kv.bits is None or bits < kv.bits:
             alt = KVOptions(kv.one_tensor, bits, kv.group_size, kv.quantized_start, kv.sliding_slack)

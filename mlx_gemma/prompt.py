@@ -56,7 +56,7 @@ class MediaOptions:
     fps: float = media.VIDEO_FPS
     video_frames: Optional[int] = None  # transformers' rule: this many frames spread evenly
     video_audio: bool = False  # a video's sound track goes in as audio right after its frames
-    allow_long: bool = False  # audio over 30 s / video over 60 s
+    allow_long: bool = False  # audio over 30 s / video over 60 s; videos decoded as prefill reads them
 
     def __post_init__(self):
         if self.image_budget is not None:
@@ -155,16 +155,23 @@ class PromptInputs:
         return PromptInputs(self.ids[start:], self.images[skip["image"]:], self.videos[skip["video"]:],
                             self.audio[skip["audio"]:], self.preprocess_seconds, self.messages)
 
-    def arrays(self) -> dict:
-        """The media as transformers' processor returns them (numpy), by the same names."""
+    @property
+    def streams_video(self) -> bool:
+        """Whether a video's frames are decoded as prefill reads them (media.FrameStream)."""
+        return any(isinstance(v.frames, media.FrameStream) for v in self.videos)
+
+    def arrays(self, videos: bool = True) -> dict:
+        """The media as transformers' processor returns them (numpy), by the same names;
+        without the videos' frames when `videos` is False."""
         out = {}
         if self.images:
             out["pixel_values"] = np.concatenate([i.pixel_values for i in self.images])
             out["image_position_ids"] = np.concatenate([i.position_ids for i in self.images])
-        if self.videos:
-            out["pixel_values_videos"] = np.concatenate([v.frames.pixel_values for v in self.videos])
-            out["video_position_ids"] = np.concatenate([v.frames.position_ids for v in self.videos])
-            out["num_frames_per_video"] = np.array([len(v.frames.pixel_values) for v in self.videos])
+        if self.videos and videos:
+            pixels, positions = zip(*(v.frames.patches(0, len(v.frames)) for v in self.videos))
+            out["pixel_values_videos"] = np.concatenate(pixels)
+            out["video_position_ids"] = np.concatenate(positions)
+            out["num_frames_per_video"] = np.array([len(v.frames) for v in self.videos])
         if self.audio:
             frames = [media.audio_frames(a) for a in self.audio]
             longest = max(len(f) for f in frames)
@@ -312,7 +319,7 @@ class Processor:
                 else:
                     video = source if isinstance(source, media.Video) else media.load_video(
                         source, video_budget, options.fps, options.video_frames, options.video_audio,
-                        options.allow_long)
+                        options.allow_long, streamed=options.allow_long)
                     videos.append(video)
                     items.append({"type": "video", "video": media.Video(video.frames, video.timestamps)})
                     if video.audio is not None:
