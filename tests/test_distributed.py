@@ -1,8 +1,11 @@
-"""Tensor and pipeline parallel on two local ranks (mlx.launch --backend ring on 127.0.0.1)
-against the one-process run, and what a multi-rank CLI run does when a rank fails.
+"""Tensor and pipeline parallel on two local ranks (the ring backend on 127.0.0.1) against the
+one-process run, and what a multi-rank CLI run does when a rank fails.
 
 Launches are few and bounded: one runs every (checkpoint, mode) of the library checks
-(tests/distributed_child.py writes the results), a few run the CLI.
+(tests/distributed_child.py writes the results), a few run the CLI. Ranks are started as
+mlx.launch starts them (`run_ranks`, `start_ranks`) but without the launcher, which busy-polls:
+on the 2-core machine it took as much CPU as a rank. One test, the tensor parallel server's,
+goes through mlx.launch itself (the launcher's path, and Ctrl-C through it).
 """
 
 import json
@@ -57,21 +60,35 @@ def layer_heavy(tmp_path_factory):
                                       intermediate_size=1024, head_dim=32, global_head_dim=64)
 
 
-def launch(args: list, timeout: float = 300, input: str = None) -> subprocess.CompletedProcess:
-    """mlx.launch of 2 ranks on 127.0.0.1, in a process group of its own that is killed at the
-    end, so that no rank outlives the test, passed or failed."""
-    p = subprocess.Popen([str(LAUNCH), "--backend", "ring", "-n", "2", "--", *args], text=True, env=ENV, cwd=REPO,
-                         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+def run_ranks(tmp: Path, args: list, timeout: float = 300, input: str = None) -> list:
+    """2 ranks of `args` on 127.0.0.1, as mlx.launch starts them (its ring hostfile, MLX_RANK,
+    `input` to every rank as it broadcasts its own), in a process group of their own that is
+    killed at the end, so that no rank outlives the test, passed or failed. Each rank ends on
+    its own (a failed peer is noticed through the heartbeat). [rank 0's, rank 1's]
+    CompletedProcess; outputs go through files, which no rank can block on."""
+    hostfile = loopback_hostfile(tmp / "hosts.json", 2)
+    (tmp / "stdin.txt").write_text(input or "")
+    procs = []
     try:
-        out, err = p.communicate(input, timeout=timeout)
+        for r in range(2):
+            with open(tmp / "stdin.txt") as stdin, open(tmp / f"rank{r}.out", "w") as out, \
+                    open(tmp / f"rank{r}.err", "w") as err:
+                procs.append(subprocess.Popen(
+                    args, text=True, env=dict(ENV, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)), cwd=REPO,
+                    stdin=stdin if input is not None else subprocess.DEVNULL, stdout=out, stderr=err,
+                    process_group=procs[0].pid if procs else 0))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:  # everyone has exited already
+            os.killpg(procs[0].pid, signal.SIGKILL)
+        except (IndexError, ProcessLookupError):  # none started, or everyone has exited already
             pass
-        p.wait()
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        for p in procs:
+            p.wait()
+    return [subprocess.CompletedProcess(p.args, p.returncode, (tmp / f"rank{r}.out").read_text(),
+                                        (tmp / f"rank{r}.err").read_text()) for r, p in enumerate(procs)]
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +101,12 @@ def launched(hf_checkpoint, four_bit, layer_heavy, drafter_checkpoint, tmp_path_
     cases += [{"model": str(layer_heavy), "mode": "pipeline", "prompts": []}]  # its memory only
     tmp = tmp_path_factory.mktemp("launch")
     (tmp / "job.json").write_text(json.dumps({"cases": cases}))
-    r = launch([sys.executable, str(REPO / "tests" / "distributed_child.py"), str(tmp / "job.json"),
-                str(tmp / "out")], timeout=300)
+    r = run_ranks(tmp, [sys.executable, str(REPO / "tests" / "distributed_child.py"), str(tmp / "job.json"),
+                        str(tmp / "out")], timeout=300)
     ranks = []
     for rank in (0, 1):
         f = tmp / f"out.{rank}.json"
-        assert f.exists(), r.stdout[-2000:] + r.stderr[-4000:]
+        assert f.exists(), r[rank].stdout[-2000:] + r[rank].stderr[-4000:]
         ranks.append(json.loads(f.read_text()))
     return {(c["model"], c["mode"]): [ranks[0][i], ranks[1][i]] for i, c in enumerate(cases)}
 
@@ -216,38 +233,38 @@ def cli(*args):
     return [sys.executable, "-m", "mlx_gemma.generate", *args]
 
 
-def test_cli_prints_once_from_rank_0(hf_checkpoint):
+def test_cli_prints_once_from_rank_0(hf_checkpoint, tmp_path):
     args = ["--model", str(hf_checkpoint), "--prompt", "the a is of and " * 4, "--temp", "0", "--max-tokens", "12",
             "--verbose", "False"]
     alone = subprocess.run(cli(*args), capture_output=True, text=True, env=ENV, timeout=120)
     assert alone.returncode == 0, alone.stderr
-    r = launch(cli(*args), timeout=180)  # tensor parallel (--chat below runs --pipeline)
-    assert r.stdout == alone.stdout, (r.stdout, r.stderr[-2000:])
-    assert "WARN" not in r.stderr, r.stderr[-2000:]  # every rank exited 0
+    r = run_ranks(tmp_path, cli(*args), timeout=180)  # tensor parallel (--chat below runs --pipeline)
+    assert [r[0].stdout, r[1].stdout] == [alone.stdout, ""], (r[0].stdout, r[0].stderr[-2000:])
+    assert [p.returncode for p in r] == [0, 0], r[0].stderr[-2000:]  # every rank exited 0
 
 
-def test_cli_chat_two_turns(hf_checkpoint):
+def test_cli_chat_two_turns(hf_checkpoint, tmp_path):
     args = ["--model", str(hf_checkpoint), "--chat", "--temp", "0", "--max-tokens", "8", "--verbose", "False"]
     turns = "the a is\nof and the\nq\n"  # mlx.launch never passes on the end of its input: 'q' quits
     alone = subprocess.run(cli(*args), input=turns, capture_output=True, text=True, env=ENV, timeout=120)
     assert alone.returncode == 0, alone.stderr
     assert alone.stdout.count(">> ") == 3
-    r = launch(cli(*args, "--pipeline"), timeout=180, input=turns)
-    assert r.stdout == alone.stdout, (r.stdout, r.stderr[-2000:])
+    r = run_ranks(tmp_path, cli(*args, "--pipeline"), timeout=180, input=turns)
+    assert [r[0].stdout, r[1].stdout] == [alone.stdout, ""], (r[0].stdout, r[0].stderr[-2000:])
 
 
-def test_cli_plan_per_rank_and_refusal(hf_checkpoint):
-    r = launch(cli("--model", str(hf_checkpoint), "--plan", "--pipeline"), timeout=120)
-    table = r.stdout.splitlines()
-    assert table[0] == "| item | rank 0 | rank 1 |", r.stdout + r.stderr[-2000:]
+def test_cli_plan_per_rank_and_refusal(hf_checkpoint, tmp_path):
+    r = run_ranks(tmp_path, cli("--model", str(hf_checkpoint), "--plan", "--pipeline"), timeout=120)
+    table = r[0].stdout.splitlines()
+    assert table[0] == "| item | rank 0 | rank 1 |", r[0].stdout + r[0].stderr[-2000:]
     weights = next(line for line in table if line.startswith("| weights |")).split("|")[2:4]
     assert weights[0] != weights[1]  # each rank counts its own layers
-    r = launch(cli("--model", str(hf_checkpoint), "--memory-limit", "3MB", "--no-quantize", "--prompt", "hi"),
-               timeout=120)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    r = run_ranks(tmp_path, cli("--model", str(hf_checkpoint), "--memory-limit", "3MB", "--no-quantize",
+                                "--prompt", "hi"), timeout=120)
+    errors = [line for p in r for line in p.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and \
-        "rank 0 (tensor parallel): needs " in errors[0], r.stderr[-2000:]
-    assert r.stdout == ""
+        "rank 0 (tensor parallel): needs " in errors[0], r[0].stderr[-2000:]
+    assert r[0].stdout + r[1].stdout == ""
 
 
 def start_ranks(tmp_path, rank_args, **env):
@@ -315,14 +332,15 @@ def test_server_on_two_ranks_answers_as_one_process(hf_checkpoint, tmp_path, mod
     """Rank 0 serves HTTP and shares each prompt; the other rank follows step by step: replies
     equal the library's, the prefix cache is used alike on both ranks (pipeline ranks hold
     caches of different sizes), a client that hangs up mid-stream stops both ranks in step,
-    and Ctrl-C (SIGINT to the group) stops every rank cleanly."""
+    and Ctrl-C (SIGINT to the group) stops every rank cleanly. Tensor parallel runs under
+    mlx.launch (the suite's one launch through it), pipeline on ranks started directly."""
     from test_server import Server, abandon_stream, chat, data_url, png_bytes, reference, stream_text, user
     from mlx_gemma import load
 
     model, processor = load(hf_checkpoint)
     flags = ["--pipeline"] if mode == "pipeline" else []
-    s = Server(hf_checkpoint, tmp_path / "server.log", *flags,
-               launcher=(str(LAUNCH), "--backend", "ring", "-n", "2", "--"))
+    ranks = dict(launcher=(str(LAUNCH), "--backend", "ring", "-n", "2", "--")) if mode == "tensor" else dict(ranks=2)
+    s = Server(hf_checkpoint, tmp_path / "server.log", *flags, **ranks)
     try:
         first = [{"role": "system", "content": "the a is of and " * 6}, user("name a colour")]
         reply, _ = chat(s, first)
@@ -343,7 +361,7 @@ def test_server_on_two_ranks_answers_as_one_process(hf_checkpoint, tmp_path, mod
                                                               "seed": 3, "max_tokens": 8})[1] for _ in range(2)]
         assert sampled[0]["choices"] == sampled[1]["choices"]
         os.killpg(s.proc.pid, signal.SIGINT)
-        s.proc.wait(timeout=30)
+        s.wait(timeout=30)
         log = s.log_path.read_text()
         assert f"2 ranks, {mode} parallel" in log and "error" not in log, log[-3000:]
     finally:

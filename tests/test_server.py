@@ -40,19 +40,33 @@ def free_port() -> int:
 
 class Server:
     """`launcher` (e.g. mlx.launch and its flags) starts the server in a process group of its
-    own, which `stop` signals whole."""
+    own, which `stop` signals whole; so does `ranks` > 1, which starts that many ranks on
+    127.0.0.1 as mlx.launch does (its ring hostfile, MLX_RANK), without the launcher."""
 
-    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server"), launcher=()):
+    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server"), launcher=(),
+                 ranks: int = 1):
         self.port, self.log_path, self.model = free_port(), log, str(checkpoint)
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [*launcher, sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
-             "--api-key", KEY, "--max-tokens", "16", "--max-body-bytes", str(MAX_BODY), *flags],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=bool(launcher))
-        self.group = bool(launcher)
+        cmd = [*launcher, sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
+               "--api-key", KEY, "--max-tokens", "16", "--max-body-bytes", str(MAX_BODY), *flags]
+        self.procs = []
+        if ranks > 1:
+            from benchmarks.distributed import loopback_hostfile
+
+            hostfile = loopback_hostfile(log.with_name(log.name + ".hosts.json"), ranks)
+            for r in range(ranks):  # one process group (rank 0's), as the launcher's ranks share one
+                self.procs.append(subprocess.Popen(
+                    cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                    env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
+                    process_group=self.procs[0].pid if self.procs else 0))
+        else:
+            self.procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                               start_new_session=bool(launcher)))
+        self.proc = self.procs[0]
+        self.group = bool(launcher) or ranks > 1
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
+            assert all(p.poll() is None for p in self.procs), log.read_text()
             try:
                 if self.request("GET", "/health")[0] == 200:
                     return
@@ -93,14 +107,20 @@ class Server:
                 return lines
             time.sleep(0.05)
 
+    def wait(self, timeout: float) -> None:
+        """Until the server (its launcher, or every rank) has exited."""
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+
     def stop(self):
         self._signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=20)
+            self.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
-            self.proc.wait(timeout=20)
-        if self.group:  # whatever of the group outlived its launcher
+            self.wait(timeout=20)
+        if self.group:  # whatever of the group outlived its launcher (or rank 0)
             self._signal(signal.SIGKILL)
         self.log.close()
 
