@@ -5,6 +5,7 @@ Parity errors measured by the tests are collected in `PARITY` and printed at the
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
 
 PARITY: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_only_subprocesses():
+    """Every process a test starts finds the repository (`benchmarks`, `mlx_gemma`) and runs
+    without the test-only torch (tests/runtime_only/sitecustomize.py). Set here, in the process
+    that runs the tests, not at import: pytest-xdist's workers must keep torch for the reference."""
+    repo = Path(__file__).resolve().parent.parent
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PYTHONPATH", os.pathsep.join([str(repo), str(repo / "tests" / "runtime_only"),
+                                                *filter(None, [os.environ.get("PYTHONPATH")])]))
+    yield
+    patch.undo()
 
 
 def record_parity(name: str, value: float) -> None:
@@ -97,18 +111,6 @@ def drafter(drafter_checkpoint, model):
     from mlx_gemma.speculative import load_drafter
 
     return load_drafter(drafter_checkpoint, target=model)
-
-
-def draft_step(drafter, model, ids):
-    """(logits, h_next) of the first draft step after `model` has read `ids`: the drafter's
-    input is the last token's embedding and hidden state, its keys the target's cache."""
-    import mlx.core as mx
-
-    cache = model.make_cache()
-    _, hidden = model(ids, cache=cache, return_hidden=True)
-    e = model.language_model.model.embed(ids[:, -1:])
-    return drafter(mx.concatenate([e, hidden[:, -1:].astype(e.dtype)], axis=-1), model.shared_kv(cache),
-                   cache[0].offset)
 
 
 def ids_of(n, seed=0):

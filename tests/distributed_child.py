@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import media_files as mf  # noqa: E402
 from mlx_gemma import load  # noqa: E402
-from conftest import draft_step  # noqa: E402
+from drafting import draft_step  # noqa: E402
 from mlx_gemma.generation import stream_generate  # noqa: E402
 from mlx_gemma.speculative import load_drafter  # noqa: E402
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import draft_step
+from drafting import draft_step
 from mlx_gemma.checkpoint import MARKER
 from mlx_gemma.checkpoint import convert
 from mlx_gemma.errors import CheckpointError, InputError
@@ -26,9 +26,8 @@ IDS = mx.array([[2] + list(range(30, 90))])
 
 
 def cli(*args, cwd=REPO, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "mlx_gemma.convert", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300, **kwargs)
+                          cwd=cwd, timeout=300, **kwargs)
 
 
 def tree(root: Path) -> dict:
@@ -196,7 +195,7 @@ def test_a_signal_leaves_nothing(big_source, tmp_path, module, sig):
     flags = ["--hf-path", str(big_source), "--mlx-path", "out"] if module == "convert" else \
             ["--model", str(big_source), "--out", "out"]
     proc = subprocess.Popen([sys.executable, "-m", f"mlx_gemma.{module}", *flags], cwd=tmp_path,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stderr=subprocess.PIPE,
                             # a shell may start background jobs with SIGINT ignored; Python then keeps it so
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
@@ -271,6 +270,6 @@ def test_drafter_with_a_missing_weight_is_one_line(drafter_checkpoint, tmp_path,
     flags = ["--hf-path", str(broken), "--mlx-path", "out"] if module == "convert" else \
         ["--model", str(broken), "--out", "out"]
     run = subprocess.run([sys.executable, "-m", f"mlx_gemma.{module}", *flags], capture_output=True, text=True,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+                         cwd=tmp_path, timeout=300)
     assert run.returncode == 1 and run.stderr == f"error: {broken}: missing weight post_projection.weight\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

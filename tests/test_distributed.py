@@ -4,8 +4,8 @@ one-process run, and what a multi-rank CLI run does when a rank fails.
 Launches are few and bounded: one runs every (checkpoint, mode) of the library checks
 (tests/distributed_child.py writes the results), a few run the CLI. Ranks are started as
 mlx.launch starts them (`run_ranks`, `start_ranks`) but without the launcher, which busy-polls:
-on the 2-core machine it took as much CPU as a rank. One test, the tensor parallel server's,
-goes through mlx.launch itself (the launcher's path, and Ctrl-C through it).
+on the 2-core machine it took as much CPU as a rank. One short CLI run goes through mlx.launch
+itself (the launcher's path: its environment, output merged from the ranks, exit codes).
 """
 
 import json
@@ -22,7 +22,7 @@ import pytest
 
 import reference
 from benchmarks.distributed import loopback_hostfile
-from conftest import draft_step
+from drafting import draft_step
 from distributed_child import DRAFT_IDS, run as run_prompts
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.distributed import check_tensor_parallel, layer_costs, split_layers
@@ -33,7 +33,6 @@ from mlx_gemma.speculative import load_drafter
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
 W = reference.WINDOW
 PROMPTS = [  # longer than the window, chunked prefill; an image; an audio clip
     {"text": "the a is of and " * 6, "max_tokens": 24, "step": 7},
@@ -49,7 +48,7 @@ RUNS = {"float32": 3, "4-bit": 1}
 def four_bit(quant_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist4") / "tiny-4bit"
     subprocess.run([sys.executable, "-m", "mlx_gemma.quantize", "--model", str(quant_source), "--out", str(out),
-                    "--bits", "4", "--group-size", "32"], check=True, capture_output=True, env=ENV, timeout=120)
+                    "--bits", "4", "--group-size", "32"], check=True, capture_output=True, timeout=120)
     return out
 
 
@@ -74,7 +73,7 @@ def run_ranks(tmp: Path, args: list, timeout: float = 300, input: str = None) ->
             with open(tmp / "stdin.txt") as stdin, open(tmp / f"rank{r}.out", "w") as out, \
                     open(tmp / f"rank{r}.err", "w") as err:
                 procs.append(subprocess.Popen(
-                    args, text=True, env=dict(ENV, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)), cwd=REPO,
+                    args, text=True, env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)), cwd=REPO,
                     stdin=stdin if input is not None else subprocess.DEVNULL, stdout=out, stderr=err,
                     process_group=procs[0].pid if procs else 0))
         deadline = time.monotonic() + timeout
@@ -236,17 +235,29 @@ def cli(*args):
 def test_cli_prints_once_from_rank_0(hf_checkpoint, tmp_path):
     args = ["--model", str(hf_checkpoint), "--prompt", "the a is of and " * 4, "--temp", "0", "--max-tokens", "12",
             "--verbose", "False"]
-    alone = subprocess.run(cli(*args), capture_output=True, text=True, env=ENV, timeout=120)
+    alone = subprocess.run(cli(*args), capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0, alone.stderr
     r = run_ranks(tmp_path, cli(*args), timeout=180)  # tensor parallel (--chat below runs --pipeline)
     assert [r[0].stdout, r[1].stdout] == [alone.stdout, ""], (r[0].stdout, r[0].stderr[-2000:])
     assert [p.returncode for p in r] == [0, 0], r[0].stderr[-2000:]  # every rank exited 0
+    # Through mlx.launch, which merges the ranks' output and exits 0 only if every rank did.
+    launch = subprocess.Popen([str(LAUNCH), "--backend", "ring", "-n", "2", "--", *cli(*args)], cwd=REPO,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        out, err = launch.communicate(timeout=180)
+    finally:
+        try:
+            os.killpg(launch.pid, signal.SIGKILL)  # no rank outlives the test
+        except ProcessLookupError:
+            pass
+    assert (launch.returncode, out) == (0, alone.stdout), err[-2000:]
 
 
 def test_cli_chat_two_turns(hf_checkpoint, tmp_path):
     args = ["--model", str(hf_checkpoint), "--chat", "--temp", "0", "--max-tokens", "8", "--verbose", "False"]
     turns = "the a is\nof and the\nq\n"  # mlx.launch never passes on the end of its input: 'q' quits
-    alone = subprocess.run(cli(*args), input=turns, capture_output=True, text=True, env=ENV, timeout=120)
+    alone = subprocess.run(cli(*args), input=turns, capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0, alone.stderr
     assert alone.stdout.count(">> ") == 3
     r = run_ranks(tmp_path, cli(*args, "--pipeline"), timeout=180, input=turns)
@@ -272,7 +283,7 @@ def start_ranks(tmp_path, rank_args, **env):
     each with its own arguments and a handle the test can kill."""
     hostfile = loopback_hostfile(tmp_path / "hosts.json", len(rank_args))
     return [subprocess.Popen(cli(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=dict(ENV, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), **env))
+                             text=True, env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), **env))
             for r, args in enumerate(rank_args)]
 
 
@@ -332,15 +343,13 @@ def test_server_on_two_ranks_answers_as_one_process(hf_checkpoint, tmp_path, mod
     """Rank 0 serves HTTP and shares each prompt; the other rank follows step by step: replies
     equal the library's, the prefix cache is used alike on both ranks (pipeline ranks hold
     caches of different sizes), a client that hangs up mid-stream stops both ranks in step,
-    and Ctrl-C (SIGINT to the group) stops every rank cleanly. Tensor parallel runs under
-    mlx.launch (the suite's one launch through it), pipeline on ranks started directly."""
+    and Ctrl-C (SIGINT to the group) stops every rank cleanly."""
     from test_server import Server, abandon_stream, chat, data_url, png_bytes, reference, stream_text, user
     from mlx_gemma import load
 
     model, processor = load(hf_checkpoint)
     flags = ["--pipeline"] if mode == "pipeline" else []
-    ranks = dict(launcher=(str(LAUNCH), "--backend", "ring", "-n", "2", "--")) if mode == "tensor" else dict(ranks=2)
-    s = Server(hf_checkpoint, tmp_path / "server.log", *flags, **ranks)
+    s = Server(hf_checkpoint, tmp_path / "server.log", *flags, ranks=2)
     try:
         first = [{"role": "system", "content": "the a is of and " * 6}, user("name a colour")]
         reply, _ = chat(s, first)

@@ -69,7 +69,7 @@ def workspace(tmp_path):
 def run_entry(entry: str, args: list, cwd: Path, stdin: Optional[bytes] = None, env: Optional[dict] = None,
               timeout: float = 300):
     module = entry if entry.startswith("benchmarks.") else f"mlx_gemma.{entry}"
-    environ = {**os.environ, "PYTHONPATH": str(REPO), "MLX_GEMMA_CACHE": str(cwd / ".cache"), **(env or {})}
+    environ = {**os.environ, "MLX_GEMMA_CACHE": str(cwd / ".cache"), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, cwd=cwd,
                           env=environ, timeout=timeout)
 

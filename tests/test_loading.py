@@ -48,7 +48,8 @@ def test_lazy_load_reads_nothing_until_used(hf_checkpoint):
 
 
 def test_hub_repo_id_loads_offline_from_the_local_cache(hf_checkpoint, processor, tmp_path):
-    """A cache laid out like huggingface_hub's: blobs, a snapshot of symlinks, refs/main."""
+    """A cache laid out like huggingface_hub's: blobs, a snapshot of symlinks, refs/main; in a
+    process with the run-time dependencies only (no torch, tests/runtime_only)."""
     repo_dir = tmp_path / "hub" / "models--tiny--gemma4-unified"
     snapshot = repo_dir / "snapshots" / ("0" * 40)
     (repo_dir / "blobs").mkdir(parents=True)
@@ -59,12 +60,12 @@ def test_hub_repo_id_loads_offline_from_the_local_cache(hf_checkpoint, processor
         blob = repo_dir / "blobs" / f"blob-{f.name}"
         shutil.copy(f, blob)
         (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    code = ("from mlx_gemma import load; m, p = load('tiny/gemma4-unified'); "
-            "print(m.config.text_config.num_hidden_layers, *p.encode('hi there'))")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    code = ("import sys; from mlx_gemma import load; m, p = load('tiny/gemma4-unified'); "
+            "print(m.config.text_config.num_hidden_layers, *p.encode('hi there'), sys.modules['torch'])")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["12", *map(str, processor.encode("hi there"))]
+    assert run.stdout.split() == ["12", *map(str, processor.encode("hi there")), "None"]
     missing = subprocess.run([sys.executable, "-c", "from mlx_gemma import load; load('tiny/not-there')"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert "tiny/not-there: could not download it and it is not in the local Hugging Face cache" in missing.stderr

@@ -349,7 +349,7 @@ def quantized_drafter(drafter_checkpoint, tmp_path_factory):
 def test_quantized_drafter_loads_and_stays_close(model, drafter_checkpoint, quantized_drafter):
     from mlx.utils import tree_flatten
 
-    from conftest import draft_step
+    from drafting import draft_step
     from mlx_gemma.memory import drafter_bytes
     from mlx_gemma.speculative import load_drafter, rename
 

@@ -91,7 +91,7 @@ def readme_env(tmp_path_factory):
     mf.write_video(work / "clip.mp4", seconds=2.0)
     (work / "notes.txt").write_text("Summarise: MLX runs Gemma 4 on a Mac.\n")
     env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1",
-           "MLX_GEMMA_CACHE": str(root / "mlx-gemma-cache"), "PYTHONPATH": str(REPO)}
+           "MLX_GEMMA_CACHE": str(root / "mlx-gemma-cache")}
     return work, env
 
 

@@ -39,15 +39,14 @@ def free_port() -> int:
 
 
 class Server:
-    """`launcher` (e.g. mlx.launch and its flags) starts the server in a process group of its
-    own, which `stop` signals whole; so does `ranks` > 1, which starts that many ranks on
-    127.0.0.1 as mlx.launch does (its ring hostfile, MLX_RANK), without the launcher."""
+    """`ranks` > 1 starts that many ranks on 127.0.0.1 as mlx.launch does (its ring hostfile,
+    MLX_RANK) in a process group of their own, which `stop` signals whole."""
 
-    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server"), launcher=(),
+    def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server"),
                  ranks: int = 1):
         self.port, self.log_path, self.model = free_port(), log, str(checkpoint)
         self.log = open(log, "w")
-        cmd = [*launcher, sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
+        cmd = [sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
                "--api-key", KEY, "--max-tokens", "16", "--max-body-bytes", str(MAX_BODY), *flags]
         self.procs = []
         if ranks > 1:
@@ -60,10 +59,9 @@ class Server:
                     env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
                     process_group=self.procs[0].pid if self.procs else 0))
         else:
-            self.procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                               start_new_session=bool(launcher)))
+            self.procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT))
         self.proc = self.procs[0]
-        self.group = bool(launcher) or ranks > 1
+        self.group = ranks > 1
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert all(p.poll() is None for p in self.procs), log.read_text()
@@ -108,7 +106,7 @@ class Server:
             time.sleep(0.05)
 
     def wait(self, timeout: float) -> None:
-        """Until the server (its launcher, or every rank) has exited."""
+        """Until the server (every rank) has exited."""
         deadline = time.monotonic() + timeout
         for p in self.procs:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -120,7 +118,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
             self.wait(timeout=20)
-        if self.group:  # whatever of the group outlived its launcher (or rank 0)
+        if self.group:  # whatever of the group outlived rank 0
             self._signal(signal.SIGKILL)
         self.log.close()
 
