@@ -549,7 +549,7 @@ def test_clients_that_hang_up_free_the_worker(server, model, processor):
 def test_a_full_queue_answers_503_with_retry_after(hf_checkpoint, tmp_path):
     s = Server(hf_checkpoint, tmp_path / "log", "--queue-size", "1")
     try:
-        body = {"messages": [user("a long one")], "max_tokens": 300, "temperature": 0}
+        body = {"messages": [user("a long one")], "max_tokens": 60, "temperature": 0}  # busy while the rest arrive
         with ThreadPoolExecutor(max_workers=6) as pool:
             replies = list(pool.map(lambda _: s.request("POST", CHAT, body), range(6)))
         refused = [r for r in replies if r[0] == 503]
