@@ -424,13 +424,15 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     progress: Optional[Callable[[int, int], None]] = None,
                     max_kv_size: Optional[int] = None, image=(), audio=(), video=(),
                     media_options: Optional[MediaOptions] = None, draft_model=None,
-                    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS) -> Iterator[GenerationResponse]:
+                    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+                    compile: Optional[bool] = None) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
     `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
     `max_kv_size` caps prompt + reply (with what the cache already holds). `image`, `audio`
     and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt.
     `draft_model` (`load_drafter`) drafts `num_draft_tokens` per round: the same tokens when
-    greedy, the same distribution when sampling."""
+    greedy, the same distribution when sampling. `compile`: decode steps compiled or not
+    (`generate_step`; default: the backend's choice)."""
     inputs = prompt_to_inputs(processor, prompt, system, chat_template, enable_thinking, image, audio, video,
                               media_options)
     ids = inputs.ids
@@ -478,7 +480,7 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
         common = dict(logits_processors=logits_processors, max_tokens=max_tokens,
                       prefill_step_size=prefill_step_size, progress=progress, soft_tokens=soft)
         if draft_model is None:
-            steps = _undrafted(generate_step(model, ids, cache, sampler=sampler, **common))
+            steps = _undrafted(generate_step(model, ids, cache, sampler=sampler, compile=compile, **common))
         else:
             steps = speculative_generate_step(
                 model, draft_model, ids, cache, num_draft_tokens=num_draft_tokens, stats=draft_stats,

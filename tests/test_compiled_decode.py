@@ -58,20 +58,23 @@ def test_compiled_sampling_and_processors_equal_eager(model, processor):
 
 
 def test_compiled_chat_with_an_image_equals_eager(model, processor, tmp_path, monkeypatch):
-    """Through the whole stack (prompt, media, chunked prefill, a cache kept across turns)."""
+    """Through the whole stack (prompt, media, chunked prefill, a cache kept across turns), with
+    the public `compile` switch."""
     from PIL import Image
 
     img = tmp_path / "a.png"
     Image.fromarray(mf.noise_image(120, 90)).save(img)
-    replies = []
+    replies, traced = [], []
+    build = generation.compiled_decode
+    monkeypatch.setattr(generation, "compiled_decode", lambda *a: traced.append(compile) or build(*a))
     for compile in (False, True):
-        monkeypatch.setattr(generation, "compiled_decode_pays", lambda: compile)
         chat = ChatSession(model, processor, media_options=MediaOptions(image_budget=70))
-        turns = [chat.send("what is this?", image=[str(img)], temp=0.0, max_tokens=20, prefill_step_size=32),
-                 chat.send("and then?", temp=0.0, max_tokens=20)]
+        turns = [chat.send("what is this?", image=[str(img)], temp=0.0, max_tokens=20, prefill_step_size=32,
+                           compile=compile),
+                 chat.send("and then?", temp=0.0, max_tokens=20, compile=compile)]
         replies.append([[r.token for r in turn] for turn in turns])
         assert chat.reused_tokens > 0
-    assert replies[0] == replies[1]
+    assert replies[0] == replies[1] and traced == [True, True]  # one compiled step per turn, none eager
 
 
 def test_compiled_decode_of_a_quantized_model_with_split_matmuls(quant_source, tmp_path):
