@@ -26,7 +26,7 @@ from pathlib import Path
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError
 
-from .run import ROOT, commit, machine, our_dtype
+from .run import ROOT, commit, machine, our_dtype, provenance
 from .synthetic import build
 
 WIDTHS = dict(hidden_size=256, intermediate_size=1024, vocab_size=8192)
@@ -70,10 +70,7 @@ def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["meta"]
-    lines = ["# Decode step overhead: eager vs compiled vs mlx-vlm", "",
-             f"Machine: {m['machine']['chip']}, {m['machine']['os']}; backend MLX {m['machine']['mlx']} "
-             f"{m['machine']['backend']}; mlx-vlm {m['machine'].get('mlx_vlm', '-')}; commit {m['commit']}; "
-             f"{m['date']}.", f"Command: `{m['command']}`", "",
+    lines = ["# Decode step overhead: eager vs compiled vs mlx-vlm", "", *provenance(m), "",
              f"Stand-in: the 12B's layers narrowed to {m['widths']}, 4-bit; decode after {m['context']} "
              f"cached tokens, median of 3 runs of {m['tokens']} steps; same activation dtype for all.", "",
              "| layers | dtype | ours eager ms/step | ours compiled ms/step | mlx-vlm ms/step | compiled / eager "

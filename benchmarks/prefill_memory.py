@@ -25,7 +25,7 @@ from mlx_gemma.config import ModelConfig
 from mlx_gemma.memory import weight_bytes
 
 from .decode_overhead import WIDTHS, worker
-from .run import ROOT, commit, machine, our_dtype, predict_peaks
+from .run import ROOT, commit, machine, our_dtype, provenance, predict_peaks
 from .synthetic import build
 
 
@@ -51,10 +51,7 @@ def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prefill_memory.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["meta"]
-    lines = ["# Peak memory of a chunked prefill: mlx-gemma vs mlx-vlm", "",
-             f"Machine: {m['machine']['chip']}, {m['machine']['os']}; backend MLX {m['machine']['mlx']} "
-             f"{m['machine']['backend']}; mlx-vlm {m['machine'].get('mlx_vlm', '-')}; commit {m['commit']}; "
-             f"{m['date']}.", f"Command: `{m['command']}`", "",
+    lines = ["# Peak memory of a chunked prefill: mlx-gemma vs mlx-vlm", "", *provenance(m), "",
              f"Stand-in: the 12B's last layers narrowed to {m['widths']}, 4-bit; one prefill into a fresh "
              "cache, each implementation at its default chunking; peaks include the weights.", "",
              "| layers | prompt tokens | dtype | weights | mlx-gemma peak | mlx-vlm peak | ratio | beyond the weights: "

@@ -292,16 +292,20 @@ def stem(profile: str) -> str:
     return "speed_long" if profile == "long" else "speed"
 
 
+def provenance(meta: dict) -> list[str]:
+    """The lines under a results page's title: machine, backend, versions, commit, date, command."""
+    m = meta["machine"]
+    return [f"Machine: {m['chip']}, {m['os']}; backend MLX {m['mlx']} {m['backend']}; mlx-vlm "
+            f"{m.get('mlx_vlm', '-')}; commit {meta['commit']}; {meta['date']}.", f"Command: `{meta['command']}`"]
+
+
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = stem(report["meta"]["profile"])
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     m, real = report["meta"], report["real_12b_decode_bytes"]
     check = report["bytes_check"]
-    md = [f"# Speed: {m['model']}", "",
-          f"Machine: {m['machine']['chip']}, {m['machine']['os']}; backend MLX {m['machine']['mlx']} "
-          f"{m['machine']['backend']}; mlx-vlm {m['machine'].get('mlx_vlm', '-')}; commit {m['commit']}; "
-          f"{m['date']}.", f"Command: `{m['command']}`", "", table(report), "",
+    md = [f"# Speed: {m['model']}", "", *provenance(m), "", table(report), "",
           f"Decode weights held: {check['decode_weight_bytes'] / 1e9:.3f} GB, "
           f"{check['ratio']:.3f}x the minimum for the quantization ({check['minimum_bytes'] / 1e9:.3f} GB).", "",
           "## What the real 12B (4-bit default recipe, bfloat16 KV, one-tensor global cache) allows", "",

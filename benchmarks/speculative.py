@@ -51,7 +51,7 @@ from mlx_gemma.memory import KVOptions
 from mlx_gemma.speculative import DEFAULT_NUM_DRAFT_TOKENS, DrafterConfig
 
 from . import roofline
-from .run import commit, machine, our_dtype, parser, run_benchmark
+from .run import commit, machine, our_dtype, parser, provenance, run_benchmark
 from .runners import MlxGemma, MlxVlm, prompt
 from .synthetic import DRAFTER_WIDTHS, HUB_CONFIG, build_drafter, drafter_config, synthetic_checkpoint
 
@@ -382,10 +382,7 @@ def write(report: dict, out: Path) -> None:
     (out / "speculative.json").write_text(json.dumps(report, indent=2) + "\n")
     m, d, mac = report["meta"], report["meta"]["drafter"], report["mac_projection"]
     dt = d["text_config"]
-    md = [f"# MTP speculative decoding: {m['model']}", "",
-          f"Machine: {m['machine']['chip']}, {m['machine']['os']}; backend MLX {m['machine']['mlx']} "
-          f"{m['machine']['backend']}; mlx-vlm {m['machine'].get('mlx_vlm', '-')}; commit {m['commit']}; "
-          f"{m['date']}.", f"Command: `{m['command']}`", "",
+    md = [f"# MTP speculative decoding: {m['model']}", "", *provenance(m), "",
           f"Target: {m['layers']} layers, quantization {m['quantization']}; KV cache filled to {m['context']} "
           f"tokens; median of {m['repeats']} after a warm-up. Drafter (stand-in, random weights, "
           f"{'4-bit' if d['quantization'] else 'bfloat16'}): hidden {dt['hidden_size']}, MLP "
