@@ -14,7 +14,10 @@ CPU backend's fast path), its cache filled to each context length. Per cache kin
   array once). Now: the arrays `model.attend` is handed, as stored. Before (the previous
   commit's path, `before_step`): also the derived keys' rescale and RoPE, dequantized copies.
 - step time of that layer, before and after, median of `--repeats` runs of `--steps` steps (the
-  context stays fixed: each step's token is trimmed again).
+  context stays fixed: each step's token is trimmed again), and its peak memory beyond the
+  cache and the weights.
+- for the quantized caches, the same step with mlx-lm's quantized attention in place of
+  `model.quantized_attention` (the peer's kernel; it broadcasts the cache over the query heads).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from benchmarks.kv_memory import config
 from mlx_gemma import model as model_module
 from mlx_gemma.cache import GlobalCache
 from mlx_gemma.model import Attention
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = {"two-tensor": dict(one_tensor=False), "one-tensor": dict(one_tensor=True),
@@ -85,6 +89,16 @@ def after_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) ->
         model_module.attend = attend
 
 
+def mlx_lm_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) -> mx.array:
+    ours = model_module.quantized_attention
+    model_module.quantized_attention = lambda q, k, v, mask, group_size, bits: \
+        quantized_scaled_dot_product_attention(q, k, v, 1.0, mask, group_size, bits)
+    try:
+        return after_step(attn, x, cache, reads)
+    finally:
+        model_module.quantized_attention = ours
+
+
 def filled(spec, kind: dict, context: int, packed: bool) -> GlobalCache:
     """A cache of `context` random tokens; `packed` False: the previous commit's N-only layout."""
     cache = GlobalCache(kind["one_tensor"], kind.get("bits"), 64)
@@ -99,7 +113,11 @@ def measure(attn: Attention, spec, step, kind: dict, context: int, packed: bool,
     cache = filled(spec, kind, context, packed)
     x = mx.random.normal((1, 1, attn.o_proj.weight.shape[0])) * 0.1  # the residual stream
     reads: list = []
-    mx.eval(step(attn, x, cache, reads))  # warm-up, and the bytes read
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(step(attn, x, cache, reads))  # warm-up, the bytes read and the peak
+    peak = mx.get_peak_memory() - base
     cache.trim(1)
     stored = cache.nbytes * context // cache._capacity()  # what `context` tokens occupy
     times = []
@@ -113,7 +131,7 @@ def measure(attn: Attention, spec, step, kind: dict, context: int, packed: bool,
     fused = sum(b for i, (a, b) in enumerate(reads) if i == 0 or a != reads[i - 1][0])  # k is v: once
     return {"read_bytes": read, "stored_bytes": stored, "read_over_stored": read / stored,
             "fused_read_over_stored": fused / stored,
-            "step_ms": statistics.median(times), "spread_ms": max(times) - min(times)}
+            "step_ms": statistics.median(times), "spread_ms": max(times) - min(times), "peak_bytes": peak}
 
 
 def run(contexts: list[int], steps: int, repeats: int) -> list[dict]:
@@ -126,8 +144,11 @@ def run(contexts: list[int], steps: int, repeats: int) -> list[dict]:
     for context in contexts:
         for name, kind in KINDS.items():
             row = {"context": context, "kind": name}
-            for when, step in (("before", before_step), ("after", after_step)):
-                row[when] = measure(attn, spec, step, kind, context, when == "after", steps, repeats)
+            paths = {"before": before_step, "after": after_step}
+            if kind.get("bits"):
+                paths["mlx-lm"] = mlx_lm_step
+            for when, step in paths.items():
+                row[when] = measure(attn, spec, step, kind, context, when != "before", steps, repeats)
             rows.append(row)
             print(json.dumps(row))
     return rows
@@ -140,16 +161,21 @@ def table(result: dict) -> str:
              "(16 heads, head dim 512, 1 kv head). Made by `python -m benchmarks.kv_attention`.", "",
              "Bytes read: the cache-sized arrays one decode step's attention reads, over the bytes the cache "
              "stores for its tokens. Step time: the whole layer (projections included), median of "
-             f"{result['repeats']} runs of {result['steps']} steps; {result['note']}", "",
+             f"{result['repeats']} runs of {result['steps']} steps; {result['note']} Peak: the step's memory "
+             "beyond the cache and the weights. mlx-lm: the quantized caches read by mlx-lm's quantized "
+             "attention instead of ours.", "",
              "| context | cache | stored MB before | stored MB after | read / stored before | read / stored after | "
-             "read / stored after, fused | step ms before | step ms after | after / before |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "read / stored after, fused | step ms before | step ms after | after / before | step ms, mlx-lm "
+             "| peak MB before / after / mlx-lm |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        b, a = r["before"], r["after"]
+        b, a, m = r["before"], r["after"], r.get("mlx-lm")
+        peaks = " / ".join(f"{x['peak_bytes'] / 1e6:.1f}" for x in (b, a, m) if x)
         lines.append(f"| {r['context']} | {r['kind']} | {b['stored_bytes'] / 1e6:.1f} | {a['stored_bytes'] / 1e6:.1f} | "
                      f"{b['read_over_stored']:.2f} | {a['read_over_stored']:.3f} | {a['fused_read_over_stored']:.3f} | "
                      f"{b['step_ms']:.2f} ± {b['spread_ms'] / 2:.2f} | {a['step_ms']:.2f} ± {a['spread_ms'] / 2:.2f} | "
-                     f"{a['step_ms'] / b['step_ms']:.2f} |")
+                     f"{a['step_ms'] / b['step_ms']:.2f} | "
+                     + (f"{m['step_ms']:.2f} ± {m['spread_ms'] / 2:.2f} | " if m else "– | ") + f"{peaks} |")
     return "\n".join(lines) + "\n"
 
 

@@ -126,15 +126,21 @@ def long_context(context: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--decode-contexts", default="1024,8192,32768")
+    ap.add_argument("--decode-contexts", default="1024,8192,32768",
+                    help="'' skips part 1 and keeps the decode rows already in the results file")
+    ap.add_argument("--note", default="", help="conditions of the run (e.g. other load on the machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    out = Path(args.out)
     result = {"backend": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
-              "system": platform.system(), "activations": "float32", "weights": "4-bit gs64 (decode)"}
+              "system": platform.system(), "activations": "float32", "weights": "4-bit gs64 (decode)",
+              "note": args.note}
     result["long_context"] = long_context(args.context)
     print(json.dumps(result["long_context"], indent=2))
-    result["decode"] = decode_cost([int(c) for c in args.decode_contexts.split(",")])
-    out = Path(args.out)
+    if args.decode_contexts:
+        result["decode"] = decode_cost([int(c) for c in args.decode_contexts.split(",")])
+    else:
+        result["decode"] = json.loads((out / "kv_memory.json").read_text())["decode"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_memory.json").write_text(json.dumps(result, indent=2))
 

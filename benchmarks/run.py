@@ -130,7 +130,7 @@ def predict_peaks(result: dict, path: Path, config: ModelConfig) -> None:
     for c in result["cases"]:
         decode = c["kind"] == "decode"
         context = c["value"] + c["tokens"] if decode else c["prompt_tokens"] + 1
-        plan = make_plan(config, weight_bytes(path), context, 1 << 50, KVOptions(), dtype_bytes,
+        plan = make_plan(config, weight_bytes(path, dtype_bytes), context, 1 << 50, KVOptions(), dtype_bytes,
                          1 if decode else DEFAULT_PREFILL_STEP)
         c.update(predicted_peak_bytes=plan.total, measured_over_predicted=c["peak_memory_bytes"] / plan.total)
 

@@ -36,9 +36,10 @@ DRAFTER_LAYERS = ["sliding_attention"] * 3 + ["full_attention"]
 
 
 def synthetic_config(layers: int, **text) -> dict:
-    """The Hub config.json of the 12B cut to its last `layers` layers (`text` overrides widths)."""
+    """The Hub config.json of the 12B cut to its last `layers` layers (`text` overrides widths,
+    and `layer_types` those layers' types)."""
     raw = json.loads(HUB_CONFIG.read_text())
-    types = raw["text_config"]["layer_types"][-layers:]
+    types = text.pop("layer_types", raw["text_config"]["layer_types"][-layers:])
     raw["text_config"].update(num_hidden_layers=layers, layer_types=types, **text)
     return raw
 

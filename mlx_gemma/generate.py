@@ -291,7 +291,7 @@ def run(args, cluster=None) -> None:
     drafter_path = draft_model_path(args, path, config) if cluster.drafter(args.draft_model, args.pipeline, config) else None
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
-        return longest_context(config, weight_bytes(path), budget, kv_options, dtype_bytes,
+        return longest_context(config, weight_bytes(path, dtype_bytes), budget, kv_options, dtype_bytes,
                                args.prefill_step_size, most, draft)
 
     dtype_bytes = run_dtype_bytes(path, config, args.dtype)
@@ -299,10 +299,11 @@ def run(args, cluster=None) -> None:
     draft = draft_plan(drafter_path, args.num_draft_tokens) if drafter_path is not None else None
     if args.chat and args.max_kv_size is None:
         context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
-    plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+    plan = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes, args.prefill_step_size,
+                     draft)
     if not plan.fits and draft is not None and args.draft_model is None:
         # The default drafter is a speed-up, not a requirement: without it the run may fit.
-        lean = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size)
+        lean = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes, args.prefill_step_size)
         if lean.fits:
             plan, draft, drafter_path = lean, None, None
     if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
@@ -312,12 +313,14 @@ def run(args, cluster=None) -> None:
         if make_plan(q_config, q_bytes, context, budget, kv, run_dtype_bytes(path, q_config, args.dtype),
                      args.prefill_step_size, draft).fits:
             path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
-            q_config, q_bytes = ModelConfig.from_file(path / "config.json"), weight_bytes(path)
+            q_config = ModelConfig.from_file(path / "config.json")
+            q_bytes = weight_bytes(path, run_dtype_bytes(path, q_config, args.dtype))
         config, dtype_bytes = q_config, run_dtype_bytes(path, q_config, args.dtype)
         plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context
-        plan = make_plan(config, weight_bytes(path), context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+        plan = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes,
+                         args.prefill_step_size, draft)
     if inputs is not None and inputs.has_media:
         chunk = prefill_chunk(config.text_config, 0, args.prefill_step_size, dtype_bytes)
         plan = dataclasses.replace(plan, media_tokens=sum(inputs.token_counts().values()),

@@ -48,20 +48,26 @@ def memory_budget(limit: Optional[str] = None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def tensor_bytes(path: Path) -> dict[str, int]:
-    """{tensor name: bytes} of a checkpoint, from the safetensors headers (nothing is loaded)."""
+def tensor_bytes(path: Path, dtype_bytes: int = 0) -> dict[str, int]:
+    """{tensor name: bytes} of a checkpoint once loaded, from the safetensors headers (nothing is
+    loaded): as stored, except that a run with float32 activations (`dtype_bytes` 4) casts the
+    floating tensors of unquantized modules up (backend.set_dtype: norms, the vision and audio
+    projections; the quantized matrices' scales stay as stored)."""
+    headers = {name: entry for f in weight_files(path) for name, entry in read_safetensors_header(f).items()}
+    quantized = {name.rsplit(".", 1)[0] for name in headers if name.endswith(".scales")}
     sizes = {}
-    for f in weight_files(path):
-        for name, (dtype, shape) in read_safetensors_header(f).items():
-            n = SAFETENSORS_DTYPE_BYTES[dtype]
-            for s in shape:
-                n *= s
-            sizes[name] = n
+    for name, (dtype, shape) in headers.items():
+        n = SAFETENSORS_DTYPE_BYTES[dtype]
+        if dtype_bytes == 4 and dtype in ("BF16", "F16") and name.rsplit(".", 1)[0] not in quantized:
+            n = 4
+        for d in shape:
+            n *= d
+        sizes[name] = n
     return sizes
 
 
-def weight_bytes(path: Path) -> int:
-    return sum(tensor_bytes(path).values())
+def weight_bytes(path: Path, dtype_bytes: int = 0) -> int:
+    return sum(tensor_bytes(path, dtype_bytes).values())
 
 
 def drafter_bytes(path: Path) -> int:
@@ -148,17 +154,50 @@ def prefill_chunk(text: TextConfig, context: int, step: int, dtype_bytes: int) -
     return int(max(MIN_CHUNK, min(step, ATTENTION_SCRATCH // per_query)))
 
 
-def activation_bytes(text: TextConfig, chunk: int, context: int, dtype_bytes: int) -> int:
-    """Peak temporaries of one forward step over `chunk` tokens with `context` cached."""
-    h, heads = text.hidden_size, text.num_attention_heads
-    d = max(s.head_dim for s in text.layers)
-    scores = heads * chunk * (context + chunk) * dtype_bytes  # materialised once, in the activation dtype
-    mlp = 3 * chunk * text.intermediate_size * dtype_bytes
-    stream = 8 * chunk * max(h, heads * d) * dtype_bytes
-    # Nothing the size of the cache: attention reads the packed tensor and quantized codes as
-    # stored (model.attend); the packed query and output are a few rows.
-    logits = 2 * text.vocab_size * 4
-    return scores + mlp + stream + logits
+# Copies of a layer's arrays that its attention and MLP hold at their peak on the CPU backend,
+# measured per piece and checked whole by tests/test_memory.py (the layer) and
+# `python -m benchmarks.prefill_memory` (a prefill). Metal fuses the query's norm and RoPE:
+# fewer copies there, so the plan errs on the safe side.
+QUERY_COPIES = 7  # the query's projection, norm and RoPE
+OUTPUT_COPIES = 2  # attention's output and its relayout for o_proj
+MLP_COPIES = 6  # gate and up projections, the GELU product: each twice
+
+
+def layer_activation_bytes(text: TextConfig, s: LayerSpec, kv: KVOptions, chunk: int, context: int,
+                           dtype_bytes: int) -> int:
+    """Peak temporaries of layer `s` over `chunk` new tokens with `context` cached: attention
+    (one copy of its scores: the softmax overwrites them; the query; the output, as wide as the
+    packed cache for a one-tensor layer; the layer's cache as it was, while it is copied into
+    its grown buffer), or the MLP after it, whichever is larger."""
+    heads = text.num_attention_heads
+    if s.is_sliding:
+        keys = min(context, text.sliding_window - 1 + kv.sliding_slack) + chunk
+        cache = sliding_bytes(text, kv, dtype_bytes, chunk) // len(text.layers_of(SLIDING))
+    else:
+        keys = context + chunk
+        cache = int(global_values_per_token(s, kv) * element_bytes(dtype_bytes, kv.bits, kv.group_size) * context)
+    width = s.packed_width(kv.bits and kv.group_size) if (kv.one_tensor and s.packs_kv) else s.head_dim
+    attention = chunk * heads * (keys + QUERY_COPIES * s.head_dim + OUTPUT_COPIES * width) * dtype_bytes + cache
+    return max(attention, MLP_COPIES * chunk * text.intermediate_size * dtype_bytes)
+
+
+def activation_bytes(text: TextConfig, kv: KVOptions, context: int, step: int, dtype_bytes: int,
+                     head_scales: int = 0) -> int:
+    """Peak temporaries of a prefill to `context` tokens in chunks of at most `step`: one layer's
+    at a time (a chunk's graph frees a layer's temporaries before the next layer's: measured),
+    the largest layer at either end of the chunking: the last full-size chunk, and the last
+    chunk (smaller, over the most keys). Every layer counts, though a prefill chunk never
+    computes the last layer's attention (only its cache is evaluated): the final step does.
+    The head runs after the last layer has freed its temporaries: its float32 logits, and with
+    `head_scales` (upcast_scales_bytes) its cast scales, peak on their own."""
+    first, last = (min(prefill_chunk(text, c, step, dtype_bytes), max(context, 1)) for c in (0, context))
+    full = ATTENTION_SCRATCH // (text.num_attention_heads * first * dtype_bytes) - first  # the most a first-size chunk follows
+    ends = {(max(0, min(full, context - first)), first), (max(0, context - last), last)}  # (tokens cached, chunk)
+    layers = max(layer_activation_bytes(text, s, kv, chunk, cached, dtype_bytes) for cached, chunk in ends
+                 for s in text.layers)
+    stream = 3 * first * text.hidden_size * dtype_bytes  # the residual, a layer's input and output
+    head = 2 * text.vocab_size * 4 + head_scales
+    return stream + max(layers, head)
 
 
 def upcast_scales_bytes(config: ModelConfig, dtype_bytes: int) -> int:
@@ -291,10 +330,9 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
     kv.check(text)
     per_token = global_bytes_per_token(text, kv, dtype_bytes)
     allocated = -(-context // SLIDING_GROWTH) * SLIDING_GROWTH
-    chunk = prefill_chunk(text, context, step, dtype_bytes)
     return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
                 global_per_token=per_token, global_total=int(per_token * allocated),
-                activations=activation_bytes(text, chunk, context, dtype_bytes) + upcast_scales_bytes(config, dtype_bytes),
+                activations=activation_bytes(text, kv, context, step, dtype_bytes, upcast_scales_bytes(config, dtype_bytes)),
                 budget=budget, draft=draft,
                 draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
 

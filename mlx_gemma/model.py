@@ -12,7 +12,6 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from .cache import DEFAULT_SLIDING_SLACK, GlobalCache, SlidingWindowCache, vision_blocks
 from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
@@ -69,8 +68,32 @@ def attend(q: mx.array, k, v, mask, cache) -> mx.array:
     the cache stores them. Quantized storage is read as codes, scales and biases by
     quantized_matmul: dequantizing first would write and read the whole cache again each step."""
     if isinstance(k, tuple):
-        return quantized_scaled_dot_product_attention(q, k, v, 1.0, mask, cache.group_size, cache.bits)
+        return quantized_attention(q, k, v, mask, cache.group_size, cache.bits)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+
+
+def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int) -> mx.array:
+    """softmax(q k^T + mask) v with k and v quantized (codes, scales, biases). The query heads that
+    share a kv head are folded into rows, [B, kv heads, heads per kv head * L, D], so each
+    quantized_matmul multiplies by the cache as stored. mlx-lm's quantized attention broadcasts
+    the cache over a heads axis instead, which the CPU kernel materialises: 16 copies of the
+    12B's global cache per step (peak and time: `python -m benchmarks.kv_attention`)."""
+    B, heads, L, D = q.shape
+    kv_heads = k[0].shape[1]
+    rows = q.reshape(B, kv_heads, heads // kv_heads * L, D)
+    scores = mx.quantized_matmul(rows, *k, transpose=True, group_size=group_size, bits=bits)
+    if mask is not None:
+        scores = scores.reshape(B, kv_heads, heads // kv_heads, L, -1)
+        if isinstance(mask, str):  # "causal": the last query sees the last key
+            n = scores.shape[-1]
+            mask = mx.arange(n - L, n)[:, None] >= mx.arange(n)[None]
+        if mask.ndim == 4:  # [B, 1, L, keys]: one mask for every head
+            mask = mask[:, :, None]
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min) if mask.dtype == mx.bool_ else scores + mask
+        scores = scores.reshape(B, kv_heads, heads // kv_heads * L, -1)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, heads, L, -1)
 
 
 class Attention(nn.Module):

@@ -1066,10 +1066,10 @@ def plan_server(path: Path, args, cluster=None) -> tuple[int, int]:
     cluster = cluster or Cluster()
     config = ModelConfig.from_file(path / "config.json")
     budget, kv = cluster.smallest(memory_budget(args.memory_limit)), KVOptions(bits=args.kv_bits)
-    shares = cluster.shares(config, weight_bytes(path), args.pipeline)
+    dtype_bytes = run_dtype_bytes(path, config)
+    shares = cluster.shares(config, weight_bytes(path, dtype_bytes), args.pipeline)
     cache_bytes = (args.prompt_cache_bytes if args.prompt_cache_bytes is not None
                    else min(max(0, (budget - weights) // 4) for _, weights in shares))
-    dtype_bytes = run_dtype_bytes(path, config)
     for rank, (view, weights) in enumerate(shares):
         if longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) == 0:
             plan = make_plan(view, weights, 1, budget - cache_bytes, kv, dtype_bytes)

@@ -202,5 +202,7 @@ def test_decode_attention_reads_what_the_global_cache_stores():
         passes = 2 if kind.startswith("one-tensor") else 1
         assert r["after"]["read_over_stored"] == pytest.approx(passes, rel=0.05), kind
         assert r["after"]["fused_read_over_stored"] == pytest.approx(1, rel=0.05), kind
+        if "bit" in kind:  # mlx-lm's quantized attention holds the cache broadcast over 16 heads
+            assert r["after"]["peak_bytes"] < r["mlx-lm"]["peak_bytes"] / 4, kind
     assert rows["one-tensor"]["before"]["read_over_stored"] > 3.9  # N, its rescale, derived keys, N
     assert rows["one-tensor"]["after"]["stored_bytes"] == 640 / 512 * rows["one-tensor"]["before"]["stored_bytes"]

@@ -405,7 +405,9 @@ def test_chat_media_paths_may_be_quoted_or_escaped(hf_checkpoint, model, process
 
 
 def chat_budget(checkpoint, context):
-    """A --memory-limit (bytes) whose longest fitting context is about `context` tokens."""
+    """A --memory-limit (bytes) whose longest fitting context is about `context` tokens, with the
+    two-tensor global cache: this tiny model's one-tensor cache pads its 8 rotated key dims to a
+    32-value quantization group, so at ~100 tokens 8-bit KV would hold it more, not less."""
     from mlx_gemma.backend import activation_dtype
     from mlx_gemma.config import ModelConfig
     from mlx_gemma.memory import KVOptions, activation_dtype_bytes, longest_context, make_plan, weight_bytes
@@ -413,9 +415,11 @@ def chat_budget(checkpoint, context):
     config = ModelConfig.from_file(checkpoint / "config.json")
     dtype = activation_dtype(False, "auto")
     dtype_bytes = dtype.size if dtype is not None else activation_dtype_bytes(checkpoint)
-    budget = make_plan(config, weight_bytes(checkpoint), context, 1, KVOptions(), dtype_bytes).total
-    fits = longest_context(config, weight_bytes(checkpoint), budget, KVOptions(), dtype_bytes)
-    eight = longest_context(config, weight_bytes(checkpoint), budget, KVOptions(bits=8, group_size=32), dtype_bytes)
+    weights = weight_bytes(checkpoint, dtype_bytes)
+    two = KVOptions(one_tensor=False)
+    budget = make_plan(config, weights, context, 1, two, dtype_bytes).total
+    fits = longest_context(config, weights, budget, two, dtype_bytes)
+    eight = longest_context(config, weights, budget, KVOptions(one_tensor=False, bits=8, group_size=32), dtype_bytes)
     return budget, fits, eight
 
 
@@ -426,7 +430,7 @@ def test_chat_context_comes_from_the_memory_plan(hf_checkpoint, processor):
     n = len(processor.chat_inputs([{"role": "user", "content": long}]).ids)
     assert n > fits
     run = run_cli("--model", str(hf_checkpoint), "--chat", "--memory-limit", f"{budget}B", "--temp", "0",
-                  "--max-tokens", "4", "--kv-group-size", "32", stdin=f"{long}\nhi\nq\n")
+                  "--max-tokens", "4", "--kv-two-tensor", "--kv-group-size", "32", stdin=f"{long}\nhi\nq\n")
     assert run.returncode == 0, run.stderr
     from mlx_gemma.memory import human
 

@@ -44,6 +44,25 @@ def test_quantized_attention_equals_dequantize_then_attend(bits, kv_heads, width
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("L", [1, 64])
+def test_quantized_attention_holds_no_copy_of_the_cache(L):
+    """16 query heads on one kv head, the 12B's global layer: the cache is multiplied as stored,
+    not broadcast over the heads (mlx-lm's quantized attention holds 36x this 8-bit cache at
+    decode on the CPU backend); what it holds beyond its inputs is the scores and the output."""
+    T, heads, width = 8192, 16, 640
+    cache = GlobalCache(bits=8, group_size=64)
+    q = mx.random.normal((1, heads, L, width), key=mx.random.key(0))
+    t = cache._quantize(mx.random.normal((1, 1, T, width), key=mx.random.key(1)))
+    mask = None if L == 1 else window_mask(L, T - L, 0, T, None)
+    mx.eval(q, t)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(model_module.attend(q, t, t, mask, cache))
+    scores, out = heads * L * T * 4, heads * L * width * 4
+    assert mx.get_peak_memory() - base <= 1.1 * (scores + out) + sum(p.nbytes for p in t) // 4
+
+
 @pytest.mark.parametrize("one_tensor", [True, False], ids=["one-tensor", "two-tensor"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_cache_logits_equal_dequantize_then_attend(model, monkeypatch, one_tensor, bits):
@@ -58,7 +77,8 @@ def test_quantized_cache_logits_equal_dequantize_then_attend(model, monkeypatch,
         return logits
 
     direct = run()
-    monkeypatch.setattr(model_module, "quantized_scaled_dot_product_attention", dequantize_then_attend)
+    monkeypatch.setattr(model_module, "quantized_attention",
+                        lambda q, k, v, mask, group_size, bits: dequantize_then_attend(q, k, v, 1.0, mask, group_size, bits))
     assert rel_err(direct, run()) <= 1e-5
 
 

@@ -16,7 +16,8 @@ from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError
 from mlx_gemma.loading import load_model
 from mlx_gemma.memory import (DraftPlan, KVOptions, draft_plan, drafter_bytes, global_bytes_per_token,
-                              longest_context, make_plan, prefill_chunk, refusal, sliding_bytes, weight_bytes)
+                              layer_activation_bytes, longest_context, make_plan, prefill_chunk, refusal, sliding_bytes,
+                              weight_bytes)
 
 REPO = Path(__file__).resolve().parent.parent
 W = reference.WINDOW
@@ -110,6 +111,50 @@ def test_prefill_chunks_shrink_as_context_grows():
     text = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json").text_config
     chunks = [prefill_chunk(text, ctx, 512, 2) for ctx in (0, 8192, 65536, 262144)]
     assert chunks[0] == 512 and chunks == sorted(chunks, reverse=True) and chunks[-1] >= 16
+
+
+@pytest.mark.parametrize("kv", [KVOptions(), KVOptions(bits=8)], ids=["one-tensor", "one-tensor-8bit"])
+@pytest.mark.parametrize("index", [0, 1], ids=["global", "sliding"])
+def test_a_prefill_chunk_through_a_layer_holds_what_the_planner_counts(index, kv):
+    """The 12B's attention geometry (16 heads, head dims 512 / 256, kv heads 1 / 8, the window)
+    at narrow widths, float32 on the CPU backend, a 128-token chunk past the window: the memory
+    one layer holds beyond its input and the caches it was given (the grown cache included: the
+    planner counts the one it replaces) is layer_activation_bytes."""
+    from benchmarks.kv_memory import config, fill
+    from mlx_gemma.model import Model
+
+    cfg = config(2, ["full_attention", "sliding_attention"], hidden_size=256, intermediate_size=1024, vocab_size=512)
+    model = Model(cfg)
+    model.set_dtype(mx.float32)
+    text, context, chunk = cfg.text_config, 1280, 128
+    cache = model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size)
+    fill(cache, text.layers, context)
+    x = mx.random.normal((1, chunk, text.hidden_size))
+    mx.eval(x, model.parameters(), [c.state for c in cache])
+    mask = cache[index].make_mask(chunk)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(model.language_model.model.layers[index](x, mask, cache[index]), cache[index].state)
+    held = mx.get_peak_memory() - base
+    planned = layer_activation_bytes(text, text.layers[index], kv, chunk, context, 4)
+    assert 0.9 * planned <= held <= 1.05 * planned, (held, planned)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weight_bytes_are_what_a_run_holds(tmp_path, dtype):
+    """A 4-bit checkpoint stored in bfloat16 (the 12B's layout, narrowed): with float32
+    activations the unquantized tensors (norms, the vision and audio projections) are cast up
+    and the quantized matrices' scales stay bfloat16, as the planner's weights row counts."""
+    from mlx.utils import tree_flatten
+
+    from benchmarks.synthetic import build
+
+    path = build(tmp_path / "stand-in", 1, hidden_size=128, intermediate_size=256, vocab_size=512)
+    model = load_model(path, dtype=dtype)
+    held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert held == weight_bytes(path, getattr(mx, dtype).size)
+    assert (held > weight_bytes(path)) == (dtype == "float32")
 
 
 def test_12b_plan_holds_256k_on_a_16gb_mac():

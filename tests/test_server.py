@@ -770,7 +770,8 @@ def test_served_context_is_what_the_memory_plan_fits(hf_checkpoint):
     from mlx_gemma.server import build_parser, plan_server
 
     config = ModelConfig.from_file(hf_checkpoint / "config.json")
-    weights, dtype_bytes = weight_bytes(hf_checkpoint), run_dtype_bytes(hf_checkpoint, config)
+    dtype_bytes = run_dtype_bytes(hf_checkpoint, config)
+    weights = weight_bytes(hf_checkpoint, dtype_bytes)
     roomy = plan_server(hf_checkpoint, build_parser().parse_args(["--prompt-cache-bytes", "0"]))
     assert roomy == (0, config.text_config.max_position_embeddings)
     # A budget that holds the weights and a little KV: the context stops where the plan stops fitting.
