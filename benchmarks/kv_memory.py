@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     out = Path(args.out)
+    if not args.decode_contexts and not (out / "kv_memory.json").is_file():
+        ap.error(f"--decode-contexts '': {out / 'kv_memory.json'} holds no decode rows to keep")
     result = {"backend": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
               "system": platform.system(), "activations": "float32", "weights": "4-bit gs64 (decode)",
               "note": args.note}

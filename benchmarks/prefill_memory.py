@@ -80,7 +80,10 @@ def write(report: dict, out: Path) -> None:
 
 def replan(out: Path) -> None:
     """The current planner's predictions for the peaks recorded in `out`."""
-    report = json.loads((out / "prefill_memory.json").read_text())
+    recorded = out / "prefill_memory.json"
+    if not recorded.is_file():
+        raise SystemExit(f"error: {recorded}: no recorded run to replan (run python -m benchmarks.prefill_memory)")
+    report = json.loads(recorded.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         path = build(Path(tmp) / "stand-in", len(LAYERS), layer_types=LAYERS, **WIDTHS)
         config = ModelConfig.from_file(path / "config.json")

@@ -76,8 +76,8 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, 
     """softmax(q k^T + mask) v with k and v quantized (codes, scales, biases). The query heads that
     share a kv head are folded into rows, [B, kv heads, heads per kv head * L, D], so each
     quantized_matmul multiplies by the cache as stored. mlx-lm's quantized attention broadcasts
-    the cache over a heads axis instead, which the CPU kernel materialises: 16 copies of the
-    12B's global cache per step (peak and time: `python -m benchmarks.kv_attention`)."""
+    the cache over a heads axis instead, which the CPU kernel materialises: about 33 times the
+    12B's 8-bit global cache per step (peak and time: `python -m benchmarks.kv_attention`)."""
     B, heads, L, D = q.shape
     kv_heads = k[0].shape[1]
     rows = q.reshape(B, kv_heads, heads // kv_heads * L, D)
