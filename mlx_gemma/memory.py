@@ -188,8 +188,9 @@ def activation_bytes(text: TextConfig, kv: KVOptions, context: int, step: int, d
     the largest layer at either end of the chunking: the last full-size chunk, and the last
     chunk (smaller, over the most keys). Every layer counts, though a prefill chunk never
     computes the last layer's attention (only its cache is evaluated): the final step does.
-    The head runs after the last layer has freed its temporaries: its float32 logits, and with
-    `head_scales` (upcast_scales_bytes) its cast scales, peak on their own."""
+    The head runs after the last layer has freed its temporaries but the cast scales of its
+    matmuls: its float32 logits, and with `head_scales` (step_upcast_bytes) the cast scales,
+    peak on their own."""
     first, last = (min(prefill_chunk(text, c, step, dtype_bytes), max(context, 1)) for c in (0, context))
     full = ATTENTION_SCRATCH // (text.num_attention_heads * first * dtype_bytes) - first  # the most a first-size chunk follows
     ends = {(max(0, min(full, context - first)), first), (max(0, context - last), last)}  # (tokens cached, chunk)
@@ -218,6 +219,18 @@ def upcast_scales_bytes(config: ModelConfig, dtype_bytes: int) -> int:
         rows, group = text.vocab_size, head.get("group_size", q["group_size"])
     per_group = 2 if head is False or head.get("mode", q.get("mode", "affine")) == "affine" else 1
     return rows * text.hidden_size // group * per_group * 4
+
+
+def step_upcast_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """The cast scales a forward step holds at its head (upcast_scales_bytes): the head's, and the
+    last layer's three MLP matrices', still held when the head runs: without them the decode
+    peaks of `python -m benchmarks.run --synthetic 2 --long` were 23 MB over the plan."""
+    head = upcast_scales_bytes(config, dtype_bytes)
+    if not head:
+        return 0
+    q, text = config.quantization, config.text_config
+    per_group = 2 if q.get("mode", "affine") == "affine" else 1
+    return head + 3 * text.intermediate_size * text.hidden_size // q["group_size"] * per_group * 4
 
 
 @dataclass
@@ -332,7 +345,7 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
     allocated = -(-context // SLIDING_GROWTH) * SLIDING_GROWTH
     return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
                 global_per_token=per_token, global_total=int(per_token * allocated),
-                activations=activation_bytes(text, kv, context, step, dtype_bytes, upcast_scales_bytes(config, dtype_bytes)),
+                activations=activation_bytes(text, kv, context, step, dtype_bytes, step_upcast_bytes(config, dtype_bytes)),
                 budget=budget, draft=draft,
                 draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
 
