@@ -303,7 +303,8 @@ def run(args, cluster=None) -> None:
                      draft)
     if not plan.fits and draft is not None and args.draft_model is None:
         # The default drafter is a speed-up, not a requirement: without it the run may fit.
-        lean = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes, args.prefill_step_size)
+        lean = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes,
+                         args.prefill_step_size)
         if lean.fits:
             plan, draft, drafter_path = lean, None, None
     if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:

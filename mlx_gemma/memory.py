@@ -192,13 +192,20 @@ def activation_bytes(text: TextConfig, kv: KVOptions, context: int, step: int, d
     matmuls: its float32 logits, and with `head_scales` (step_upcast_bytes) the cast scales,
     peak on their own."""
     first, last = (min(prefill_chunk(text, c, step, dtype_bytes), max(context, 1)) for c in (0, context))
-    full = ATTENTION_SCRATCH // (text.num_attention_heads * first * dtype_bytes) - first  # the most a first-size chunk follows
-    ends = {(max(0, min(full, context - first)), first), (max(0, context - last), last)}  # (tokens cached, chunk)
+    # The most tokens cached under a first-size chunk, then the (tokens cached, chunk) of each end.
+    full = ATTENTION_SCRATCH // (text.num_attention_heads * first * dtype_bytes) - first
+    ends = {(max(0, min(full, context - first)), first), (max(0, context - last), last)}
     layers = max(layer_activation_bytes(text, s, kv, chunk, cached, dtype_bytes) for cached, chunk in ends
                  for s in text.layers)
     stream = 3 * first * text.hidden_size * dtype_bytes  # the residual, a layer's input and output
     head = 2 * text.vocab_size * 4 + head_scales
     return stream + max(layers, head)
+
+
+def _cast_scales_bytes(rows: int, text: TextConfig, spec: dict) -> int:
+    """A [rows, hidden] quantized matrix's scales (and, affine, biases) cast to float32."""
+    per_group = 2 if spec.get("mode", "affine") == "affine" else 1
+    return rows * text.hidden_size // spec["group_size"] * per_group * 4
 
 
 def upcast_scales_bytes(config: ModelConfig, dtype_bytes: int) -> int:
@@ -211,26 +218,23 @@ def upcast_scales_bytes(config: ModelConfig, dtype_bytes: int) -> int:
         return 0
     from .quantization import EMBEDDING
 
-    text = config.text_config
-    head = q.get(EMBEDDING, q)
+    text, head = config.text_config, q.get(EMBEDDING, q)
     if head is False:  # the embedding kept unquantized: the largest quantized matrix is an MLP's
-        rows, group = text.intermediate_size, q["group_size"]
-    else:
-        rows, group = text.vocab_size, head.get("group_size", q["group_size"])
-    per_group = 2 if head is False or head.get("mode", q.get("mode", "affine")) == "affine" else 1
-    return rows * text.hidden_size // group * per_group * 4
+        return _cast_scales_bytes(text.intermediate_size, text, q)
+    return _cast_scales_bytes(text.vocab_size, text, {**q, **head})
 
 
 def step_upcast_bytes(config: ModelConfig, dtype_bytes: int) -> int:
-    """The cast scales a forward step holds at its head (upcast_scales_bytes): the head's, and the
+    """The cast scales a forward step holds at its head: the head's (when quantized), and the
     last layer's three MLP matrices', still held when the head runs: without them the decode
     peaks of `python -m benchmarks.run --synthetic 2 --long` were 23 MB over the plan."""
-    head = upcast_scales_bytes(config, dtype_bytes)
-    if not head:
+    if not upcast_scales_bytes(config, dtype_bytes):
         return 0
+    from .quantization import EMBEDDING
+
     q, text = config.quantization, config.text_config
-    per_group = 2 if q.get("mode", "affine") == "affine" else 1
-    return head + 3 * text.intermediate_size * text.hidden_size // q["group_size"] * per_group * 4
+    head = 0 if q.get(EMBEDDING, q) is False else upcast_scales_bytes(config, dtype_bytes)
+    return head + 3 * _cast_scales_bytes(text.intermediate_size, text, q)
 
 
 @dataclass
@@ -345,7 +349,8 @@ def make_plan(config: ModelConfig, weights: int, context: int, budget: int, kv: 
     allocated = -(-context // SLIDING_GROWTH) * SLIDING_GROWTH
     return Plan(context=context, weights=weights, sliding=sliding_bytes(text, kv, dtype_bytes, step),
                 global_per_token=per_token, global_total=int(per_token * allocated),
-                activations=activation_bytes(text, kv, context, step, dtype_bytes, step_upcast_bytes(config, dtype_bytes)),
+                activations=activation_bytes(text, kv, context, step, dtype_bytes,
+                                             step_upcast_bytes(config, dtype_bytes)),
                 budget=budget, draft=draft,
                 draft_activations=draft_activation_bytes(text, draft, context, dtype_bytes, kv) if draft else 0)
 
