@@ -6,18 +6,19 @@ One global attention layer of the 12B (hidden 3840, 16 query heads, head dim 512
 head, proportional RoPE over 64 of 256 frequency slots), float32 weights and activations (the
 CPU backend's fast path), its cache filled to each context length. Per cache kind:
 
-- bytes read: the cache-sized arrays one decode step's attention reads, against the bytes the
-  cache stores for those tokens (the goal: within 5%), counted per pass over the cache. MLX runs
-  attention at head dims 512/640 unfused (its fused kernels stop at 256; the CPU backend has
-  none), and so does mlx-lm's quantized attention: a scores pass reads the keys, a values pass
-  the values, so a packed array is read twice. "fused" is what one pass would read (a packed
-  array once). Now: the arrays `model.attend` is handed, as stored. Before (the previous
-  commit's path, `before_step`): also the derived keys' rescale and RoPE, dequantized copies.
+- bytes read: the cache-sized arrays one decode step's attention is handed, each counted once
+  per pass over it, against the bytes the cache stores for those tokens. MLX runs attention at
+  head dims 512/640 unfused (its fused kernels stop at 256; the CPU backend has none), and so
+  does mlx-lm's quantized attention: a scores pass reads the keys, a values pass the values.
+  "fused" is what one pass over each stored array would read. Now (`after`): the packed
+  cache's scored array is read by both passes, its rotated N by the values pass
+  (`model.Attention.pack`). Before (stop 25's layout, `before_step`): one packed array
+  [N, K over the rotated dims], read whole by both passes.
 - step time of that layer, before and after, median of `--repeats` runs of `--steps` steps (the
   context stays fixed: each step's token is trimmed again), and its peak memory beyond the
   cache and the weights.
-- for the quantized caches, the same step with mlx-lm's quantized attention in place of
-  `model.quantized_attention` (the peer's kernel; it broadcasts the cache over the query heads).
+- for the quantized two-tensor cache, the same step with mlx-lm's quantized attention in place
+  of `model.folded_attention` (the peer's kernel; it broadcasts the cache over the query heads).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from benchmarks.kv_memory import config
+from benchmarks.synthetic import fill_global
 from mlx_gemma import model as model_module
 from mlx_gemma.cache import GlobalCache
 from mlx_gemma.model import Attention
@@ -47,31 +49,21 @@ def nbytes(x) -> int:
     return sum(p.nbytes for p in x) if isinstance(x, tuple) else x.nbytes
 
 
-def dense(stored, bits: int) -> mx.array:
-    return mx.dequantize(*stored, group_size=64, bits=bits) if isinstance(stored, tuple) else stored
-
-
 def before_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) -> mx.array:
-    """The previous commit's global attention: one-tensor caches hold N alone and derive the keys
-    over the whole cache each step; quantized caches are dequantized before sdpa. `reads` gets
-    the bytes of each cache-sized array an op reads."""
+    """Stop 25's packed global attention (commit c00f35a): one array per token, [N, K over the
+    rotated dims] (640 wide), scored against and then, whole, weighted as the values. `reads`
+    gets the bytes of each cache-sized array a pass reads."""
     B, L, _ = x.shape
     q = attn.rope(attn.q_norm(attn.q_proj(x).reshape(B, L, attn.n_heads, -1)).transpose(0, 2, 1, 3), cache.offset)
     k_raw = attn.k_proj(x).reshape(B, L, 1, -1)
-    v = attn.v_norm(k_raw).transpose(0, 2, 1, 3)
-    if cache.one_tensor:
-        stored = [cache.update_and_fetch_one(v)]
-    else:
-        stored = list(cache.update_and_fetch(attn.rope(attn.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset), v))
-    reads += [(id(s), nbytes(s)) for s in stored if isinstance(s, tuple)]  # dequantize reads the codes
-    tensors = [dense(s, cache.bits) for s in stored]
-    if cache.one_tensor:
-        n = tensors[0]
-        scaled = attn.k_norm.rescale(n)
-        reads += [(id(n), n.nbytes), (id(scaled), scaled.nbytes)]  # rescale reads N, RoPE reads N * w_k
-        tensors = [attn.rope(scaled, 0), n]
-    reads += [(id(t), t.nbytes) for t in tensors]  # sdpa reads keys and values
-    o = mx.fast.scaled_dot_product_attention(q, *tensors, scale=1.0, mask=None)
+    n = attn.v_norm(k_raw).transpose(0, 2, 1, 3)
+    k = attn.rope(attn.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset)
+    t, = cache.update_and_fetch_packed([mx.concatenate([n, attn._groups(attn._rotated(k), cache)], axis=-1)])
+    d = attn.head_dim
+    passing = (mx.arange(d) % (d // 2)) >= attn.spec.rope.rotated_pairs
+    query = mx.concatenate([q * (attn.k_norm.weight * passing), attn._groups(attn._rotated(q), cache)], axis=-1)
+    reads += [(id(t), nbytes(t))] * 2
+    o = model_module.attend(query, t, t, None, cache)[..., :d]
     return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -79,7 +71,7 @@ def after_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) ->
     attend = model_module.attend
 
     def counted(q, k, v, mask, c):
-        reads.extend([(id(k), nbytes(k)), (id(v), nbytes(v))])  # a packed array: k is v
+        reads.extend((id(a), nbytes(a)) for a in [k, *(v if isinstance(v, list) else [v])])  # one pass each
         return attend(q, k, v, mask, c)
 
     model_module.attend = counted
@@ -90,21 +82,23 @@ def after_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) ->
 
 
 def mlx_lm_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) -> mx.array:
-    ours = model_module.quantized_attention
-    model_module.quantized_attention = lambda q, k, v, mask, group_size, bits: \
-        quantized_scaled_dot_product_attention(q, k, v, 1.0, mask, group_size, bits)
+    ours = model_module.folded_attention
+    model_module.folded_attention = lambda q, k, values, mask, group_size, bits: \
+        [quantized_scaled_dot_product_attention(q, k, v, 1.0, mask, group_size, bits) for v in values]
     try:
         return after_step(attn, x, cache, reads)
     finally:
-        model_module.quantized_attention = ours
+        model_module.folded_attention = ours
 
 
 def filled(spec, kind: dict, context: int, packed: bool) -> GlobalCache:
-    """A cache of `context` random tokens; `packed` False: the previous commit's N-only layout."""
+    """A cache of `context` random tokens; `packed` False: stop 25's one-array layout."""
     cache = GlobalCache(kind["one_tensor"], kind.get("bits"), 64)
-    width = spec.packed_width(cache.bits and cache.group_size) if packed and cache.one_tensor else spec.head_dim
-    x = mx.random.normal((1, 1, context, width)) * 0.1
-    cache.update_and_fetch_one(x) if kind["one_tensor"] else cache.update_and_fetch(x, x)
+    if kind["one_tensor"] and not packed:
+        x = mx.random.normal((1, 1, context, spec.packed_width(cache.bits and cache.group_size))) * 0.1
+        cache.update_and_fetch_packed([x])
+    else:
+        fill_global(cache, spec, context, scale=0.1)
     mx.eval(cache.state)
     return cache
 
@@ -144,8 +138,9 @@ def run(contexts: list[int], steps: int, repeats: int) -> list[dict]:
     for context in contexts:
         for name, kind in KINDS.items():
             row = {"context": context, "kind": name}
-            paths = {"before": before_step, "after": after_step}
-            if kind.get("bits"):
+            paths = {"before": before_step} if kind["one_tensor"] else {}
+            paths["after"] = after_step
+            if kind.get("bits") and not kind["one_tensor"]:
                 paths["mlx-lm"] = mlx_lm_step
             for when, step in paths.items():
                 row[when] = measure(attn, spec, step, kind, context, when != "before", steps, repeats)
@@ -159,23 +154,31 @@ def table(result: dict) -> str:
              f"Backend: {result['backend']} (MLX {result['mlx']}, {result['system']} {result['machine']}), "
              f"{result['activations']} activations, {result['weights']} projections; one 12B global layer "
              "(16 heads, head dim 512, 1 kv head). Made by `python -m benchmarks.kv_attention`.", "",
-             "Bytes read: the cache-sized arrays one decode step's attention reads, over the bytes the cache "
-             "stores for its tokens. Step time: the whole layer (projections included), median of "
-             f"{result['repeats']} runs of {result['steps']} steps; {result['note']} Peak: the step's memory "
-             "beyond the cache and the weights. mlx-lm: the quantized caches read by mlx-lm's quantized "
+             "Bytes read: the cache-sized arrays one decode step's attention reads (each once per pass), over "
+             "the bytes the cache stores for its tokens. Before: the packed cache as one array [N, K over the "
+             "rotated dims], read whole by the scores and the values (stop 25); after: [N over the dims RoPE "
+             "leaves alone, K over the rotated ones] and N over the rotated dims apart, so that the scores "
+             "pass reads 512 of the 640 values per token (`model.Attention.pack`). "
+             "Step time: the whole layer (projections included), median of "
+             f"{result['repeats']} runs of {result['steps']} steps; {result['note'] and result['note'] + ' '}"
+             "Peak: the step's memory "
+             "beyond the cache and the weights. mlx-lm: the quantized two-tensor cache read by mlx-lm's quantized "
              "attention instead of ours.", "",
-             "| context | cache | stored MB before | stored MB after | read / stored before | read / stored after | "
-             "read / stored after, fused | step ms before | step ms after | after / before | step ms, mlx-lm "
-             "| peak MB before / after / mlx-lm |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| context | cache | stored MB | read / stored before | read / stored after | read / stored, fused "
+             "| step ms before | step ms after | after / before | step ms, mlx-lm | peak MB before / after / mlx-lm |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(x):
+        return f"{x['step_ms']:.2f} ± {x['spread_ms'] / 2:.2f}" if x else "–"
+
     for r in result["rows"]:
-        b, a, m = r["before"], r["after"], r.get("mlx-lm")
-        peaks = " / ".join(f"{x['peak_bytes'] / 1e6:.1f}" for x in (b, a, m) if x)
-        lines.append(f"| {r['context']} | {r['kind']} | {b['stored_bytes'] / 1e6:.1f} | {a['stored_bytes'] / 1e6:.1f} | "
-                     f"{b['read_over_stored']:.2f} | {a['read_over_stored']:.3f} | {a['fused_read_over_stored']:.3f} | "
-                     f"{b['step_ms']:.2f} ± {b['spread_ms'] / 2:.2f} | {a['step_ms']:.2f} ± {a['spread_ms'] / 2:.2f} | "
-                     f"{a['step_ms'] / b['step_ms']:.2f} | "
-                     + (f"{m['step_ms']:.2f} ± {m['spread_ms'] / 2:.2f} | " if m else "– | ") + f"{peaks} |")
+        b, a, m = r.get("before"), r["after"], r.get("mlx-lm")
+        peaks = " / ".join(f"{x['peak_bytes'] / 1e6:.1f}" if x else "–" for x in (b, a, m))
+        before = f"{b['read_over_stored']:.3f}" if b else "–"
+        speedup = f"{a['step_ms'] / b['step_ms']:.2f}" if b else "–"
+        lines.append(f"| {r['context']} | {r['kind']} | {a['stored_bytes'] / 1e6:.1f} | {before} | "
+                     f"{a['read_over_stored']:.3f} | {a['fused_read_over_stored']:.3f} | {ms(b)} | {ms(a)} | "
+                     f"{speedup} | {ms(m)} | {peaks} |")
     return "\n".join(lines) + "\n"
 
 

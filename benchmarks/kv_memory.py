@@ -35,6 +35,8 @@ from mlx_gemma.generation import generate_step
 from mlx_gemma.memory import KVOptions, make_plan, prefill_chunk
 from mlx_gemma.model import Model
 
+from .synthetic import fill_global
+
 ROOT = Path(__file__).resolve().parent.parent
 HUB = json.loads((ROOT / "tests" / "data" / "gemma-4-12B-it.config.json").read_text())
 
@@ -58,11 +60,8 @@ def fill(cache: list, layers: list, context: int) -> None:
             c._len = 0
             x = mx.random.normal((1, 8, n, 256)) * 0.1
             c.update_and_fetch(x, x)
-        elif c.one_tensor:
-            c.update_and_fetch_one(mx.random.normal((1, 1, context, spec.packed_width(c.bits and c.group_size))) * 0.1)
         else:
-            x = mx.random.normal((1, 1, context, 512)) * 0.1
-            c.update_and_fetch(x, x)
+            fill_global(c, spec, context, scale=0.1)
     mx.eval([c.state for c in cache])
 
 

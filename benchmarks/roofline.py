@@ -2,10 +2,10 @@
 decode ceilings of Apple-Silicon chips from their published memory bandwidths.
 
 A decode step reads every language-model weight once (the tied embedding as the head; the
-lookup of one row is noise) and the whole KV cache: the sliding layers' last `window` tokens,
-the global layers' whole context. A prefill token costs 2 FLOPs per multiply-add of every
-projection, plus attention (QK^T and AV) over the keys it sees; the head runs for the last
-token only.
+lookup of one row is noise) and the KV cache: the sliding layers' last `window` tokens, the
+global layers' whole context, as often as attention reads it (`global_read_values_per_token`).
+A prefill token costs 2 FLOPs per multiply-add of every projection, plus attention (QK^T and
+AV) over the keys it sees; the head runs for the last token only.
 
 With MTP (spec 8) a round of K drafts reads the target's weights and KV once (verifying K+1
 tokens costs the bytes of one step) and the drafter's K times: its layers and projections, the
@@ -20,7 +20,7 @@ from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from mlx_gemma.config import ModelConfig, TextConfig
+from mlx_gemma.config import LayerSpec, ModelConfig, TextConfig
 from mlx_gemma.memory import KVOptions, element_bytes, global_values_per_token
 from mlx_gemma.model import Model
 from mlx_gemma.quantization import QuantSpec, plan
@@ -95,6 +95,18 @@ def tokens_per_round(a: float, k: int) -> float:
     return k + 1 if a == 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
+def global_read_values_per_token(s: LayerSpec, kv: KVOptions) -> int:
+    """Values per cached token that a global layer's decode attention reads, as MLX runs it
+    (unfused at head dims 512/640: a scores pass over the keys, a values pass over the values):
+    the packed cache's scored array twice and its rotated N once (`model.Attention.pack`), or
+    keys and values once each. tests/test_benchmarks.py checks it against the arrays a step
+    hands to attention."""
+    if kv.one_tensor and s.packs_kv:
+        scored, rotated = s.packed_widths(kv.bits and kv.group_size)
+        return s.num_kv_heads * (2 * scored + rotated)
+    return global_values_per_token(s, kv)
+
+
 def kv_bytes(text: TextConfig, context: int, kv: KVOptions, dtype_bytes: int) -> float:
     """KV bytes a decode step at `context` reads: sliding layers hold at most `window` tokens."""
     total = 0.0
@@ -102,7 +114,7 @@ def kv_bytes(text: TextConfig, context: int, kv: KVOptions, dtype_bytes: int) ->
         if s.is_sliding:
             total += min(context, s.window) * 2 * s.num_kv_heads * s.head_dim * dtype_bytes
         else:
-            total += context * global_values_per_token(s, kv) * element_bytes(dtype_bytes, kv.bits, kv.group_size)
+            total += context * global_read_values_per_token(s, kv) * element_bytes(dtype_bytes, kv.bits, kv.group_size)
     return total
 
 

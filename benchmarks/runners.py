@@ -28,6 +28,8 @@ from mlx_gemma.backend import DTYPES
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.prompt import PromptInputs, token_types
 
+from .synthetic import fill_global
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import media_files  # noqa: E402  (the tests' synthetic media)
@@ -61,9 +63,8 @@ class Implementation:
         """`context` random tokens in every cache (a sliding one keeps its window's worth)."""
         for spec, c in zip(self.config.text_config.layers, cache):
             n = min(context, spec.window) if spec.is_sliding else context
-            if getattr(c, "one_tensor", False):  # mlx-gemma's one-tensor global cache
-                width = spec.packed_width(c.bits and c.group_size)
-                c.update_and_fetch_one(mx.random.normal((1, spec.num_kv_heads, n, width)).astype(self.dtype))
+            if hasattr(c, "one_tensor"):  # an mlx-gemma global cache
+                fill_global(c, spec, n, self.dtype)
             else:
                 x = mx.random.normal((1, spec.num_kv_heads, n, spec.head_dim)).astype(self.dtype)
                 c.update_and_fetch(x, x)

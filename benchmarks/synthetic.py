@@ -97,6 +97,20 @@ def _write(model: nn.Module, raw: dict, out: Path, spec: Optional[QuantSpec], re
                                 total, force=True, desc=desc)
 
 
+def fill_global(cache, spec, n: int, dtype: mx.Dtype = mx.float32, scale: float = 1.0) -> None:
+    """`n` random tokens into the global-layer cache `cache` of layer `spec`, in the layout it
+    stores: the packed arrays (spec 9) or keys and values (one array for both: the cost of a
+    step does not depend on their values)."""
+    def normal(width):
+        return (mx.random.normal((1, spec.num_kv_heads, n, width)) * scale).astype(dtype)
+
+    if cache.one_tensor:
+        cache.update_and_fetch_packed([normal(w) for w in spec.packed_widths(cache.bits and cache.group_size)])
+    else:
+        x = normal(spec.head_dim)
+        cache.update_and_fetch(x, x)
+
+
 def synthetic_checkpoint(layers: int, root: Optional[Path] = None) -> Path:
     """The stand-in with `layers` layers, built once into the mlx-gemma cache."""
     out = (root or cache_root()) / f"synthetic-gemma-4-12B-{layers}-layers-4bit-default"

@@ -86,9 +86,9 @@ class GlobalCache(_BaseCache):
     """The growing cache of a global layer. It can store less: one tensor on k_eq_v layers,
     and/or group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are cached.
 
-    One tensor: on k_eq_v layers with partial RoPE the layer packs values and keys into one
-    tensor per token (`update_and_fetch_one`; `Attention.pack`, spec 9). Two tensors: keys and
-    values as usual (`update_and_fetch`). Updating returns what is stored, as it is stored:
+    One tensor: on k_eq_v layers with partial RoPE the layer stores one tensor's worth of keys
+    and values per token, as two arrays (`update_and_fetch_packed`; `Attention.pack`, spec 9).
+    Two tensors: keys and values as usual (`update_and_fetch`). Updating returns what is stored, as it is stored:
     arrays, or (codes, scales, biases) that attention reads without dequantizing
     (`model.attend`); `fetch` returns full precision.
     """
@@ -169,8 +169,8 @@ class GlobalCache(_BaseCache):
     def update_and_fetch(self, keys, values):
         return tuple(self._update([keys, values]))
 
-    def update_and_fetch_one(self, packed):
-        return self._update([packed])[0]
+    def update_and_fetch_packed(self, parts: list) -> list:
+        return self._update(parts)
 
     @property
     def buffers(self) -> list:
@@ -383,8 +383,8 @@ class DecodeStep:
     def update_and_fetch(self, keys, values):
         return self._write(0, keys), self._write(1, values)
 
-    def update_and_fetch_one(self, packed):
-        return self._write(0, packed)
+    def update_and_fetch_packed(self, parts: list) -> list:
+        return [self._write(i, p) for i, p in enumerate(parts)]
 
 
 def max_trim(cache: list) -> int:

@@ -67,6 +67,11 @@ class RopeSpec:
         return self.rotated_pairs < self.head_dim // 2
 
 
+def whole_groups(n: int, group_size: Optional[int]) -> int:
+    """`n` rounded up to whole quantization groups (`group_size` None: unquantized, as is)."""
+    return -(-n // group_size) * group_size if group_size else n
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     index: int
@@ -83,17 +88,23 @@ class LayerSpec:
 
     @property
     def packs_kv(self) -> bool:
-        """Keys and values fit one stored tensor (spec 9): V = N and K = rope(N * w_k) differ only
-        in the dims partial RoPE rotates. Full RoPE rotates every dim: nothing to share then."""
+        """Keys and values fit one tensor's worth of storage (spec 9): V = N and K = rope(N * w_k)
+        differ only in the dims partial RoPE rotates. Full RoPE rotates every dim: nothing to
+        share then."""
         return self.k_eq_v and self.rope.is_partial
 
+    def packed_widths(self, group_size: Optional[int] = None) -> tuple[int, int]:
+        """Widths per token and kv head of the two arrays the packed cache stores: the keys as
+        scored ([N over the dims RoPE leaves alone, K over the 2 * rotated_pairs it rotates]:
+        head_dim wide) and N over the rotated dims, which only the values need (128 for the
+        12B). Quantized, each of the three pieces fills whole groups (zero-padded), so no group
+        mixes N with K."""
+        rotated = whole_groups(2 * self.rope.rotated_pairs, group_size)
+        return whole_groups(self.head_dim - 2 * self.rope.rotated_pairs, group_size) + rotated, rotated
+
     def packed_width(self, group_size: Optional[int] = None) -> int:
-        """Values per token and kv head of the one stored tensor: N, then the 2 * rotated_pairs
-        rotated key dims (640 for the 12B), zero-padded to whole quantization groups."""
-        rotated = 2 * self.rope.rotated_pairs
-        if group_size:
-            rotated = -(-rotated // group_size) * group_size
-        return self.head_dim + rotated
+        """Values per token and kv head the packed cache stores (640 for the 12B)."""
+        return sum(self.packed_widths(group_size))
 
 
 def _rope_spec(params: dict, head_dim: int, layer_type: str) -> RopeSpec:

@@ -158,7 +158,8 @@ def prefill_chunk(text: TextConfig, context: int, step: int, dtype_bytes: int) -
 # measured per piece and checked whole by tests/test_memory.py (the layer) and
 # `python -m benchmarks.prefill_memory` (a prefill). Metal fuses the query's norm and RoPE:
 # fewer copies there, so the plan errs on the safe side.
-QUERY_COPIES = 7  # the query's projection, norm and RoPE
+QUERY_COPIES = 7  # the query's projection, norm and RoPE, and attention's own copy of it
+SDPA_QUERY_COPIES = 1  # one more where mx.fast.scaled_dot_product_attention runs (its CPU fallback scales a copy)
 OUTPUT_COPIES = 2  # attention's output and its relayout for o_proj
 MLP_COPIES = 6  # gate and up projections, the GELU product: each twice
 
@@ -176,8 +177,11 @@ def layer_activation_bytes(text: TextConfig, s: LayerSpec, kv: KVOptions, chunk:
     else:
         keys = context + chunk
         cache = int(global_values_per_token(s, kv) * element_bytes(dtype_bytes, kv.bits, kv.group_size) * context)
-    width = s.packed_width(kv.bits and kv.group_size) if (kv.one_tensor and s.packs_kv) else s.head_dim
-    attention = chunk * heads * (keys + QUERY_COPIES * s.head_dim + OUTPUT_COPIES * width) * dtype_bytes + cache
+    packed = kv.one_tensor and s.packs_kv
+    width = s.packed_width(kv.bits and kv.group_size) if packed else s.head_dim
+    # Sliding layers, and unquantized two-tensor global ones, go through sdpa (`model.attend`).
+    query = QUERY_COPIES + (SDPA_QUERY_COPIES if s.is_sliding or not (packed or kv.bits) else 0)
+    attention = chunk * heads * (keys + query * s.head_dim + OUTPUT_COPIES * width) * dtype_bytes + cache
     return max(attention, MLP_COPIES * chunk * text.intermediate_size * dtype_bytes)
 
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import DEFAULT_SLIDING_SLACK, GlobalCache, SlidingWindowCache, vision_blocks
-from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig
+from .config import LayerSpec, ModelConfig, RopeSpec, TextConfig, whole_groups
 from .embedders import MultimodalEmbedder, VisionEmbedder
 from .errors import InputError
 from .prompt import token_types
@@ -63,25 +63,36 @@ class RoPE(nn.Module):
                             freqs=self._freqs)
 
 
-def attend(q: mx.array, k, v, mask, cache) -> mx.array:
+def attend(q: mx.array, k, v, mask, cache):
     """Attention (scale 1.0: q_norm and k_norm take the place of 1/sqrt(d)) over keys/values as
-    the cache stores them. Quantized storage is read as codes, scales and biases by
-    quantized_matmul: dequantizing first would write and read the whole cache again each step."""
+    the cache stores them. `v` may be a list of arrays (the packed global cache, spec 9): each
+    is weighted by the same probabilities, and a list of outputs comes back. Quantized storage
+    is read as codes, scales and biases by quantized_matmul: dequantizing first would write and
+    read the whole cache again each step."""
+    if isinstance(v, list):
+        return folded_attention(q, k, v, mask, cache.group_size, cache.bits)
     if isinstance(k, tuple):
-        return quantized_attention(q, k, v, mask, cache.group_size, cache.bits)
+        return folded_attention(q, k, [v], mask, cache.group_size, cache.bits)[0]
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
 
 
-def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int) -> mx.array:
-    """softmax(q k^T + mask) v with k and v quantized (codes, scales, biases). The query heads that
-    share a kv head are folded into rows, [B, kv heads, heads per kv head * L, D], so each
-    quantized_matmul multiplies by the cache as stored. mlx-lm's quantized attention broadcasts
-    the cache over a heads axis instead, which the CPU kernel materialises: about 33 times the
-    12B's 8-bit global cache per step (peak and time: `python -m benchmarks.kv_attention`)."""
+def _matmul(x: mx.array, w, transpose: bool, group_size: int, bits: int) -> mx.array:
+    """x @ w (w.T with `transpose`) for w an array or (codes, scales, biases)."""
+    if isinstance(w, tuple):
+        return mx.quantized_matmul(x, *w, transpose=transpose, group_size=group_size, bits=bits)
+    return x @ (w.swapaxes(-1, -2) if transpose else w)
+
+
+def folded_attention(q: mx.array, k, values: list, mask, group_size: int, bits: int) -> list:
+    """[softmax(q k^T + mask) v for v in values], each array (or quantized tuple) read as stored.
+    The query heads that share a kv head are folded into rows, [B, kv heads, heads per kv head
+    * L, D], so each matmul multiplies by the cache as it is. mlx-lm's quantized attention
+    broadcasts the cache over a heads axis instead, which the CPU kernel materialises: about 33
+    times the 12B's 8-bit global cache per step (peak and time: `python -m benchmarks.kv_attention`)."""
     B, heads, L, D = q.shape
-    kv_heads = k[0].shape[1]
+    kv_heads = (k[0] if isinstance(k, tuple) else k).shape[1]
     rows = q.reshape(B, kv_heads, heads // kv_heads * L, D)
-    scores = mx.quantized_matmul(rows, *k, transpose=True, group_size=group_size, bits=bits)
+    scores = _matmul(rows, k, True, group_size, bits)
     if mask is not None:
         scores = scores.reshape(B, kv_heads, heads // kv_heads, L, -1)
         if isinstance(mask, str):  # "causal": the last query sees the last key
@@ -92,8 +103,7 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, 
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min) if mask.dtype == mx.bool_ else scores + mask
         scores = scores.reshape(B, kv_heads, heads // kv_heads * L, -1)
     probs = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
-    return out.reshape(B, heads, L, -1)
+    return [_matmul(probs, v, False, group_size, bits).reshape(B, heads, L, -1) for v in values]
 
 
 class Attention(nn.Module):
@@ -122,49 +132,75 @@ class Attention(nn.Module):
         v = self.v_norm(v_raw).transpose(0, 2, 1, 3)
         k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset)
         if getattr(cache, "one_tensor", False):
-            # One array is both keys and values: one read per step, and only new tokens are roped.
-            t = cache.update_and_fetch_one(self.pack(k, v, cache))
-            o = attend(self.packed_query(q, cache), t, t, mask, cache)[..., :self.head_dim]
+            # One tensor's worth of keys and values; only new tokens are roped.
+            scored, rotated_n = cache.update_and_fetch_packed(self.pack(k, v, cache))
+            o_scored, o_rotated = attend(self.packed_query(q, cache), scored, [scored, rotated_n], mask, cache)
+            o = self._merge(o_rotated[..., :self._rotated_width], o_scored[..., :self._passing_width])
         else:
             k, v = cache.update_and_fetch(k, v)
             o = attend(q, k, v, mask, cache)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    # The packed global cache (spec 9, `LayerSpec.packed_widths`). Partial RoPE rotates dims
+    # [0, rp) and their rotate-half partners [d/2, d/2 + rp); the other dims pass through, where
+    # K = N * w_k. Per token it stores `scored` = [N over the passing dims, K over the rotated
+    # ones] (head_dim wide) and N over the rotated dims. Scores read `scored` once, with the
+    # query rewritten to match; the values are N, i.e. `scored`'s first part beside the second
+    # array. So a step reads 2 * head_dim + 2 * rp values per token (1,152 for the 12B) of the
+    # 640 stored, where keys and values apart would store and read 1,024.
+
+    @property
+    def _rotated_width(self) -> int:
+        return 2 * self.spec.rope.rotated_pairs
+
+    @property
+    def _passing_width(self) -> int:
+        return self.head_dim - self._rotated_width
+
     def _rotated(self, x: mx.array) -> mx.array:
-        """The dims partial RoPE rotates: [0, rp) and their rotate-half partners [d/2, d/2 + rp)."""
         half, rp = self.head_dim // 2, self.spec.rope.rotated_pairs
         return mx.concatenate([x[..., :rp], x[..., half:half + rp]], axis=-1)
 
-    def _pad(self, x: mx.array, cache) -> mx.array:
-        """Zeros up to the packed width (whole quantization groups; none for the 12B's 640)."""
-        extra = self.spec.packed_width(cache.bits and cache.group_size) - x.shape[-1]
+    def _passing(self, x: mx.array) -> mx.array:
+        half, rp = self.head_dim // 2, self.spec.rope.rotated_pairs
+        return mx.concatenate([x[..., rp:half], x[..., half + rp:]], axis=-1)
+
+    def _merge(self, rotated: mx.array, passing: mx.array) -> mx.array:
+        """The head dims in order again, from `_rotated` and `_passing` parts."""
+        half, rp = self.head_dim // 2, self.spec.rope.rotated_pairs
+        return mx.concatenate([rotated[..., :rp], passing[..., :half - rp], rotated[..., rp:],
+                               passing[..., half - rp:]], axis=-1)
+
+    @staticmethod
+    def _groups(x: mx.array, cache) -> mx.array:
+        """x zero-padded to whole quantization groups of the cache (none for the 12B's widths)."""
+        extra = whole_groups(x.shape[-1], cache.bits and cache.group_size) - x.shape[-1]
         return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
 
-    def pack(self, k: mx.array, v: mx.array, cache) -> mx.array:
-        """T = [N, rotated dims of K] per token (spec 9): V = N, and outside the rotated dims
-        K = N * w_k, so `packed_query` can score against N there."""
-        return self._pad(mx.concatenate([v, self._rotated(k)], axis=-1), cache)
+    def pack(self, k: mx.array, v: mx.array, cache) -> list:
+        """The new tokens' [scored, rotated N] (v is N)."""
+        scored = [self._groups(self._passing(v), cache), self._groups(self._rotated(k), cache)]
+        return [mx.concatenate(scored, axis=-1), self._groups(self._rotated(v), cache)]
 
     def packed_query(self, q: mx.array, cache) -> mx.array:
-        """q' with q'.T = q.K: [q * w_k with the rotated dims zeroed, q's rotated dims]. q * w_k
-        is formed in float32 and rounded once; N is stored rounded, so in bfloat16 the scores
-        differ from q . bf16(N * w_k) by rounding (spec 9 caveat)."""
-        d, rp = self.head_dim, self.spec.rope.rotated_pairs
-        dim = mx.arange(d)
-        still = ((dim % (d // 2)) >= rp).astype(mx.float32)
-        passing = (q.astype(mx.float32) * (self.k_norm.weight.astype(mx.float32) * still)).astype(q.dtype)
-        return self._pad(mx.concatenate([passing, self._rotated(q)], axis=-1), cache)
+        """q' with q'.scored = q.K: [q * w_k over the passing dims, q over the rotated ones].
+        q * w_k is formed in float32 and rounded once; N is stored rounded, so in bfloat16 the
+        scores differ from q . bf16(N * w_k) by rounding (spec 9 caveat)."""
+        w = self._passing(self.k_norm.weight).astype(mx.float32)
+        passing = (self._passing(q).astype(mx.float32) * w).astype(q.dtype)
+        return mx.concatenate([self._groups(passing, cache), self._groups(self._rotated(q), cache)], axis=-1)
 
     def cached_kv(self, cache, last: Optional[int] = None) -> tuple[mx.array, mx.array]:
         """Keys and values of the (newest `last`) cached tokens, in time order, as this layer
         attends to them: what the MTP drafter reads (spec 8)."""
         stored = cache.fetch(last)
-        if len(stored) == 1:  # one packed tensor: V = N, K = N * w_k with the rotated dims put back
-            t, d, half, rp = stored[0], self.head_dim, self.head_dim // 2, self.spec.rope.rotated_pairs
-            v, k = t[..., :d], self.k_norm.rescale(t[..., :d])
-            k = mx.concatenate([t[..., d:d + rp], k[..., rp:half], t[..., d + rp:d + 2 * rp], k[..., half + rp:]], -1)
-            return k, v
-        return stored[0], stored[1]
+        if not getattr(cache, "one_tensor", False):
+            return stored[0], stored[1]
+        scored, rotated_n = stored
+        v = self._merge(rotated_n[..., :self._rotated_width], scored[..., :self._passing_width])
+        start = whole_groups(self._passing_width, cache.bits and cache.group_size)
+        k_rotated = scored[..., start:start + self._rotated_width]
+        return self._merge(k_rotated, self._passing(self.k_norm.rescale(v))), v
 
 
 class MLP(nn.Module):

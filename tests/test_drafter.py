@@ -227,8 +227,9 @@ def test_shared_kv_matches_reference_cache(target, kv_prompt, kind):
     ids, ref = kv_prompt
     cache = target.make_cache(**options)
     target(mx.array([ids]), cache=cache)
-    assert len(cache[last_layers(target)[FULL]].state) == (1 if options["one_tensor"] else 2) * (
-        3 if "kv_bits" in options else 1)  # one or two stored tensors, quantized: codes, scales, biases
+    full = cache[last_layers(target)[FULL]]
+    assert full.one_tensor == options["one_tensor"] and len(full.state) == 2 * (
+        3 if "kv_bits" in options else 1)  # two stored arrays, quantized: codes, scales, biases
     kv = target.shared_kv(cache)
     assert kv[SLIDING][0].shape[2] == W + 1 and kv[FULL][0].shape[2] == len(ids)
     for t in (SLIDING, FULL):

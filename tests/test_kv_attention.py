@@ -78,12 +78,12 @@ def test_quantized_cache_logits_equal_dequantize_then_attend(model, monkeypatch,
         return logits
 
     direct = run()
-    monkeypatch.setattr(model_module, "quantized_attention",
-                        lambda q, k, v, mask, group_size, bits: dequantize_then_attend(q, k, v, 1.0, mask, group_size, bits))
+    monkeypatch.setattr(model_module, "folded_attention", lambda q, k, values, mask, group_size, bits:
+                        [dequantize_then_attend(q, k, v, 1.0, mask, group_size, bits) for v in values])
     assert rel_err(direct, run()) <= 1e-5
 
 
-def test_decode_step_ropes_only_the_new_token_and_reads_one_array(model, monkeypatch):
+def test_decode_step_ropes_only_the_new_token_and_reads_the_stored_arrays(model, monkeypatch):
     cache = model.make_cache()
     feed(model, cache, ids_of(5 * W), 7)
     roped, read = [], []
@@ -92,9 +92,13 @@ def test_decode_step_ropes_only_the_new_token_and_reads_one_array(model, monkeyp
     monkeypatch.setattr(model_module, "attend", lambda q, k, v, mask, c: read.append((k, v, c)) or attend(q, k, v, mask, c))
     model(mx.array([[5]]), cache=cache)
     assert set(roped) == {1}  # queries and the new key: nothing over the cached tokens
-    packed = [(k, v) for k, v, c in read if getattr(c, "one_tensor", False)]
+    packed = [(k, v, c) for k, v, c in read if getattr(c, "one_tensor", False)]
     spec = next(s for s in model.config.text_config.layers if s.packs_kv)
-    assert packed and all(k is v and k.shape[2:] == (5 * W + 1, spec.packed_width()) for k, v in packed)
+    widths = spec.packed_widths()
+    for k, v, c in packed:  # the scores read the first stored array, the values both: nothing derived
+        assert v[0] is k and [x.shape[2:] for x in v] == [(5 * W + 1, w) for w in widths]
+        assert all(x.shape[-1] == s.shape[-1] for x, s in zip(v, c.stored))
+    assert packed
 
 
 def test_one_tensor_cached_kv_are_the_true_keys_and_values(model):
