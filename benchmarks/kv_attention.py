@@ -36,6 +36,7 @@ from benchmarks.kv_memory import config
 from benchmarks.synthetic import fill_global
 from mlx_gemma import model as model_module
 from mlx_gemma.cache import GlobalCache
+from mlx_gemma.config import whole_groups
 from mlx_gemma.model import Attention
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
@@ -94,9 +95,9 @@ def mlx_lm_step(attn: Attention, x: mx.array, cache: GlobalCache, reads: list) -
 def filled(spec, kind: dict, context: int, packed: bool) -> GlobalCache:
     """A cache of `context` random tokens; `packed` False: stop 25's one-array layout."""
     cache = GlobalCache(kind["one_tensor"], kind.get("bits"), 64)
-    if kind["one_tensor"] and not packed:
-        x = mx.random.normal((1, 1, context, spec.packed_width(cache.bits and cache.group_size))) * 0.1
-        cache.update_and_fetch_packed([x])
+    if kind["one_tensor"] and not packed:  # [N, K over the rotated dims], in whole groups
+        width = spec.head_dim + whole_groups(2 * spec.rope.rotated_pairs, cache.bits and cache.group_size)
+        cache.update_and_fetch_packed([mx.random.normal((1, 1, context, width)) * 0.1])
     else:
         fill_global(cache, spec, context, scale=0.1)
     mx.eval(cache.state)
@@ -122,7 +123,7 @@ def measure(attn: Attention, spec, step, kind: dict, context: int, packed: bool,
             cache.trim(1)
         times.append((time.perf_counter() - t0) / steps * 1000)
     read = sum(b for _, b in reads)
-    fused = sum(b for i, (a, b) in enumerate(reads) if i == 0 or a != reads[i - 1][0])  # k is v: once
+    fused = sum(b for i, (a, b) in enumerate(reads) if i == 0 or a != reads[i - 1][0])  # k is v[0]: once
     return {"read_bytes": read, "stored_bytes": stored, "read_over_stored": read / stored,
             "fused_read_over_stored": fused / stored,
             "step_ms": statistics.median(times), "spread_ms": max(times) - min(times), "peak_bytes": peak}

@@ -16,8 +16,8 @@ code, at the same activation dtype:
 - verify(n): one target pass over n = K+1 tokens, its greedy tokens read back, and the cache
   trimmed again (what a round does with rejected drafts), for K = 1..8;
 - one draft step (one draft token). mlx-gemma also pays once per round for exporting the
-  target's K/V to the drafter (`Model.shared_kv`: the global keys are re-derived from the one
-  stored tensor); mlx-vlm reads them from the verify pass, but projects the target's logits one
+  target's K/V to the drafter (`Model.shared_kv`: the global keys are re-derived from the packed
+  cache); mlx-vlm reads them from the verify pass, but projects the target's logits one
   position at a time until the first rejection, so each accepted draft costs it one more head.
 
 With acceptance a per draft token, a round yields E = (1 - a^(K+1)) / (1 - a) tokens and costs

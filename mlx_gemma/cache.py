@@ -83,14 +83,15 @@ class WholeSequence:
 
 
 class GlobalCache(_BaseCache):
-    """The growing cache of a global layer. It can store less: one tensor on k_eq_v layers,
-    and/or group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are cached.
+    """The growing cache of a global layer. It can store less: one tensor's worth on k_eq_v
+    layers, and/or group-quantized storage (kv_bits 4 or 8) once `quantize_after` tokens are
+    cached.
 
     One tensor: on k_eq_v layers with partial RoPE the layer stores one tensor's worth of keys
     and values per token, as two arrays (`update_and_fetch_packed`; `Attention.pack`, spec 9).
-    Two tensors: keys and values as usual (`update_and_fetch`). Updating returns what is stored, as it is stored:
-    arrays, or (codes, scales, biases) that attention reads without dequantizing
-    (`model.attend`); `fetch` returns full precision.
+    Two tensors: keys and values as usual (`update_and_fetch`). Updating returns what is
+    stored, as it is stored: arrays, or (codes, scales, biases) that attention reads without
+    dequantizing (`model.attend`); `fetch` returns full precision.
     """
 
     step = 256

@@ -98,7 +98,8 @@ class LayerSpec:
         scored ([N over the dims RoPE leaves alone, K over the 2 * rotated_pairs it rotates]:
         head_dim wide) and N over the rotated dims, which only the values need (128 for the
         12B). Quantized, each of the three pieces fills whole groups (zero-padded), so no group
-        mixes N with K."""
+        mixes N with K; that costs nothing at the 12B's widths (384 / 128 / 128), but pads a
+        narrow head: 3 groups of 128 for a head dim of 32."""
         rotated = whole_groups(2 * self.rope.rotated_pairs, group_size)
         return whole_groups(self.head_dim - 2 * self.rope.rotated_pairs, group_size) + rotated, rotated
 

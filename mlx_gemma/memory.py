@@ -131,7 +131,7 @@ def element_bytes(dtype_bytes: int, bits: Optional[int], group_size: int) -> flo
 
 
 def global_values_per_token(s: LayerSpec, kv: KVOptions) -> int:
-    """Values a global layer caches per token: one packed tensor (640 per kv head for the 12B,
+    """Values a global layer caches per token: the packed arrays (640 per kv head for the 12B,
     spec 9) or keys and values."""
     per_head = s.packed_width(kv.bits and kv.group_size) if (kv.one_tensor and s.packs_kv) else 2 * s.head_dim
     return s.num_kv_heads * per_head
@@ -158,8 +158,11 @@ def prefill_chunk(text: TextConfig, context: int, step: int, dtype_bytes: int) -
 # measured per piece and checked whole by tests/test_memory.py (the layer) and
 # `python -m benchmarks.prefill_memory` (a prefill). Metal fuses the query's norm and RoPE:
 # fewer copies there, so the plan errs on the safe side.
-QUERY_COPIES = 7  # the query's projection, norm and RoPE, and attention's own copy of it
-SDPA_QUERY_COPIES = 1  # one more where mx.fast.scaled_dot_product_attention runs (its CPU fallback scales a copy)
+QUERY_COPIES = 7  # the query's projection, norm and RoPE
+# A sliding layer holds about two query-sized arrays more: its keys and values (8 kv heads, each
+# half the query's size, where a global layer's one kv head is a sixteenth) and the copy of the
+# query that sdpa's CPU fallback scales. Measured 0.97x of the plan with them, 1.01-1.07x without.
+SLIDING_EXTRA_COPIES = 2
 OUTPUT_COPIES = 2  # attention's output and its relayout for o_proj
 MLP_COPIES = 6  # gate and up projections, the GELU product: each twice
 
@@ -167,9 +170,10 @@ MLP_COPIES = 6  # gate and up projections, the GELU product: each twice
 def layer_activation_bytes(text: TextConfig, s: LayerSpec, kv: KVOptions, chunk: int, context: int,
                            dtype_bytes: int) -> int:
     """Peak temporaries of layer `s` over `chunk` new tokens with `context` cached: attention
-    (one copy of its scores: the softmax overwrites them; the query; the output, as wide as the
-    packed cache for a one-tensor layer; the layer's cache as it was, while it is copied into
-    its grown buffer), or the MLP after it, whichever is larger."""
+    (one copy of its scores: the softmax overwrites them; the query, and in a sliding layer its
+    keys and values; the output, as wide as the packed cache for a one-tensor layer; the
+    layer's cache as it was, while it is copied into its grown buffer), or the MLP after it,
+    whichever is larger."""
     heads = text.num_attention_heads
     if s.is_sliding:
         keys = min(context, text.sliding_window - 1 + kv.sliding_slack) + chunk
@@ -177,10 +181,8 @@ def layer_activation_bytes(text: TextConfig, s: LayerSpec, kv: KVOptions, chunk:
     else:
         keys = context + chunk
         cache = int(global_values_per_token(s, kv) * element_bytes(dtype_bytes, kv.bits, kv.group_size) * context)
-    packed = kv.one_tensor and s.packs_kv
-    width = s.packed_width(kv.bits and kv.group_size) if packed else s.head_dim
-    # Sliding layers, and unquantized two-tensor global ones, go through sdpa (`model.attend`).
-    query = QUERY_COPIES + (SDPA_QUERY_COPIES if s.is_sliding or not (packed or kv.bits) else 0)
+    width = s.packed_width(kv.bits and kv.group_size) if (kv.one_tensor and s.packs_kv) else s.head_dim
+    query = QUERY_COPIES + (SLIDING_EXTRA_COPIES if s.is_sliding else 0)
     attention = chunk * heads * (keys + query * s.head_dim + OUTPUT_COPIES * width) * dtype_bytes + cache
     return max(attention, MLP_COPIES * chunk * text.intermediate_size * dtype_bytes)
 

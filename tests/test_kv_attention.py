@@ -27,41 +27,52 @@ def rel_err(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kv_heads, width", [(1, 640), (2, 64)], ids=["packed-mqa", "two-tensor-gqa"])
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("kv_heads, widths", [(1, (512, 128)), (2, (64, 64))], ids=["packed-mqa", "two-tensor-gqa"])
 @pytest.mark.parametrize("L, mask", [(1, None), (5, "causal"), (5, "window"), (5, "blocks")])
-def test_quantized_attention_equals_dequantize_then_attend(bits, kv_heads, width, L, mask):
+def test_folded_attention_equals_dequantize_then_attend(bits, kv_heads, widths, L, mask):
+    """What `attend` computes over the stored arrays (quantized or not) against sdpa over their
+    dequantized values: the packed cache's keys are its scored array, its values both arrays."""
     T = 300
     cache = GlobalCache(bits=bits, group_size=64)
-    q = mx.random.normal((1, 8, L, width), key=mx.random.key(0))
-    k, v = (cache._quantize(mx.random.normal((1, kv_heads, T, width), key=mx.random.key(i))) for i in (1, 2))
+    q = mx.random.normal((1, 8, L, widths[0]), key=mx.random.key(0))
+    stored = [mx.random.normal((1, kv_heads, T, w), key=mx.random.key(i + 1)) for i, w in enumerate(widths)]
+    if bits:
+        stored = [cache._quantize(x) for x in stored]
     if mask == "window":
         mask = window_mask(L, T - L, 0, T, 64)
     elif mask == "blocks":
         mask = window_mask(L, T - L, 0, T, None, blocks=np.array([[-1, 0, 0, 0, -1]]))
-    got = model_module.attend(q, k, v, mask, cache)
-    want = dequantize_then_attend(q, k, v, 1.0, mask, 64, bits)
-    assert rel_err(got, want) <= 1e-5
+    packed = kv_heads == 1
+    got = model_module.attend(q, stored[0], stored if packed else stored[1], mask, cache)
+    dense = [mx.dequantize(*x, group_size=64, bits=bits) if bits else x for x in stored]
+    values = dense if packed else dense[1:]
+    want = [mx.fast.scaled_dot_product_attention(q, dense[0], v, scale=1.0, mask=mask) for v in values]
+    for g, w in zip(got if packed else [got], want):
+        assert g.shape == w.shape and rel_err(g, w) <= 1e-5
 
 
+@pytest.mark.parametrize("bits", [None, 8])
 @pytest.mark.parametrize("L", [1, 64])
-def test_quantized_attention_holds_no_copy_of_the_cache(L):
-    """16 query heads on one kv head, the 12B's global layer: the cache is multiplied as stored,
-    not broadcast over the heads (mlx-lm's quantized attention holds ~33x this 8-bit cache at
-    decode on the CPU backend, benchmarks/results/kv_attention.md); what it holds beyond its
-    inputs is the scores and the output."""
-    T, heads, width = 8192, 16, 640
-    cache = GlobalCache(bits=8, group_size=64)
-    q = mx.random.normal((1, heads, L, width), key=mx.random.key(0))
-    t = cache._quantize(mx.random.normal((1, 1, T, width), key=mx.random.key(1)))
+def test_folded_attention_holds_no_copy_of_the_cache(L, bits):
+    """16 query heads on one kv head, the 12B's global layer and its packed cache: the arrays
+    are multiplied as stored, not broadcast over the heads (mlx-lm's quantized attention holds
+    ~33x an 8-bit cache at decode on the CPU backend, benchmarks/results/kv_attention.md); what
+    it holds beyond its inputs is the scores and the outputs."""
+    T, heads, widths = 8192, 16, (512, 128)
+    cache = GlobalCache(bits=bits, group_size=64)
+    q = mx.random.normal((1, heads, L, widths[0]), key=mx.random.key(0))
+    stored = [mx.random.normal((1, 1, T, w), key=mx.random.key(i + 1)) for i, w in enumerate(widths)]
+    stored = [cache._quantize(x) for x in stored] if bits else stored
     mask = None if L == 1 else window_mask(L, T - L, 0, T, None)
-    mx.eval(q, t)
+    mx.eval(q, stored)
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    mx.eval(model_module.attend(q, t, t, mask, cache))
-    scores, out = heads * L * T * 4, heads * L * width * 4
-    assert mx.get_peak_memory() - base <= 1.1 * (scores + out) + sum(p.nbytes for p in t) // 4
+    mx.eval(model_module.attend(q, stored[0], stored, mask, cache))
+    scores, out = heads * L * T * 4, heads * L * sum(widths) * 4
+    cache_bytes = sum(p.nbytes for x in stored for p in (x if bits else (x,)))
+    assert mx.get_peak_memory() - base <= 1.1 * (scores + out) + cache_bytes // 4
 
 
 @pytest.mark.parametrize("one_tensor", [True, False], ids=["one-tensor", "two-tensor"])

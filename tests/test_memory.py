@@ -121,8 +121,9 @@ def test_a_prefill_chunk_through_a_layer_holds_what_the_planner_counts(index, kv
     at narrow widths, float32 on the CPU backend, a 128-token chunk past the window: the memory
     one layer holds beyond its input and the caches it was given (the grown cache included: the
     planner counts the one it replaces) is at most layer_activation_bytes, and close to it. The
-    two-tensor and the quantized global layers hold about 0.8x of it: the query's copies are
-    counted alike for every layer, and these hold fewer (the safe side)."""
+    two-tensor and the quantized global layers hold 0.77-0.86x of it (the safe side; where the
+    formula over-counts them is not found: not the query's copies alone). The least of three
+    runs: MLX's peak moves by about 1 MB between identical runs."""
     from benchmarks.kv_memory import config, fill
     from mlx_gemma.model import Model
 
@@ -131,16 +132,20 @@ def test_a_prefill_chunk_through_a_layer_holds_what_the_planner_counts(index, kv
     model = Model(cfg)
     model.set_dtype(mx.float32)
     text, context, chunk = cfg.text_config, 1280, 128
-    cache = model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size)
-    fill(cache, text.layers, context)
     x = mx.random.normal((1, chunk, text.hidden_size))
-    mx.eval(x, model.parameters(), [c.state for c in cache])
-    mask = cache[index].make_mask(chunk)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    mx.eval(model.language_model.model.layers[index](x, mask, cache[index]), cache[index].state)
-    held = mx.get_peak_memory() - base
+    mx.eval(x, model.parameters())
+    runs = []
+    for _ in range(3):
+        cache = model.make_cache(one_tensor=kv.one_tensor, kv_bits=kv.bits, kv_group_size=kv.group_size)
+        fill(cache, text.layers, context)
+        mask = cache[index].make_mask(chunk)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(model.language_model.model.layers[index](x, mask, cache[index]), cache[index].state)
+        runs.append(mx.get_peak_memory() - base)
+        del cache, mask
+    held = min(runs)
     planned = layer_activation_bytes(text, text.layers[index], kv, chunk, context, 4)
     assert text.layers[index].is_sliding == (index == 0)
     assert low * planned <= held <= 1.05 * planned, (held, planned)
