@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import wired_limit
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, make_frequency_penalty, make_logits_processors,
+                                 make_presence_penalty, make_sampler)
 
 from .backend import compiled_decode_pays
 from .cache import DecodeStep, reuse_prefix, vision_blocks
@@ -335,6 +336,42 @@ def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
     sampler = resolve_sampling(processor, temp, top_p, top_k, min_p).sampler()
     bias = {t: -float("inf") for t in processor.defaults.suppress_tokens}
     return sampler, make_logits_processors(logit_bias=bias or None)
+
+
+def completion_penalties(presence: float = 0.0, frequency: float = 0.0) -> Callable:
+    """OpenAI's presence and frequency penalties, over the tokens generated so far (mlx-lm's count
+    a fixed window of the history, which reaches into the prompt). A logits processor: it is
+    called once per generated token, so its n-th call sees n generated tokens at the end."""
+    calls = [0]
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        n, calls[0] = calls[0], calls[0] + 1
+        for make, value in ((make_presence_penalty, presence), (make_frequency_penalty, frequency)):
+            if n and value:
+                logits = make(value, n)(tokens, logits)
+        return logits
+
+    return process
+
+
+def thought_budget(processor, budget: int) -> Callable:
+    """Closes Gemma's thought channel once `budget` tokens were generated inside it (Anthropic's
+    `budget_tokens`): then only the channel's end token may come. Kept lazy (no `.item()`), so the
+    next step is still queued before a token is read."""
+    start, end = processor.thought_start_id, processor.thought_end_id
+    state = {"thinking": mx.array(False), "count": mx.array(0), "calls": 0}
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if state["calls"]:
+            last = tokens[-1]
+            thinking = mx.where(last == start, True, mx.where(last == end, False, state["thinking"]))
+            state["count"] = mx.where(last == start, 0, state["count"] + thinking)
+            state["thinking"] = thinking
+        state["calls"] += 1
+        only_end = mx.where(mx.arange(logits.shape[-1]) == end, 0.0, -mx.inf).astype(logits.dtype)
+        return mx.where(state["thinking"] & (state["count"] >= budget), only_end, logits)
+
+    return process
 
 
 def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True,

@@ -167,9 +167,10 @@ def test_models_health_and_the_log_line(server, hf_checkpoint):
     assert server.request("GET", "/health")[:2] == (200, {"status": "ok", "busy": False, "waiting": 0})
     before = len(server.log_lines())
     models = server.client().models.list()
-    assert [m.id for m in models.data] == [str(hf_checkpoint)]
+    assert [m.id for m in models.data] == [hf_checkpoint.name]  # the folder's name, not a path
     line = server.log_lines(before + 1)[-1]
     assert re.search(r"GET /v1/models 200 prompt=- cached=- generated=- \d+\.\d+s$", line), line
+    assert server.client().models.retrieve("gpt-4o").id == "gpt-4o"  # any name is served
 
 
 def test_greedy_chat_equals_generate_streamed_and_not(server, model, processor):
@@ -351,28 +352,32 @@ HOSTILE = [  # id, path, body (dict or bytes), extra headers, status, message re
     ("malformed-json", CHAT, b'{"messages": [', {}, 400, r"not valid JSON", None),
     ("not-utf8", CHAT, b"\xff\xfe\x00", {}, 400, r"not valid JSON", None),
     ("json-array", CHAT, b"[1, 2]", {}, 400, r"must be a JSON object", None),
-    ("no-messages", CHAT, {"max_tokens": 4}, {}, 400, r"messages: must be a non-empty list", None),
-    ("messages-string", CHAT, {"messages": "hello"}, {}, 400, r"messages: must be a non-empty list", None),
-    ("bad-role", CHAT, {"messages": [{"role": "robot", "content": "x"}]}, {}, 400, r"role: 'robot'", None),
+    ("no-messages", CHAT, {"max_tokens": 4}, {}, 400, r"^messages: is required", None),
+    ("messages-string", CHAT, {"messages": "hello"}, {}, 400, r"^messages: must be a list", None),
+    ("messages-empty", CHAT, {"messages": []}, {}, 400, r"^messages: must not be empty", None),
+    ("bad-role", CHAT, {"messages": [{"role": "robot", "content": "x"}]}, {}, 400,
+     r"^messages\[0\]\.role: must be 'system', .* got 'robot'", None),
     ("content-number", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, 400, r"content: must be a string",
      None),
     ("unknown-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "file"}]}]}, {}, 400,
-     r"expected a part of type", None),
+     r"^messages\[0\]\.content\[0\]: type 'file' is not one of 'text', 'image_url', 'input_audio', 'video_url'",
+     None),
     ("negative-max-tokens", CHAT, {"messages": HELLO, "max_tokens": -5}, {}, 400, r"max_tokens: must be at least 1",
      None),
     ("zero-max-tokens", CHAT, {"messages": HELLO, "max_completion_tokens": 0}, {}, 400,
      r"max_completion_tokens: must be at least 1", None),
     ("max-tokens-string", CHAT, {"messages": HELLO, "max_tokens": "ten"}, {}, 400,
      r"max_tokens: must be a whole number", None),
-    ("negative-temperature", CHAT, {"messages": HELLO, "temperature": -1}, {}, 400, r"^temperature -1: must be", None),
-    ("top-p-over-1", CHAT, {"messages": HELLO, "top_p": 2}, {}, 400, r"^top_p 2: must be", None),
-    ("n-3", CHAT, {"messages": HELLO, "n": 3}, {}, 400, r"n: only n = 1 is supported", None),
+    ("negative-temperature", CHAT, {"messages": HELLO, "temperature": -1}, {}, 400, r"^temperature -1(\.0)?: must be",
+     None),
+    ("top-p-over-1", CHAT, {"messages": HELLO, "top_p": 2}, {}, 400, r"^top_p 2(\.0)?: must be", None),
+    ("n-3", CHAT, {"messages": HELLO, "n": 3}, {}, 400, r"^n: must be 1, got 3", None),
+    ("penalty-over-2", CHAT, {"messages": HELLO, "presence_penalty": 3}, {}, 400,
+     r"^presence_penalty: must be from -2 to 2", None),
     ("unknown-field", CHAT, {"messages": HELLO, "foo": 1}, {}, 400, r"foo: not a supported parameter", None),
     ("top-logprobs", CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 50}, {}, 400,
      r"top_logprobs: must be from 0 to 20", None),
     ("stream-not-bool", CHAT, {"messages": HELLO, "stream": "yes"}, {}, 400, r"stream: must be a boolean", None),
-    ("unknown-model", CHAT, {"messages": HELLO, "model": "gpt-4"}, {}, 404, r"'gpt-4' is not served here; this "
-     r"server serves '.+'", "model_not_found"),
     ("wrong-api-key", CHAT, {"messages": HELLO}, {"Authorization": "Bearer nope"}, 401, r"invalid or missing API key",
      "invalid_api_key"),
     ("no-api-key", "/v1/models", None, {"Authorization": ""}, 401, r"invalid or missing API key", "invalid_api_key"),
@@ -396,7 +401,7 @@ HOSTILE = [  # id, path, body (dict or bytes), extra headers, status, message re
     ("json-integer-too-long", CHAT, b'{"max_tokens": ' + b"1" * 5000 + b"}", {}, 400, r"the body is not valid JSON",
      None),
     ("top-k-infinite", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_k": Infinity}', {}, 400,
-     r"^top_k inf: must be a whole number", None),
+     r"^top_k: must be a whole number", None),
     ("tool-call-id-a-list", CHAT, {"messages": [user("hi"), {"role": "assistant", "content": "", "tool_calls": [
         {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, {}, 400,
      r"tool_calls\[0\]\.id: must be a string", None),
@@ -409,10 +414,9 @@ HOSTILE = [  # id, path, body (dict or bytes), extra headers, status, message re
      "context_length_exceeded"),
     ("image-budget", CHAT, {"messages": HELLO, "image_budget": 123}, {}, 400, r"image_budget: must be one of", None),
     ("template-kwargs", CHAT, {"messages": HELLO, "chat_template_kwargs": {"x": 1}}, {}, 400,
-     r"only enable_thinking", None),
+     r"^chat_template_kwargs\.x: not a supported parameter", None),
     ("tool-choice", CHAT, {"messages": HELLO, "tool_choice": "required"}, {}, 400, r"tool_choice: only", None),
-    ("completion-no-prompt", "/v1/completions", {"max_tokens": 3}, {}, 400, r"prompt: must be a non-empty string",
-     None),
+    ("completion-no-prompt", "/v1/completions", {"max_tokens": 3}, {}, 400, r"^prompt: is required", None),
     ("no-such-route", "/v1/nothing", {}, {}, 404, r"/v1/nothing: Not Found", None),
 ]
 
@@ -615,9 +619,10 @@ FORCING_BOOT = """
 import json, sys
 import mlx.core as mx
 import mlx_gemma.generation as generation
-import mlx_gemma.server as server
+import mlx_gemma.server.engine as engine
+from mlx_gemma.server import main
 forced, state = json.loads(sys.argv.pop(1)), {"force": None}
-real_sampling, real_run = generation.make_sampling, server.Engine._run
+real_sampling, real_run = generation.make_sampling, engine.Engine._run
 def make_sampling(processor, **kwargs):
     sampler, processors = real_sampling(processor, **kwargs)
     if state["force"] is None:
@@ -625,11 +630,12 @@ def make_sampling(processor, **kwargs):
     tokens, last = iter(state["force"]), state["force"][-1]
     return (lambda logprobs: mx.array([next(tokens, last)])), processors
 def run(self, job):
-    user_last = job.messages is not None and job.messages[-1]["role"] == "user"
-    state["force"] = forced["tools"] if job.tools and user_last else forced["thinking"] if job.enable_thinking else None
+    r = job.request
+    user_last = r.messages is not None and r.messages[-1]["role"] == "user"
+    state["force"] = forced["tools"] if r.tools and user_last else forced["thinking"] if r.thinking else None
     return real_run(self, job)
-generation.make_sampling, server.Engine._run = make_sampling, run
-server.main()
+generation.make_sampling, engine.Engine._run = make_sampling, run
+main()
 """
 
 

@@ -1,0 +1,182 @@
+"""`python -m mlx_gemma.server`: flags, the memory plan of what the server may hold, and
+starting the engine and uvicorn (rank 0 serves HTTP; under mlx.launch the others follow)."""
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ArgumentParser, InputError, run_cli
+
+DEFAULT_MODEL = "google/gemma-4-12B-it"
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_BODY = 64 * 2**20
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m mlx_gemma.server",
+                       description="Serve Gemma 4 12B over HTTP: OpenAI Chat Completions and Responses, Anthropic "
+                                   "Messages.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id in responses and /v1/models (default: the checkpoint's folder name, or the "
+                        "repo id); requests may name any model")
+    p.add_argument("--adapter-path", default=None, metavar="DIR",
+                   help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
+                        "(default: none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on /v1/*")
+    p.add_argument("--cors-allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable "
+                        "(default: none)")
+    p.add_argument("--prompt-cache-bytes", type=int, default=None,
+                   help="bytes of KV-cache snapshots kept across requests (0 turns the prefix cache off; "
+                        "default: a quarter of the memory budget left after the weights)")
+    p.add_argument("--responses-store-count", type=int, default=1000,
+                   help="stored Responses kept for previous_response_id, least recently used out first")
+    p.add_argument("--responses-store-bytes", type=int, default=256 * 2**20,
+                   help="bytes of stored Responses (their conversations, media included)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="reply tokens when a request does not say")
+    p.add_argument("--temp", type=float, default=None,
+                   help="default temperature (default: the checkpoint's generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--kv-bits", type=int, default=None, help="quantize the global layers' KV cache (4 or 8)")
+    p.add_argument("--memory-limit", default=None, help="memory budget, e.g. 10GB (decimal) or 10GiB (default: "
+                   "Metal's recommended working set on a Mac, physical memory elsewhere); the served context "
+                   "is the longest the plan fits in it")
+    p.add_argument("--allow-local-media", action="store_true",
+                   help="let clients name files on this machine as media (off: only data URLs)")
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let clients give http(s) URLs of media, fetched by the server")
+    p.add_argument("--allow-long-media", action="store_true", help="accept audio over 30 s and video over 60 s")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body")
+    p.add_argument("--queue-size", type=int, default=32,
+                   help="requests waiting for the model; more are refused with 503")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "
+                        "and contexts) instead of splitting every layer's heads (tensor parallel, faster decode); "
+                        "rank 0 serves HTTP, the others follow it")
+    return p
+
+
+def served_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    path = Path(args.model)
+    return path.resolve().name if path.is_dir() else args.model
+
+
+def check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise InputError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
+
+
+def plan_server(path: Path, args, cluster=None) -> tuple[int, int]:
+    """(prefix-cache bytes, context) within the memory budget: by default a quarter of what the
+    weights leave goes to the prefix cache; a request may use the longest context whose plan
+    fits in the rest (the model's maximum where memory allows). Under mlx.launch each rank
+    plans its own part and all serve what the tightest one fits."""
+    from ..cluster import Cluster
+    from ..config import ModelConfig
+    from ..memory import KVOptions, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes, weight_bytes
+
+    cluster = cluster or Cluster()
+    config = ModelConfig.from_file(path / "config.json")
+    budget, kv = cluster.smallest(memory_budget(args.memory_limit)), KVOptions(bits=args.kv_bits)
+    dtype_bytes = run_dtype_bytes(path, config)
+    shares = cluster.shares(config, weight_bytes(path, dtype_bytes), args.pipeline)
+    cache_bytes = (args.prompt_cache_bytes if args.prompt_cache_bytes is not None
+                   else min(max(0, (budget - weights) // 4) for _, weights in shares))
+    for rank, (view, weights) in enumerate(shares):
+        if longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) == 0:
+            plan = make_plan(view, weights, 1, budget - cache_bytes, kv, dtype_bytes)
+            where = f"rank {rank}: " if cluster.size > 1 else ""
+            raise InputError(f"{path}: {where}{refusal(plan, view, kv, dtype_bytes)} (the prefix cache holds "
+                             f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
+    context = min(longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) for view, weights in shares)
+    return cache_bytes, context
+
+
+def check_flags(args) -> None:
+    """Flags first, before the seconds of importing MLX and the minutes of loading."""
+    for name in ("max_tokens", "queue_size", "max_body_bytes", "responses_store_count", "responses_store_bytes"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}")
+    if args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 0:
+        raise InputError(f"--prompt-cache-bytes: must be 0 (off) or more, got {args.prompt_cache_bytes}")
+    if args.kv_bits not in (None, 4, 8):
+        raise InputError(f"--kv-bits: must be 4 or 8, got {args.kv_bits}")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port: must be from 1 to 65535, got {args.port}")
+    for origin in args.cors_allow_origin or []:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise InputError(f"--cors-allow-origin {origin}: must be an origin like http://localhost:3000 (or *)")
+
+
+def serve(args, cluster) -> None:
+    """Rank 0 (the only one, unless launched) serves HTTP; the other ranks follow its engine."""
+    if cluster.rank == 0:
+        check_port(args.host, args.port)
+    import uvicorn
+
+    from ..generation import check_sampling
+    from ..loading import load, resolve_model_path
+    from ..memory import human
+    from .app import create_app
+    from .engine import Engine
+
+    check_sampling(args.temp, args.top_p, args.top_k, args.min_p)
+    path = resolve_model_path(args.model)
+    cluster.check_same_checkpoint(path)
+    cache_bytes, context = plan_server(path, args, cluster)
+    cluster.seed(None)
+    mode = "pipeline" if args.pipeline else "tensor"
+    engine = Engine(lambda: load(path, group=cluster.group, parallel=mode, adapter_path=args.adapter_path), args,
+                    cache_bytes, context, cluster)
+    if cluster.rank > 0:
+        # Ctrl-C in the terminal reaches every rank: rank 0 stops serving and then stops this one.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine.thread.join()
+        return
+    served = served_name(args)
+    app = create_app(engine, args, served)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    ranks = f", {cluster.size} ranks, {mode} parallel" if cluster.size > 1 else ""
+    logging.getLogger("mlx_gemma.server").info(
+        "serving %s as %r on http://%s:%d (context %d tokens, prefix cache %s%s)", args.model, served, args.host,
+        args.port, context, human(cache_bytes) if cache_bytes else "off", ranks)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        engine.close()
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = build_parser().parse_args(argv)
+
+    def work():
+        check_flags(args)
+        from ..cluster import join
+
+        cluster = join()  # one rank of several under mlx.launch, else a single process
+        with cluster.running():
+            serve(args, cluster)
+
+    run_cli(work, interrupted="server stopped")

@@ -1,0 +1,310 @@
+"""OpenAI Chat Completions (`/v1/chat/completions`) and Completions (`/v1/completions`): the
+wire format, translated to and from the internal `Request` / `Reply`."""
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field
+
+from ..errors import ApiError, not_supported
+from ..media import MediaPolicy, audio_item, detail_budget, image_item, one_budget, video_item
+from ..request import MAX_TOP_LOGPROBS, Reply, Request, thinking_for_effort
+from ..tools import call_for_template, function
+from .base import Body, tagged
+from .common import Count, Effort, OpenAISampling, Penalties, sse
+
+
+class ImageURL(Body):
+    url: str
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Body):
+    type: Literal["image_url"]
+    image_url: Union[str, ImageURL]
+
+
+class AudioData(Body):
+    data: str
+    format: str
+
+
+class AudioPart(Body):
+    type: Literal["input_audio"]
+    input_audio: AudioData
+
+
+class VideoURL(Body):
+    url: str
+
+
+class VideoPart(Body):
+    type: Literal["video_url"]
+    video_url: Union[str, VideoURL]
+
+
+Part = tagged(TextPart, ImagePart, AudioPart, VideoPart)
+
+
+class CalledFunction(Body):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"
+
+
+class ToolCall(Body):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[Part]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    # What an SDK echoes back of an earlier reply: past thoughts are left out of the prompt,
+    # as Gemma's template does; the rest is empty or informational.
+    reasoning: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    refusal: Optional[str] = None
+    annotations: Optional[list] = None
+    audio: None = None
+    function_call: None = None
+
+
+class FunctionDecl(Body):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDecl
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class TemplateKwargs(Body):
+    enable_thinking: bool = False
+
+
+class ChatRequest(OpenAISampling, Penalties):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Count = None
+    max_completion_tokens: Count = None
+    n: Optional[Literal[1]] = None
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[dict[str, Any]] = None
+    reasoning_effort: Effort = None
+    chat_template_kwargs: Optional[TemplateKwargs] = None
+    image_budget: Optional[int] = None
+
+
+class CompletionRequest(OpenAISampling, Penalties):
+    prompt: str = Field(min_length=1)
+    max_tokens: Count = None
+    n: Optional[Literal[1]] = None
+    stream_options: Optional[StreamOptions] = None
+    echo: Optional[Literal[False]] = None
+    logprobs: Optional[Literal[0]] = None
+
+
+def tool_choice(choice, has_tools: bool) -> bool:
+    """Whether tools are on: "auto" and "none" are honoured; forcing a call needs constrained
+    decoding, which this server does not do yet."""
+    if choice in (None, "auto"):
+        return has_tools
+    if choice == "none":
+        return False
+    raise not_supported("tool_choice", f"only 'auto' and 'none' are supported (got {json.dumps(choice)[:80]}): a "
+                                       "forced call needs constrained decoding, which this server does not have yet")
+
+
+def image_budget(given: Optional[int], budgets: set) -> Optional[int]:
+    from ... import media
+
+    if given is not None and given not in media.BUDGETS:
+        raise ApiError(400, f"image_budget: must be one of {', '.join(map(str, media.BUDGETS))}", param="image_budget")
+    return one_budget(budgets, given, "image_budget")
+
+
+def _content(content, policy: MediaPolicy, temp_files: list, budgets: set):
+    if content is None or isinstance(content, str):
+        return content or ""
+    items = []
+    for part in content:
+        if part.type == "text":
+            items.append({"type": "text", "text": part.text})
+        elif part.type == "image_url":
+            spec = part.image_url
+            if isinstance(spec, ImageURL):
+                detail_budget(spec.detail, budgets)
+            items.append(image_item(spec if isinstance(spec, str) else spec.url, policy, "image_url", "messages"))
+        elif part.type == "input_audio":
+            items.append(audio_item(part.input_audio.data, part.input_audio.format, policy, "input_audio",
+                                    "messages"))
+        else:
+            url = part.video_url if isinstance(part.video_url, str) else part.video_url.url
+            items.append(video_item(url, policy, temp_files, "video_url", "messages"))
+    return items
+
+
+def _arguments(arguments, at: str) -> dict:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        raise ApiError(400, f"{at}: arguments are not valid JSON", param="messages") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{at}: arguments must be a JSON object", param="messages")
+    return value
+
+
+def messages(body: list, policy: MediaPolicy, temp_files: list, budgets: set) -> list:
+    """Chat messages -> the library's (media decoded; paths only as the policy allows)."""
+    out, call_names = [], {}
+    for i, m in enumerate(body):
+        role = "system" if m.role == "developer" else m.role
+        message: dict[str, Any] = {"role": role,
+                                   "content": _content(m.content, policy, temp_files, budgets)}
+        if role == "assistant" and m.tool_calls:
+            message["tool_calls"] = [call_for_template(c.id, c.function.name,
+                                                       _arguments(c.function.arguments, f"messages[{i}].tool_calls[{j}]"))
+                                     for j, c in enumerate(m.tool_calls)]
+            call_names.update((c.id, c.function.name) for c in m.tool_calls)
+        if role == "tool":
+            # Gemma 4 names the function in its response block; OpenAI gives only the call's id.
+            name = m.name or call_names.get(m.tool_call_id)
+            message.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", name)) if v is not None})
+        out.append(message)
+    return out
+
+
+def chat_request(body: ChatRequest, policy: MediaPolicy) -> Request:
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise not_supported("response_format", "only {'type': 'text'} is supported until constrained decoding "
+                                               "lands")
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs: must be from 0 to {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs")
+    if top and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    thinking = (body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else False) \
+        or thinking_for_effort(body.reasoning_effort)
+    tools = [function(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
+    request = body.sampled(
+        max_tokens=body.max_completion_tokens or body.max_tokens, thinking=thinking,
+        tools=tools if tool_choice(body.tool_choice, bool(tools)) else None,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        top_logprobs=(top or 0) if body.logprobs else None, **body.penalties())
+    budgets: set = set()
+    try:
+        request.messages = messages(body.messages, policy, request.temp_files, budgets)
+        request.image_budget = image_budget(body.image_budget, budgets)
+    except BaseException:
+        from ..media import remove_files
+
+        remove_files(request.temp_files)
+        raise
+    return request
+
+
+def completion_request(body: CompletionRequest) -> Request:
+    return body.sampled(prompt=body.prompt, max_tokens=body.max_tokens, **body.penalties())
+
+
+FINISH = {"stop_sequence": "stop"}  # OpenAI says "stop" for an end of turn and a stop string alike
+
+
+def usage(reply: Reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.generated,
+            "total_tokens": reply.prompt_tokens + reply.generated,
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens}}
+
+
+def openai_calls(calls: list) -> list:
+    return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls]
+
+
+class Chat:
+    """Renders one reply as Chat Completions (`chat`) or Completions."""
+
+    def __init__(self, served: str, chat: bool, logprobs: bool = False, include_usage: bool = False):
+        self.served, self.chat, self.logprobs, self.include_usage = served, chat, logprobs, include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.kind = "chat.completion" if chat else "text_completion"
+
+    def _body(self, choices: list, **extra) -> dict:
+        kind = self.kind + ".chunk" if self.chat and extra.pop("chunk", False) else self.kind
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.served, "choices": choices,
+                **extra}
+
+    def response(self, reply: Reply) -> dict:
+        finish = FINISH.get(reply.finish, reply.finish)
+        if not self.chat:
+            return self._body([{"index": 0, "text": reply.text, "finish_reason": finish, "logprobs": None}],
+                              usage=usage(reply))
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text or (None if reply.calls else "")}
+        if reply.reasoning:
+            message["reasoning"] = reply.reasoning
+        if reply.calls:
+            message["tool_calls"] = openai_calls(reply.calls)
+        logprobs = {"content": reply.logprobs} if self.logprobs else None
+        return self._body([{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
+                          usage=usage(reply))
+
+    async def stream(self, generation):
+        pending: list = []  # logprobs ride with the next chunk
+
+        def chunk(fields: dict, finish=None) -> str:
+            if not self.chat:
+                choice = {"index": 0, "text": fields.get("content", ""), "finish_reason": finish, "logprobs": None}
+                return sse(self._body([choice]))
+            logprobs = {"content": pending[:]} if pending else None
+            pending.clear()
+            return sse(self._body([{"index": 0, "delta": fields, "finish_reason": finish, "logprobs": logprobs}],
+                                  chunk=True))
+
+        if self.chat:
+            yield chunk({"role": "assistant", "content": ""})
+        calls = 0
+        async for kind, value in generation.events():
+            if kind == "logprob":
+                pending.append(value)
+            elif kind == "reasoning":
+                yield chunk({"reasoning": value})
+            elif kind == "text":
+                yield chunk({"content": value})
+            else:
+                yield chunk({"tool_calls": [dict(openai_calls([value])[0], index=calls)]})
+                calls += 1
+        reply = generation.reply
+        yield chunk({}, FINISH.get(reply.finish, reply.finish))
+        if self.include_usage:
+            yield sse(self._body([], usage=usage(reply), chunk=True))
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def error(e: ApiError) -> str:
+        return sse(e.body())
