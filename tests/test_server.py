@@ -45,6 +45,7 @@ class Server:
     def __init__(self, checkpoint: Path, log: Path, *flags, boot=("-m", "mlx_gemma.server"),
                  ranks: int = 1):
         self.port, self.log_path, self.model = free_port(), log, str(checkpoint)
+        self.name = checkpoint.name  # the served model id
         self.log = open(log, "w")
         cmd = [sys.executable, *boot, "--model", str(checkpoint), "--port", str(self.port),
                "--api-key", KEY, "--max-tokens", "16", "--max-body-bytes", str(MAX_BODY), *flags]
@@ -613,7 +614,8 @@ CALLS = ('<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
 
 # The server with one test hook, its sampler forced to emit given token ids (argv[1], JSON) and
 # then the end of the turn: "tools" while tools are given and the user spoke last (as a model
-# that decided to call two tools would), "thinking" when thinking is on. Everything else
+# that decided to call two tools would), "thinking" when thinking is on, "after_tools" (if given)
+# once tool results came last. Everything else
 # (template, parsing, the thought split, HTTP) is the server's.
 FORCING_BOOT = """
 import json, sys
@@ -632,7 +634,9 @@ def make_sampling(processor, **kwargs):
 def run(self, job):
     r = job.request
     user_last = r.messages is not None and r.messages[-1]["role"] == "user"
-    state["force"] = forced["tools"] if r.tools and user_last else forced["thinking"] if r.thinking else None
+    tool_last = r.messages is not None and r.messages[-1]["role"] == "tool"
+    state["force"] = (forced["tools"] if r.tools and user_last else forced["thinking"] if r.thinking
+                      else forced.get("after_tools") if tool_last else None)
     return real_run(self, job)
 generation.make_sampling, engine.Engine._run = make_sampling, run
 main()
