@@ -101,3 +101,42 @@ def test_chat_cache_ids_match_the_cache_in_thinking_mode(model, processor):
     # What the cache holds is the prompt and the reply as generated, markers included.
     tail = [tok(processor, "<channel|>"), *processor.encode("ok", add_special_tokens=False), tok(processor, "<turn|>")]
     assert chat.cached_ids[-len(tail):] == tail
+
+
+def test_completion_penalties_follow_openais_formula():
+    """logit - frequency x count - presence x (count > 0), over the generated tokens only."""
+    import numpy as np
+
+    from mlx_gemma.generation import completion_penalties
+
+    process = completion_penalties(presence=0.5, frequency=0.25)
+    prompt, generated = [3, 3, 4], [5, 5, 5, 6]
+    outs = [np.array(process(mx.array(prompt + generated[:n]), mx.zeros((1, 10))))[0]
+            for n in range(len(generated) + 1)]  # the n-th call sees n generated tokens
+    expected = np.zeros(10)
+    expected[5], expected[6] = -(3 * 0.25 + 0.5), -(0.25 + 0.5)
+    np.testing.assert_allclose(outs[-1], expected)
+    assert not outs[0].any() and outs[1][5] == -0.75 and not outs[1][3]  # the prompt's 3s are not counted
+
+
+def test_thought_budget_closes_the_channel_after_budget_tokens(model, processor):
+    from mlx_gemma.generation import make_sampling, thought_budget
+
+    start, end = processor.thought_start_id, processor.thought_end_id
+    calls = [0]
+
+    def open_thought(tokens, logits):  # the model opens its thought channel at once
+        calls[0] += 1
+        return mx.where(mx.arange(logits.shape[-1]) == start, 0.0, -mx.inf + logits) if calls[0] == 1 else logits
+
+    def tokens(budget):
+        calls[0] = 0
+        _, processors = make_sampling(processor, temp=0.0)
+        return [r.token for r in stream_generate(model, processor, "q", temp=0.0, max_tokens=12,
+                                                 logits_processors=[open_thought, *processors,
+                                                                    thought_budget(processor, budget)])]
+
+    capped = tokens(3)
+    assert capped[0] == start and capped[4] == end and end not in capped[1:4]  # three thought tokens, then the end
+    free = tokens(100)
+    assert free[0] == start and end not in free[1:5]  # without the cap this model goes on thinking

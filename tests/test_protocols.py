@@ -78,6 +78,8 @@ def test_one_conversation_gives_the_same_greedy_text_in_every_protocol(server, m
 
     r = client.chat.completions.create(model="any-name", messages=chat, max_tokens=10)
     assert (r.choices[0].message.content, r.usage.prompt_tokens, r.model) == (expected, prompt_tokens, server.name)
+    chunks = list(client.chat.completions.create(model="any-name", messages=chat, max_tokens=10, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
     response = client.responses.create(model="gpt-5", instructions=SYSTEM, input=items, max_output_tokens=10)
     assert (response.output_text, response.usage.input_tokens) == (expected, prompt_tokens)
@@ -433,8 +435,9 @@ def test_hostile_requests_to_the_new_endpoints_get_their_protocols_4xx(server):
         message = reply["error"]["message"]
         assert "\n" not in message and len(message) < 400 and re.search(pattern, message), (case_id, message)
     # Authentication in Anthropic's way, and its errors in Anthropic's shape.
-    assert server.request("POST", MSG, {"messages": HI, "max_tokens": 1}, {"Authorization": "", "x-api-key": KEY})[0] \
-        == 200
+    assert server.request("POST", MSG, {"messages": HI, "max_tokens": 1}, {
+        "Authorization": "", "x-api-key": KEY, "anthropic-version": "2099-01-01", "anthropic-beta": "no-such-beta"})[0] \
+        == 200  # unknown versions and betas are tolerated
     assert server.request("POST", MSG, {"messages": HI, "max_tokens": 1}, {"Authorization": f"bearer {KEY}"})[0] \
         == 200
     status, reply, _ = server.request("POST", MSG, {"messages": HI, "max_tokens": 1},

@@ -3,12 +3,16 @@ events come back as the protocols need them: thought text, answer text cut at st
 whole tool calls parsed out of the text, logprobs, and at the end the `Reply` with its usage."""
 
 import asyncio
+import time
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from .engine import Cancelled, Engine, Job
 from .media import remove_files
 from .request import Reply, Request
 from .tools import take_calls
+
+
+POLL_SECONDS = 0.2  # how often a waiting (non-streaming) client is checked for a hang-up
 
 
 class StopMatcher:
@@ -48,17 +52,20 @@ class Generation:
         self.engine, self.request, self.usage = engine, request, usage
         self.is_disconnected = is_disconnected
         self.job = Job(kind, request, asyncio.get_running_loop(), asyncio.Queue())
-        self.streaming = False
+        self.streaming, self.polled = False, time.monotonic()
         self.reply = Reply()
 
     async def _next(self):
         while True:
-            try:
-                event = await asyncio.wait_for(self.job.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if not self.streaming and await self.is_disconnected():
+            # Polled on a clock, not only when no event comes: tokens arrive faster than any timeout.
+            if not self.streaming and time.monotonic() - self.polled > POLL_SECONDS:
+                self.polled = time.monotonic()
+                if await self.is_disconnected():
                     self.job.cancelled.set()
-                    raise Cancelled() from None
+                    raise Cancelled()
+            try:
+                event = await asyncio.wait_for(self.job.events.get(), timeout=POLL_SECONDS)
+            except asyncio.TimeoutError:
                 continue
             if event[0] == "error":
                 raise event[1]
