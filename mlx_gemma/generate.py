@@ -125,6 +125,12 @@ def build_parser() -> ArgumentParser:
                         "much as decoding)")
     d.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS, metavar="K",
                    help="tokens drafted per step")
+    c = p.add_argument_group("structured output (enforced token by token; with --enable-thinking, after the thoughts)")
+    c = c.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", default=None, metavar="FILE|JSON",
+                   help="the reply is JSON valid against this JSON Schema (a file, or the schema itself)")
+    c.add_argument("--regex", default=None, metavar="PATTERN", help="the reply matches this regular expression")
+    c.add_argument("--grammar", default=None, metavar="FILE", help="the reply follows this Lark grammar (llguidance's)")
     p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "
@@ -209,6 +215,32 @@ def _decode(raw: bytes, what: str) -> str:
         raise InputError(f"{what}: not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start})") from None
 
 
+def constraint_of(args):
+    """The reply's constraint, compiled before the model loads (a bad schema costs no loading)."""
+    from .constrain import Constraint, ConstraintError
+
+    try:
+        if args.json_schema is not None:
+            text = args.json_schema
+            if not text.lstrip().startswith("{"):
+                path = Path(text)
+                if not path.is_file():
+                    raise ConstraintError(f"--json-schema {text}: no such file (give a file or the schema's JSON)")
+                text = _decode(path.read_bytes(), f"--json-schema {text}")
+            return Constraint.json_schema(text)
+        if args.regex is not None:
+            return Constraint.regex(args.regex)
+        if args.grammar is not None:
+            path = Path(args.grammar)
+            if not path.is_file():
+                raise ConstraintError(f"--grammar {args.grammar}: no such file")
+            return Constraint.lark(_decode(path.read_bytes(), f"--grammar {args.grammar}"))
+    except ConstraintError as e:
+        flag = next(f for f in ("--json-schema", "--regex", "--grammar") if getattr(args, f[2:].replace("-", "_")))
+        raise ConstraintError(str(e) if str(e).startswith(flag) else f"{flag}: {e.detail}") from None
+    return None
+
+
 def kv_options(args):
     from .memory import KVOptions
 
@@ -259,6 +291,7 @@ def run(args, cluster=None) -> None:
     if args.max_kv_size is not None:
         check_count("--max-kv-size", args.max_kv_size)
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
+    constraint = constraint_of(args)
     media_options = MediaOptions(args.image_budget, args.video_budget, args.fps, args.video_frames,
                                  args.video_audio, args.allow_long_media)
     _utf8(args.prompt, "--prompt")
@@ -356,7 +389,7 @@ def run(args, cluster=None) -> None:
     progress = _Progress(args.prefill_step_size)
     options = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                    prefill_step_size=chunk, progress=progress, max_kv_size=context, draft_model=drafter,
-                   num_draft_tokens=args.num_draft_tokens)
+                   num_draft_tokens=args.num_draft_tokens, constraint=constraint)
     if args.chat:
         if args.max_kv_size is not None:
             more = fitting(kv)

@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import (apply_min_p, apply_top_k, apply_top_p, make_fre
 
 from .backend import compiled_decode_pays
 from .cache import DecodeStep, reuse_prefix, vision_blocks
+from .constrain import Guide, as_constraint
 from .errors import ContextError, InputError
 from .prompt import MediaOptions, PromptInputs, token_types, user_content
 from .speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens, speculative_decode
@@ -462,14 +463,16 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     max_kv_size: Optional[int] = None, image=(), audio=(), video=(),
                     media_options: Optional[MediaOptions] = None, draft_model=None,
                     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
-                    compile: Optional[bool] = None) -> Iterator[GenerationResponse]:
+                    compile: Optional[bool] = None, constraint=None) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
     `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
     `max_kv_size` caps prompt + reply (with what the cache already holds). `image`, `audio`
     and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt.
     `draft_model` (`load_drafter`) drafts `num_draft_tokens` per round: the same tokens when
     greedy, the same distribution when sampling. `compile`: decode steps compiled or not
-    (`generate_step`; default: the backend's choice)."""
+    (`generate_step`; default: the backend's choice). `constraint` (a `constrain.Constraint`, a JSON
+    Schema dict or a pydantic model class) holds the reply to a grammar (after the thought
+    channel, when thinking is on)."""
     inputs = prompt_to_inputs(processor, prompt, system, chat_template, enable_thinking, image, audio, video,
                               media_options)
     ids = inputs.ids
@@ -492,6 +495,9 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
         default_sampler, default_processors = make_sampling(processor, temp, top_p, top_k, min_p)
         sampler = sampler or default_sampler
         logits_processors = default_processors if logits_processors is None else logits_processors
+    constraint = as_constraint(constraint)
+    if constraint is not None:
+        logits_processors = [*logits_processors, Guide(processor, constraint, thinking=enable_thinking)]
     eos = processor.eos_token_ids
     detokenizer = processor.tokenizer.detokenizer
     detokenizer.reset()

@@ -360,6 +360,11 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
                     draft_lp.append(q)
                     tok = mx.random.categorical(q)[None]
                 drafts.append(tok.reshape(1))
+            limits = [p.draft_limit(past, mx.concatenate(drafts).tolist()) for p in logits_processors
+                      if hasattr(p, "draft_limit") and k]
+            if limits and min(limits) < k:  # a draft a constraint would mask ends the round
+                k = min(limits)
+                drafts, draft_lp = drafts[:k], draft_lp[:k]
             block = mx.concatenate([y] + drafts)
             logits, hidden = model(block[None], cache=cache, mm_token_type_ids=mx.zeros((1, k + 1), mx.int32),
                                    return_hidden=True)

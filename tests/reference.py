@@ -23,6 +23,8 @@ SPECIALS = {
     "<|image>": 13, "<image|>": 14, "<|image|>": 15, "<|video|>": 16,
     "<|audio>": 17, "<audio|>": 18, "<|audio|>": 19,
     "<|turn>": 105, "<turn|>": 106,
+    "<|tool>": 20, "<tool|>": 21, "<|tool_call>": 22, "<tool_call|>": 23, "<|tool_response>": 24,
+    "<tool_response|>": 25, '<|"|>': 26,
 }
 TOKEN_IDS = dict(boi_token_id=13, eoi_token_id=14, image_token_id=15, video_token_id=16,
                  boa_token_id=17, eoa_token_index=18, audio_token_id=19)

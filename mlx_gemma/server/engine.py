@@ -66,7 +66,8 @@ class Engine:
         error = loaded.get()
         if error is not None:
             raise error
-        self.turn_id = self.processor.tokenizer.get_vocab().get("<|turn>")
+        self.vocab = self.processor.tokenizer.get_vocab()
+        self.turn_id = self.vocab.get("<|turn>")
 
     def submit(self, job: Job) -> None:
         try:
@@ -157,6 +158,9 @@ class Engine:
         self._answer(job, inputs)
 
     def _processors(self, r: Request):
+        from mlx_lm.sample_utils import make_logits_processors
+
+        from ..constrain import TOOL_CALL, Guide
         from ..generation import completion_penalties, make_sampling, thought_budget
 
         sampling = {"temp": self.args.temp, "top_p": self.args.top_p, "top_k": self.args.top_k,
@@ -166,6 +170,10 @@ class Engine:
             processors.append(completion_penalties(r.presence_penalty, r.frequency_penalty))
         if r.thinking and r.thinking_budget is not None:
             processors.append(thought_budget(self.processor, r.thinking_budget))
+        if r.forbid_tool_calls and TOOL_CALL in self.vocab:
+            processors += make_logits_processors(logit_bias={self.vocab[TOOL_CALL]: -float("inf")})
+        if r.constraint is not None:  # last: it masks what the others left
+            processors.append(Guide(self.processor, r.constraint, thinking=r.thinking))
         return sampler, processors
 
     def _answer(self, job: Job, inputs) -> None:

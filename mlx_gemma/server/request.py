@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..constrain import Constraint, ConstraintError
 from .errors import ApiError
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000
@@ -30,6 +31,8 @@ class Request:
     thinking_budget: Optional[int] = None  # most tokens inside the thought channel
     image_budget: Optional[int] = None
     top_logprobs: Optional[int] = None  # None: no logprobs; else alternatives per token
+    constraint: Optional[Constraint] = None  # the grammar the reply follows (after any thoughts)
+    forbid_tool_calls: bool = False  # tool_choice "none": the call's start token never comes
     temp_files: list = field(default_factory=list)  # uploads to remove once read
 
 
@@ -96,3 +99,29 @@ def penalty(value, name: str) -> float:
 def thinking_for_effort(effort: Optional[str]) -> bool:
     """OpenAI's reasoning effort on Gemma's one switch: thinking unless the effort is none."""
     return effort not in (None, "none")
+
+
+def constrained(field: str, make) -> Constraint:
+    """A constraint from a request's field; one that cannot compile is a 400 naming the field,
+    before any prefill."""
+    try:
+        return make()
+    except ConstraintError as e:
+        raise ApiError(400, f"{field}: {e.detail}", param=field.split(".")[0]) from None
+
+
+def tool_constraint(tools: list, choice, parallel: bool, answer: Optional[dict], field: str = "tool_choice"):
+    """(tools for the template, the reply's constraint, whether calls are forbidden) for `choice`:
+    "auto", "none", "required" or a tool's name. `answer`: a JSON Schema the text answer follows."""
+    if not tools:
+        if choice not in ("auto", "none"):
+            raise ApiError(400, f"{field}: {choice!r} needs tools, and the request declares none", param=field)
+        answer_only = constrained("response_format", lambda: Constraint.json_schema(answer)) if answer else None
+        return None, answer_only, False
+    if choice == "none":
+        answer_only = constrained("response_format", lambda: Constraint.json_schema(answer)) if answer else None
+        return None, answer_only, True
+    names = [t["function"]["name"] for t in tools]
+    if choice not in ("auto", "required") and choice not in names:
+        raise ApiError(400, f"{field}: {choice!r} is not a declared tool ({', '.join(names)[:200]})", param=field)
+    return tools, constrained("tools", lambda: Constraint.tool_calls(tools, choice, parallel, answer)), False

@@ -10,10 +10,11 @@ from pydantic import Field
 
 from ..errors import ApiError, not_supported
 from ..media import MediaPolicy, audio_item, detail_budget, image_item, one_budget, video_item
-from ..request import MAX_TOP_LOGPROBS, Reply, Request, thinking_for_effort
+from ..request import MAX_TOP_LOGPROBS, Reply, Request, thinking_for_effort, tool_constraint
 from ..tools import call_for_template, function
 from .base import Body, tagged
-from .common import Count, Effort, OpenAISampling, Penalties, sse
+from .common import (Count, Effort, JsonObjectFormat, OpenAISampling, Penalties, SchemaSpec, StructuredOutputs,
+                     TextFormat, answer_schema, choice_name, sse)
 
 
 class ImageURL(Body):
@@ -92,6 +93,20 @@ class Tool(Body):
     function: FunctionDecl
 
 
+class ChatJsonSchema(Body):
+    type: Literal["json_schema"]
+    json_schema: SchemaSpec
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(Body):
     include_usage: bool = False
 
@@ -109,9 +124,10 @@ class ChatRequest(OpenAISampling, Penalties):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list[Tool]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    tool_choice: Optional[Union[Literal["auto", "none", "required"], NamedChoice]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
+    response_format: Optional[tagged(TextFormat, JsonObjectFormat, ChatJsonSchema)] = None
+    structured_outputs: Optional[StructuredOutputs] = None
     reasoning_effort: Effort = None
     chat_template_kwargs: Optional[TemplateKwargs] = None
     image_budget: Optional[int] = None
@@ -124,17 +140,6 @@ class CompletionRequest(OpenAISampling, Penalties):
     stream_options: Optional[StreamOptions] = None
     echo: Optional[Literal[False]] = None
     logprobs: Optional[Literal[0]] = None
-
-
-def tool_choice(choice, has_tools: bool) -> bool:
-    """Whether tools are on: "auto" and "none" are honoured; forcing a call needs constrained
-    decoding, which this server does not do yet."""
-    if choice in (None, "auto"):
-        return has_tools
-    if choice == "none":
-        return False
-    raise not_supported("tool_choice", f"only 'auto' and 'none' are supported (got {json.dumps(choice)[:80]}): a "
-                                       "forced call needs constrained decoding, which this server does not have yet")
 
 
 def image_budget(given: Optional[int], budgets: set) -> Optional[int]:
@@ -198,10 +203,17 @@ def messages(body: list, policy: MediaPolicy, temp_files: list, budgets: set) ->
     return out
 
 
+def constraint_and_tools(body, tools: list, parallel: bool, answer: Optional[dict]):
+    """What Chat Completions and Responses share: (tools for the template, the constraint,
+    whether calls are forbidden) from `tool_choice`, the answer's format and `structured_outputs`."""
+    if body.structured_outputs is not None:
+        if tools:
+            raise not_supported("structured_outputs", "cannot be combined with tools (use response_format)")
+        return None, body.structured_outputs.constraint(), False
+    return tool_constraint(tools, choice_name(body.tool_choice), parallel, answer)
+
+
 def chat_request(body: ChatRequest, policy: MediaPolicy) -> Request:
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise not_supported("response_format", "only {'type': 'text'} is supported until constrained decoding "
-                                               "lands")
     top = body.top_logprobs
     if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"top_logprobs: must be from 0 to {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs")
@@ -210,10 +222,11 @@ def chat_request(body: ChatRequest, policy: MediaPolicy) -> Request:
     thinking = (body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else False) \
         or thinking_for_effort(body.reasoning_effort)
     tools = [function(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
+    parallel = body.parallel_tool_calls is not False
+    tools, constraint, forbid = constraint_and_tools(body, tools, parallel, answer_schema(body.response_format))
     request = body.sampled(
-        max_tokens=body.max_completion_tokens or body.max_tokens, thinking=thinking,
-        tools=tools if tool_choice(body.tool_choice, bool(tools)) else None,
-        parallel_tool_calls=body.parallel_tool_calls is not False,
+        max_tokens=body.max_completion_tokens or body.max_tokens, thinking=thinking, tools=tools,
+        parallel_tool_calls=parallel, constraint=constraint, forbid_tool_calls=forbid,
         top_logprobs=(top or 0) if body.logprobs else None, **body.penalties())
     budgets: set = set()
     try:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..errors import ApiError, not_supported
 from ..media import MediaPolicy, decode_base64, image_bytes_item, image_item, remove_files
-from ..request import Reply, Request, plain, sampling, stops
+from ..request import Reply, Request, plain, sampling, stops, tool_constraint
 from ..tools import call_for_template, function
 from .base import Body, Open, tagged, texts
 from .common import sse
@@ -126,9 +126,14 @@ class ThinkingAdaptive(Body):
     display: Display = None
 
 
+class JsonOutputFormat(Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class OutputConfig(Body):
     effort: Optional[str] = None  # a hint with no Gemma equivalent: accepted
-    format: Optional[dict[str, Any]] = None
+    format: Optional[JsonOutputFormat] = None
 
 
 class Conversation(Body):
@@ -213,24 +218,20 @@ def _messages(body: Conversation, policy: MediaPolicy) -> list:
     return out
 
 
-def _tools(body: Conversation) -> tuple[Optional[list], bool]:
-    """(tool declarations for the template, parallel calls allowed)."""
+CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's tool_choice, as OpenAI names it
+
+
+def conversation_request(body: Conversation, policy: MediaPolicy, answer: Optional[dict] = None) -> Request:
+    """The prompt part (count_tokens reads only this); `answer`: the JSON Schema the text follows."""
     choice = body.tool_choice
-    if choice is not None and choice.type in ("any", "tool"):
-        raise not_supported("tool_choice", f"{{'type': {choice.type!r}}} forces a tool call, which needs constrained "
-                                           "decoding (not in this server yet); use 'auto'")
+    parallel = not (choice is not None and getattr(choice, "disable_parallel_tool_use", False))
     tools = [function(t.name, t.description, t.input_schema) for t in body.tools or []]
-    if not tools or (choice is not None and choice.type == "none"):
-        return None, True
-    return tools, not (choice is not None and choice.disable_parallel_tool_use)
-
-
-def conversation_request(body: Conversation, policy: MediaPolicy) -> Request:
-    """The prompt part (count_tokens reads only this)."""
-    tools, parallel = _tools(body)
+    name = "auto" if choice is None else choice.name if choice.type == "tool" else CHOICES[choice.type]
+    tools, constraint, forbid = tool_constraint(tools, name, parallel, answer)
     thinking = body.thinking is not None and body.thinking.type != "disabled"
     budget = body.thinking.budget_tokens if thinking and body.thinking.type == "enabled" else None
-    request = Request(tools=tools, parallel_tool_calls=parallel, thinking=thinking, thinking_budget=budget)
+    request = Request(tools=tools, parallel_tool_calls=parallel, thinking=thinking, thinking_budget=budget,
+                      constraint=constraint, forbid_tool_calls=forbid)
     try:
         request.messages = _messages(body, policy)
     except BaseException:
@@ -240,10 +241,8 @@ def conversation_request(body: Conversation, policy: MediaPolicy) -> Request:
 
 
 def messages_request(body: MessagesRequest, policy: MediaPolicy) -> Request:
-    if body.output_config is not None and body.output_config.format is not None:
-        raise not_supported("output_config.format", "structured output needs constrained decoding (not in this "
-                                                    "server yet)")
-    request = conversation_request(body, policy)
+    fmt = body.output_config.format if body.output_config else None
+    request = conversation_request(body, policy, fmt.schema_ if fmt else None)
     request.max_tokens = body.max_tokens
     request.sampling = sampling(body.temperature, body.top_p, body.top_k)
     request.stop = stops(body.stop_sequences, "stop_sequences")

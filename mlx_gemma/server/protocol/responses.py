@@ -16,8 +16,9 @@ from ..media import MediaPolicy, audio_item, detail_budget, image_item, one_budg
 from ..request import Reply, Request, plain, thinking_for_effort
 from ..tools import call_for_template, function
 from .base import Body, Open, tagged
-from .chat import AudioData
-from .common import Count, Effort, OpenAISampling, sse
+from .chat import AudioData, constraint_and_tools
+from .common import (Count, Effort, JsonObjectFormat, OpenAISampling, SchemaSpec, StructuredOutputs, TextFormat,
+                     answer_schema, sse)
 
 
 class InputText(Body):
@@ -101,8 +102,17 @@ class Reasoning(Body):
     generate_summary: Optional[Literal["auto", "concise", "detailed"]] = None
 
 
+class ResponsesJsonSchema(SchemaSpec):
+    type: Literal["json_schema"]
+
+
+class NamedFunction(Body):
+    type: Literal["function"]
+    name: str
+
+
 class TextConfig(Body):
-    format: Optional[dict[str, Any]] = None
+    format: Optional[tagged(TextFormat, JsonObjectFormat, ResponsesJsonSchema)] = None
     verbosity: Optional[Literal["low", "medium", "high"]] = None  # a hint with no Gemma equivalent
 
 
@@ -111,8 +121,9 @@ class ResponsesRequest(OpenAISampling):
     instructions: Optional[str] = None
     max_output_tokens: Count = None
     tools: Optional[list[tagged(FunctionTool)]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    tool_choice: Optional[Union[Literal["auto", "none", "required"], NamedFunction]] = None
     parallel_tool_calls: Optional[bool] = None
+    structured_outputs: Optional[StructuredOutputs] = None
     reasoning: Optional[Reasoning] = None
     text: Optional[TextConfig] = None
     previous_response_id: Optional[str] = None
@@ -182,25 +193,15 @@ def messages(instructions: Optional[str], items: list, policy: MediaPolicy, budg
     return out
 
 
-def _tools(body: ResponsesRequest) -> Optional[list]:
-    choice = body.tool_choice
-    if choice not in (None, "auto", "none"):
-        raise not_supported("tool_choice", f"only 'auto' and 'none' are supported (got {json.dumps(choice)[:80]}): a "
-                                           "forced call needs constrained decoding, which this server does not "
-                                           "have yet")
-    tools = [function(t.name, t.description, t.parameters) for t in body.tools or []]
-    return tools if tools and choice != "none" else None
-
-
 def responses_request(body: ResponsesRequest, history: list, policy: MediaPolicy) -> tuple[Request, list]:
     """(the request, the conversation's items: `history` (a stored response's) and this input)."""
-    fmt = (body.text.format or {}) if body.text else {}
-    if fmt.get("type", "text") != "text":
-        raise not_supported("text.format", f"{fmt.get('type')!r} needs constrained decoding (not in this server "
-                                           "yet); only {'type': 'text'}")
     items = history + as_items(body.input)
-    request = body.sampled(max_tokens=body.max_output_tokens, tools=_tools(body),
-                           parallel_tool_calls=body.parallel_tool_calls is not False,
+    tools = [function(t.name, t.description, t.parameters) for t in body.tools or []]
+    parallel = body.parallel_tool_calls is not False
+    tools, constraint, forbid = constraint_and_tools(body, tools, parallel,
+                                                     answer_schema(body.text.format if body.text else None))
+    request = body.sampled(max_tokens=body.max_output_tokens, tools=tools, parallel_tool_calls=parallel,
+                           constraint=constraint, forbid_tool_calls=forbid,
                            thinking=thinking_for_effort(body.reasoning.effort if body.reasoning else None))
     budgets: set = set()
     try:
@@ -259,7 +260,9 @@ class Responses:
                 "previous_response_id": b.previous_response_id,
                 "reasoning": {"effort": b.reasoning.effort if b.reasoning else None, "summary": None},
                 "store": b.store is not False, "temperature": b.temperature, "top_p": b.top_p,
-                "text": {"format": {"type": "text"}}, "tool_choice": b.tool_choice or "auto",
+                "text": {"format": b.text.format.model_dump(by_alias=True, exclude_none=True)
+                         if b.text and b.text.format else {"type": "text"}},
+                "tool_choice": b.tool_choice.model_dump() if isinstance(b.tool_choice, Body) else b.tool_choice or "auto",
                 "tools": [t.model_dump(exclude_none=True) for t in b.tools or []], "truncation": "disabled",
                 "usage": usage(reply) if reply is not None else None, "user": b.user, "metadata": b.metadata or {}}
 
