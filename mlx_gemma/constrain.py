@@ -56,7 +56,7 @@ class Constraint:
         import llguidance
 
         if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
-            schema = schema.model_json_schema()
+            schema = _closed(schema.model_json_schema())
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -99,6 +99,18 @@ class Constraint:
             raise ConstraintError(f"tool_choice: {detail}", detail)
         lark = _ToolGrammar(functions).lark(choice, parallel, answer)
         return cls(_checked(llguidance.LLMatcher.grammar_from_lark(lark), "tool calls"), "tool calls")
+
+
+def _closed(schema):
+    """A pydantic model's schema with no room for fields it does not declare (as OpenAI's strict
+    mode makes it): they would be dropped or refused when the reply is parsed back."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in schema:
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [_closed(v) for v in schema]
+    return schema
 
 
 def _checked(grammar: str, what: str) -> str:
@@ -151,7 +163,7 @@ class _ToolGrammar:
         elif answer is not None:
             start = f"{self.rule('answer', '%json ' + json.dumps(answer))} | {several}"
         else:
-            start = f"TEXT? {several}?"
+            start = f"TEXT? ({several})?"
         rules = "\n".join(f"{name}: {body}" for name, body in self.rules.items())
         return f"start: {start}\n{rules}\nTEXT: /(?s:.+)/\nSTRING: /{STRING_BODY}/\nKEY: /\\w+/\n"
 
@@ -225,9 +237,11 @@ class _ToolGrammar:
 
     def object(self, schema: dict, where: str) -> str:
         properties = schema.get("properties", {})
-        if not properties:
-            return self.rule("any_object", '"{" (KEY ":" any_value ("," KEY ":" any_value)*)? "}"') \
-                if self.any_value() else ""
+        if not properties:  # a tool without parameters takes none, unless more are explicitly allowed
+            if schema.get("additionalProperties", False) is False:
+                return '"{" "}"'
+            value = self.any_value()
+            return self.rule("any_object", f'"{{" (KEY ":" {value} ("," KEY ":" {value})*)? "}}"')
         required = set(schema.get("required", []))
         keys = sorted(properties)
         for key in keys:
@@ -306,7 +320,10 @@ def apply_bitmask(logits, bitmask: np.ndarray):
 class Guide:
     """A logits processor that holds a sequence to `constraint`. It reads the generated tokens off
     the history it is given (its first call sees the prompt, each later call one token more, or,
-    from the drafter's verify rows, a history that may go back), so it can roll its matcher back."""
+    from the MTP drafter's drafts and verify rows, a history that may go back), so it can roll its
+    matcher back. The drafter's drafts are masked too (`guides_drafts`)."""
+
+    guides_drafts = True
 
     def __init__(self, processor, constraint: Constraint, thinking: bool = False):
         import llguidance
@@ -342,19 +359,6 @@ class Guide:
                 raise ConstraintError(f"the constraint rejected a generated token: {self.matcher.get_error()}")
             self.fed += new
 
-    def draft_limit(self, tokens, drafts: list) -> int:
-        """How many of `drafts` (the MTP drafter's proposals after `tokens`) the grammar allows:
-        a draft it would mask ends the round, so verification wastes no row on it."""
-        generated = tokens.tolist()[self.prompt:] if self.prompt is not None else []
-        done = self.constrained(generated)
-        if done is None:  # thoughts are free; the grammar starts after the channel closes
-            if self.end not in drafts:
-                return len(drafts)
-            cut = drafts.index(self.end) + 1
-            return cut + self.matcher.validate_tokens(drafts[cut:]) if cut < len(drafts) else cut
-        self.follow(done)
-        return self.matcher.validate_tokens(drafts)
-
     def __call__(self, tokens, logits):
         import mlx.core as mx
 
@@ -365,8 +369,8 @@ class Guide:
             mx.async_eval(logits)  # the forward pass runs while the mask is computed here
             generated = tokens[self.prompt:].tolist()
         done = self.constrained(generated)
-        if done is None or (done and done[-1] in self.eos):  # thinking, or the reply is over (this
-            return logits  # step was queued before the end of turn was read)
+        if done is None or not self.eos.isdisjoint(done):  # thinking, or the reply is over (a step queued
+            return logits  # before the end of turn was read, or a draft past it)
         self.follow(done)
         from llguidance.numpy import fill_next_token_bitmask
 

@@ -341,12 +341,15 @@ def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
 
 def completion_penalties(presence: float = 0.0, frequency: float = 0.0) -> Callable:
     """OpenAI's presence and frequency penalties, over the tokens generated so far (mlx-lm's count
-    a fixed window of the history, which reaches into the prompt). A logits processor: it is
-    called once per generated token, so its n-th call sees n generated tokens at the end."""
-    calls = [0]
+    a fixed window of the history, which reaches into the prompt). A logits processor that reads
+    the history it is given: its first call sees the prompt, later ones the generated tokens after
+    it (the MTP drafter's rows included)."""
+    prompt = []
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        n, calls[0] = calls[0], calls[0] + 1
+        if not prompt:
+            prompt.append(tokens.size)
+        n = tokens.size - prompt[0]
         for make, value in ((make_presence_penalty, presence), (make_frequency_penalty, frequency)):
             if n and value:
                 logits = make(value, n)(tokens, logits)
@@ -357,20 +360,24 @@ def completion_penalties(presence: float = 0.0, frequency: float = 0.0) -> Calla
 
 def thought_budget(processor, budget: int) -> Callable:
     """Closes Gemma's thought channel once `budget` tokens were generated inside it (Anthropic's
-    `budget_tokens`): then only the channel's end token may come. Kept lazy (no `.item()`), so the
-    next step is still queued before a token is read."""
+    `budget_tokens`): then only the channel's end token may come. Read off the history it is given
+    (see `completion_penalties`), with lazy MLX ops: the next step is still queued before a token
+    is read."""
     start, end = processor.thought_start_id, processor.thought_end_id
-    state = {"thinking": mx.array(False), "count": mx.array(0), "calls": 0}
+    prompt = []
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        if state["calls"]:
-            last = tokens[-1]
-            thinking = mx.where(last == start, True, mx.where(last == end, False, state["thinking"]))
-            state["count"] = mx.where(last == start, 0, state["count"] + thinking)
-            state["thinking"] = thinking
-        state["calls"] += 1
+        if not prompt:
+            prompt.append(tokens.size)
+        generated = tokens[prompt[0]:]
+        if generated.size == 0:
+            return logits
+        at = mx.arange(generated.size)
+        opened = mx.max(mx.where(generated == start, at, -1))
+        closed = mx.max(mx.where(generated == end, at, -1))
+        over = (opened > closed) & (generated.size - 1 - opened >= budget)
         only_end = mx.where(mx.arange(logits.shape[-1]) == end, 0.0, -mx.inf).astype(logits.dtype)
-        return mx.where(state["thinking"] & (state["count"] >= budget), only_end, logits)
+        return mx.where(over, only_end, logits)
 
     return process
 

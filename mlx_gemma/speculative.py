@@ -329,6 +329,7 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
     stats.setdefault("accepted", 0)
     embed = model.language_model.model.embed
     past = mx.array(history, dtype=mx.int32)  # what the logits processors see
+    guided = any(getattr(p, "guides_drafts", False) for p in logits_processors)  # reading each draft pays
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         for p in logits_processors:
@@ -352,19 +353,17 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
             for _ in range(k):  # one lazy graph: nothing is read back until the verify pass
                 e = embed(tok)
                 y_d, h = drafter.hidden(mx.concatenate([e, h.astype(e.dtype)], axis=-1), kv, position)
-                if sampling is None:
+                if sampling is None and not guided:
                     tok = drafter.greedy(y_d)
+                elif sampling is None:  # a constraint masks the drafts too, so none is wasted on a masked token
+                    tok = mx.argmax(process(mx.concatenate([past] + drafts), drafter.logits(y_d)[:, -1]), axis=-1)[None]
                 else:
                     # Any proposal keeps the output exact, as long as q is what drafts are drawn from.
-                    q = sampling.logprobs(process(past, drafter.logits(y_d)[:, -1].astype(mx.float32)))
+                    q = sampling.logprobs(process(mx.concatenate([past] + drafts),
+                                                  drafter.logits(y_d)[:, -1].astype(mx.float32)))
                     draft_lp.append(q)
                     tok = mx.random.categorical(q)[None]
                 drafts.append(tok.reshape(1))
-            limits = [p.draft_limit(past, mx.concatenate(drafts).tolist()) for p in logits_processors
-                      if hasattr(p, "draft_limit") and k]
-            if limits and min(limits) < k:  # a draft a constraint would mask ends the round
-                k = min(limits)
-                drafts, draft_lp = drafts[:k], draft_lp[:k]
             block = mx.concatenate([y] + drafts)
             logits, hidden = model(block[None], cache=cache, mm_token_type_ids=mx.zeros((1, k + 1), mx.int32),
                                    return_hidden=True)
