@@ -144,7 +144,7 @@ class _ToolGrammar:
         self.functions, self.rules, self.defs, self.names = functions, {}, {}, {}
 
     def lark(self, choice: str, parallel: bool, answer: Optional[dict]) -> str:
-        calls = []
+        calls = {}
         for name, parameters in self.functions.items():
             if not re.fullmatch(r"[\w-]+", name):
                 raise ConstraintError(f"tools: the name {name!r} cannot be written in Gemma's call syntax "
@@ -152,11 +152,8 @@ class _ToolGrammar:
             self.defs = parameters.get("$defs", parameters.get("definitions", {}))
             self.names = {}
             body = self.value(parameters, f"tools[{name}].parameters", top=True)
-            calls.append(self.rule(f"call_{name}", f'{TOOL_CALL} "call:{name}" {body} {TOOL_CALL_END}'))
-        if choice in self.functions:
-            one = f"call_{choice}"
-        else:
-            one = self.rule("call", " | ".join(calls))
+            calls[name] = self.rule(f"call_{name}", f'{TOOL_CALL} "call:{name}" {body} {TOOL_CALL_END}')
+        one = calls[choice] if choice in calls else self.rule("call", " | ".join(calls.values()))
         several = f"{one}+" if parallel else one
         if choice != "auto":
             start = several
