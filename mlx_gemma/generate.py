@@ -128,9 +128,11 @@ def build_parser() -> ArgumentParser:
     c = p.add_argument_group("structured output (enforced token by token; with --enable-thinking, after the thoughts)")
     c = c.add_mutually_exclusive_group()
     c.add_argument("--json-schema", default=None, metavar="FILE|JSON",
-                   help="the reply is JSON valid against this JSON Schema (a file, or the schema itself)")
-    c.add_argument("--regex", default=None, metavar="PATTERN", help="the reply matches this regular expression")
-    c.add_argument("--grammar", default=None, metavar="FILE", help="the reply follows this Lark grammar (llguidance's)")
+                   help="the reply is JSON valid against this JSON Schema (a file, or the schema itself; default: none)")
+    c.add_argument("--regex", default=None, metavar="PATTERN",
+                   help="the reply matches this regular expression (default: none)")
+    c.add_argument("--grammar", default=None, metavar="FILE",
+                   help="the reply follows this Lark grammar, llguidance's dialect (default: none)")
     p.add_argument("--plan", action="store_true", help="print the memory plan as a table and exit")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "

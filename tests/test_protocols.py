@@ -10,11 +10,13 @@ import anthropic
 import mlx.core as mx
 import pytest
 
+from mlx_gemma.constrain import Constraint
 from mlx_gemma.generation import generate, stream_generate
 from test_server import (CALLS, KEY, TOOLS, Server, data_url, forced_ids, forced_server, png_bytes,  # noqa: F401
                          tool_checkpoint, user)
 
 SYSTEM = "you are a terse assistant."
+APP = "http://app.example:3000"  # the web page the server lets in
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def server(hf_checkpoint, tmp_path_factory):
     """Greedy by default (`--temp 0`): the Anthropic SDK no longer sends a temperature, and agent
     frameworks send what their settings say."""
     s = Server(hf_checkpoint, tmp_path_factory.mktemp("protocols") / "server.log", "--temp", "0",
-               "--responses-store-count", "50")
+               "--responses-store-count", "50", "--cors-allow-origin", APP)
     yield s
     s.stop()
 
@@ -165,7 +167,9 @@ def after_calls(model, tools_processor, ask, results=("sunny", "14:00")) -> tupl
         {"role": "tool", "name": n, "content": r} for (n, _), r in zip(FORCED, results)]
     inputs = tools_processor.chat_inputs(library, tools=TOOLS)
     assert tools_processor.decode(inputs.ids).count("<|tool_response>") == 2
-    return generate(model, tools_processor, inputs, temp=0.0, max_tokens=8), len(inputs.ids)
+    # Tools on "auto": the reply is held to text or well-formed calls (constrain.Constraint.tool_calls).
+    auto = Constraint.tool_calls(TOOLS, "auto")
+    return generate(model, tools_processor, inputs, temp=0.0, max_tokens=8, constraint=auto), len(inputs.ids)
 
 
 @pytest.fixture(scope="module")
@@ -291,18 +295,6 @@ def test_thinking_comes_back_as_thinking_blocks_and_reasoning_summaries(forced_s
     assert final_response(events).output_text == answer
 
 
-def test_forced_tool_choice_is_refused_until_constrained_decoding(server):
-    claude = anthropic_client(server)
-    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
-        with pytest.raises(anthropic.BadRequestError, match="forces a tool call, which needs constrained decoding"):
-            claude.messages.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                   tools=ANTHROPIC_TOOLS, tool_choice=choice)
-    import openai
-
-    with pytest.raises(openai.BadRequestError, match="tool_choice: only 'auto' and 'none'"):
-        server.client().responses.create(model="m", input="hi", tools=RESPONSES_TOOLS, tool_choice="required")
-
-
 # --- agent frameworks -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -391,7 +383,10 @@ HOSTILE = [  # id, path, body, status, message regex
     ("messages-server-tool", MSG, {"messages": HI, "max_tokens": 4, "tools": [
         {"type": "bash_20250124", "name": "bash"}]}, 400, r"^tools\[0\]\.(type|input_schema)"),
     ("messages-output-format", MSG, {"messages": HI, "max_tokens": 4, "output_config": {"format": {
-        "type": "json_schema", "schema": {"type": "object"}}}}, 400, r"^output_config\.format: .*constrained"),
+        "type": "json_schema", "schema": {"not": {}}}}}, 400, r'^response_format: Unimplemented keys: \["not"\]'),
+    ("messages-tool-choice-unknown", MSG, {"messages": HI, "max_tokens": 4, "tools": [
+        {"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "g"}}, 400,
+     r"^tool_choice: 'g' is not a declared tool \(f\)"),
     ("messages-prefill", MSG, {"messages": HI + [{"role": "assistant", "content": "The"}], "max_tokens": 4}, 400,
      r"^messages: the last message must be the user's"),
     ("messages-unknown-field", MSG, {"messages": HI, "max_tokens": 4, "container": "x"}, 400,
@@ -402,9 +397,9 @@ HOSTILE = [  # id, path, body, status, message regex
      r"^tools\[0\]: type 'web_search' is not one of 'function'"),
     ("responses-local-shell", RESP, {"input": "hi", "tools": [{"type": "local_shell"}]}, 400,
      r"type 'local_shell' is not one of 'function'"),
-    ("responses-json-schema", RESP, {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
-                                                                       "schema": {}}}}, 400,
-     r"^text\.format: 'json_schema' needs constrained decoding"),
+    ("responses-json-schema-unsupported", RESP, {"input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "object", "dependentSchemas": {}}}}}, 400,
+     r'^response_format: Unimplemented keys: \["dependentSchemas"\]'),
     ("responses-unknown-item", RESP, {"input": [{"type": "item_reference", "id": "x"}]}, 400,
      r"^input\[0\]: type 'item_reference' is not one of"),
     ("responses-output-for-unknown-call", RESP, {"input": [{"type": "function_call_output", "call_id": "c1",
@@ -443,6 +438,14 @@ def test_hostile_requests_to_the_new_endpoints_get_their_protocols_4xx(server):
     status, reply, _ = server.request("POST", MSG, {"messages": HI, "max_tokens": 1},
                                       {"Authorization": "", "x-api-key": "wrong"})
     assert status == 401 and reply["error"]["type"] == "authentication_error"
+    # The web page --cors-allow-origin names gets in (its preflight answered), others do not.
+    status, _, headers = server.request("POST", MSG, {"messages": HI, "max_tokens": 1}, {"Origin": APP})
+    assert status == 200 and headers["access-control-allow-origin"] == APP
+    status, _, headers = server.request("OPTIONS", MSG, None, {
+        "Origin": APP, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"})
+    assert status == 200 and headers["access-control-allow-origin"] == APP
+    status, reply, _ = server.request("POST", MSG, {"messages": HI, "max_tokens": 1}, {"Origin": "http://other"})
+    assert status == 403 and reply["error"]["type"] == "permission_error"
     assert server.request("GET", "/health")[0] == 200 and server.proc.poll() is None
 
 

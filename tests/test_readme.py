@@ -34,15 +34,22 @@ SUBSTITUTIONS = {"python -m benchmarks.run ": "python -m benchmarks.run --quick 
                  "python -m mlx_gemma.generate ": "python -m mlx_gemma.generate --max-tokens 16 "}
 
 
-def blocks(language: str) -> list[tuple[int, str]]:
-    """(line number, text) of each fenced block of `language` in the README."""
-    text = (REPO / "README.md").read_text()
-    return [(text[:m.start()].count("\n") + 2, m.group(1))
-            for m in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M)]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def commands(body: str, start: int) -> list[tuple[str, str]]:
+def blocks(language: str) -> list[tuple[str, str]]:
+    """("page:line", text) of each fenced block of `language` in the README and the docs pages."""
+    out = []
+    for page in PAGES:
+        text = page.read_text()
+        out += [(f"{page.relative_to(REPO)}:{text[:m.start()].count(chr(10)) + 2}", m.group(1))
+                for m in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M)]
+    return out
+
+
+def commands(body: str, start: str) -> list[tuple[str, str]]:
     """(where, shell command) for each runnable command of a bash block, in order."""
+    page, _, first = start.rpartition(":")
     out = []
     for i, line in enumerate(body.replace("\\\n", " ").splitlines()):
         for part in line.split("&&"):
@@ -52,8 +59,8 @@ def commands(body: str, start: int) -> list[tuple[str, str]]:
                 continue
             for stage in command.split(" | "):
                 assert stage.startswith(RUNNABLE + SHELL_TOOLS), \
-                    f"README.md:{start + i}: not a command the test can run: {stage}"
-            out.append((f"README.md:{start + i}", command))
+                    f"{page}:{int(first) + i}: not a command the test can run: {stage}"
+            out.append((f"{page}:{int(first) + i}", command))
     return out
 
 
@@ -100,7 +107,7 @@ def run(args, work: Path, env: dict, shell: bool = False) -> subprocess.Complete
                           shell=shell, executable="/bin/bash" if shell else None)
 
 
-@pytest.mark.parametrize("start, body", blocks("bash"), ids=[f"README.md:{n}" for n, _ in blocks("bash")])
+@pytest.mark.parametrize("start, body", blocks("bash"), ids=[where for where, _ in blocks("bash")])
 def test_readme_bash_block_runs(readme_env, start, body):
     """The block's commands in order (a later one may use what an earlier one wrote), `python`
     being this interpreter."""
@@ -117,8 +124,7 @@ def test_readme_bash_block_runs(readme_env, start, body):
     assert {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == results
 
 
-@pytest.mark.parametrize("where, code", [(f"README.md:{n}", b) for n, b in blocks("python")],
-                         ids=[f"README.md:{n}" for n, _ in blocks("python")])
+@pytest.mark.parametrize("where, code", blocks("python"), ids=[where for where, _ in blocks("python")])
 def test_readme_python_runs(readme_env, tmp_path, where, code):
     work, env = readme_env
     script = tmp_path / "example.py"
@@ -128,10 +134,11 @@ def test_readme_python_runs(readme_env, tmp_path, where, code):
 
 
 def test_every_example_block_is_run_or_sample_output():
-    text = (REPO / "README.md").read_text()
-    languages = re.findall(r"^```(\w*)\n.*?^```", text, re.S | re.M)
-    # sh / py: the server section's examples, run by tests/test_server.py against a live server
-    assert set(languages) <= {"bash", "python", "sh", "py", ""}, languages
+    for page in PAGES:
+        languages = re.findall(r"^```(\w*)\n.*?^```", page.read_text(), re.S | re.M)
+        # sh / py: the server's examples, run by tests/test_server.py against a live server; toml: a
+        # client's configuration file (docs/server.md)
+        assert set(languages) <= {"bash", "python", "sh", "py", "toml", ""}, (page, languages)
     assert sum(len(commands(body, start)) for start, body in blocks("bash")) >= 10 and blocks("python")
 
 

@@ -23,6 +23,7 @@ import openai
 import pytest
 
 import media_files as mf
+from mlx_gemma.constrain import Constraint
 from mlx_gemma.generation import generate
 
 
@@ -341,6 +342,16 @@ CHAT = "/v1/chat/completions"
 HELLO = [user("hello")]
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header says `width` x `height` (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    raw = png_bytes(2, 2)
+    header = struct.pack(">II", width, height) + raw[24:29]
+    return raw[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + raw[33:]
+
+
 def image_message(url: str) -> list:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
 
@@ -416,9 +427,23 @@ HOSTILE = [  # id, path, body (dict or bytes), extra headers, status, message re
     ("image-budget", CHAT, {"messages": HELLO, "image_budget": 123}, {}, 400, r"image_budget: must be one of", None),
     ("template-kwargs", CHAT, {"messages": HELLO, "chat_template_kwargs": {"x": 1}}, {}, 400,
      r"^chat_template_kwargs\.x: not a supported parameter", None),
-    ("tool-choice", CHAT, {"messages": HELLO, "tool_choice": "required"}, {}, 400, r"tool_choice: only", None),
+    ("tool-choice", CHAT, {"messages": HELLO, "tool_choice": "required"}, {}, 400,
+     r"^tool_choice: 'required' needs tools, and the request declares none", None),
     ("completion-no-prompt", "/v1/completions", {"max_tokens": 3}, {}, 400, r"^prompt: is required", None),
     ("no-such-route", "/v1/nothing", {}, {}, 404, r"/v1/nothing: Not Found", None),
+    # A web page's ways in: a rebound DNS name, a cross-site request, a form's text/plain body.
+    ("dns-rebinding", CHAT, {"messages": HELLO}, {"Host": "attacker.example:8080"}, 403,
+     r"^Host 'attacker.example' is not this server's address", "host_not_allowed"),
+    ("cross-origin", CHAT, {"messages": HELLO}, {"Origin": "https://attacker.example"}, 403,
+     r"^requests from web pages at 'https://attacker.example' are refused", "origin_not_allowed"),
+    ("text-plain", CHAT, {"messages": HELLO}, {"Content-Type": "text/plain"}, 415,
+     r"^Content-Type must be application/json, got 'text/plain'", "unsupported_media_type"),
+    ("no-content-type", CHAT, {"messages": HELLO}, {"Content-Type": ""}, 415, r"got 'none'",
+     "unsupported_media_type"),
+    ("lone-surrogate", CHAT, b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', {}, 400,
+     r"^the body holds a lone UTF-16 surrogate", None),
+    ("huge-image-header", CHAT, {"messages": image_message(data_url(png_claiming(12000, 12000), "image/png"))}, {},
+     400, r"image_url: the image is 12000x12000 pixels, over the server's limit of 50,000,000", None),
 ]
 
 
@@ -582,6 +607,13 @@ def test_waiting_clients_that_hang_up_stop_their_generation(server):
     one = time.monotonic() - tic
     assert status == 200 and body["usage"]["completion_tokens"] == 450
     assert stopped < 0.5 * one, (stopped, one)  # measured 0.47 s vs 2.8 s; 2.8 s (the first ran whole) before
+
+
+def test_an_empty_api_key_is_refused_before_loading(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mlx_gemma.server", "--model", str(tmp_path), "--api-key", ""],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.strip() == \
+        "error: --api-key: must not be empty (leave the flag out to serve without a key)"
 
 
 def test_a_full_queue_answers_503_with_retry_after(hf_checkpoint, tmp_path):
@@ -766,7 +798,9 @@ def test_tool_calls_parsed_streamed_and_fed_back(forced_server, tool_checkpoint)
     assert rendered.endswith(CALLS + '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>'
                              '<|tool_response>response:get_time{value:<|"|>14:00<|"|>}<tool_response|>')
     assert reply.usage.prompt_tokens == len(inputs.ids)
-    assert reply.choices[0].message.content == generate(model, tools_processor, inputs, temp=0.0, max_tokens=8)
+    auto = Constraint.tool_calls(TOOLS, "auto")  # tools on "auto": text or well-formed calls
+    assert reply.choices[0].message.content == generate(model, tools_processor, inputs, temp=0.0, max_tokens=8,
+                                                        constraint=auto)
 
 
 # --- the README's server examples ----------------------------------------------------------------
@@ -775,13 +809,14 @@ def server_examples() -> dict:
     """The sh and py blocks of the README's server section and of docs/server.md."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Server\n"):]
-    text = section[:section.index("\n## ", 1)] + (REPO / "docs" / "server.md").read_text()
+    text = section[:section.index("\n## ", 1)] + "".join((REPO / "docs" / page).read_text()
+                                                         for page in ("server.md", "structured.md"))
     return {lang: [m.group(1) for m in re.finditer(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)]
             for lang in ("sh", "py")}
 
 
 # How each example's last line starts: a finish reason or a response's status / stop reason.
-ENDINGS = ("stop", "length", "tool_calls", "completed", "incomplete", "end_turn", "max_tokens")
+ENDINGS = ("stop", "length", "tool_calls", "completed", "incomplete", "end_turn", "max_tokens", "tool_use")
 
 
 def test_server_examples_in_the_readme_and_docs_run(server, tmp_path):

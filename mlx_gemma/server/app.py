@@ -2,8 +2,10 @@
 protocol's shape, SSE framing, /health. No generation here: a route parses its protocol's body,
 translates it into a `Request`, runs it through `reply.run`, and renders the `Reply`."""
 
+import asyncio
 import hmac
 import json
+import re
 import time
 from typing import Optional
 
@@ -21,13 +23,30 @@ from .request import Request
 from .store import ResponseStore
 
 
-class Guard:
-    """The ASGI layer around the routes: the API key (`Authorization: Bearer` or `x-api-key`),
-    errors in the client's protocol's shape for anything that escapes, and one log line per
-    request when its response has been sent (a stream at its end)."""
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+ANY_ADDRESS = {"0.0.0.0", "::", ""}
 
-    def __init__(self, app, api_key: Optional[str]):
-        self.app, self.api_key = app, api_key
+
+def host_of(value: str) -> str:
+    """The host part of a Host header (`[::1]:8080` -> `::1`)."""
+    if value.startswith("["):
+        return value[1:value.find("]")]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Guard:
+    """The ASGI layer around the routes: who may call (the Host a browser was pointed at, the web
+    page's Origin, a JSON body, the API key by `Authorization: Bearer` or `x-api-key`), errors
+    in the client's protocol's shape for anything that escapes, and one log line per request
+    when its response has been sent (a stream at its end).
+
+    A web page the user visits can send requests to 127.0.0.1 (a form's text/plain POST needs no
+    preflight), or reach it by a DNS name rebound to 127.0.0.1: the Host and Origin checks and
+    the JSON content type close both ways in."""
+
+    def __init__(self, app, api_key: Optional[str], host: str, origins: list):
+        self.app, self.api_key, self.origins = app, api_key, set(origins or [])
+        self.hosts = None if host in ANY_ADDRESS else LOOPBACK | {host_of(host)}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -45,9 +64,9 @@ class Guard:
                                headers=e.headers)(scope, receive, tracked)
 
         try:
-            if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
-                await reply(ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or "
-                                          "'x-api-key: KEY')", type="authentication_error", code="invalid_api_key"))
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await reply(refusal)
             else:
                 await self.app(scope, receive, tracked)
         except Exception as e:
@@ -60,8 +79,27 @@ class Guard:
                      usage.get("prompt", "-"), usage.get("cached", "-"), usage.get("generated", "-"),
                      time.perf_counter() - tic)
 
-    def _authorized(self, scope) -> bool:
+    def _refusal(self, scope) -> Optional[ApiError]:
         headers = dict(scope["headers"])
+        host = host_of(headers.get(b"host", b"").decode("latin-1"))
+        if self.hosts is not None and host not in self.hosts:
+            return ApiError(403, f"Host {host[:100]!r} is not this server's address (start it with --host to "
+                                 "serve another)", type="permission_error", code="host_not_allowed")
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and origin not in self.origins and "*" not in self.origins:
+            return ApiError(403, f"requests from web pages at {origin[:100]!r} are refused (start the server with "
+                                 "--cors-allow-origin to allow them)", type="permission_error",
+                            code="origin_not_allowed")
+        kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and kind != "application/json":
+            return ApiError(415, f"Content-Type must be application/json, got {kind[:100] or 'none'!r}",
+                            code="unsupported_media_type")
+        if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(headers):
+            return ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
+                            type="authentication_error", code="invalid_api_key")
+        return None
+
+    def _authorized(self, headers: dict) -> bool:
         key = self.api_key.encode()
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         return (hmac.compare_digest(headers.get(b"x-api-key", b""), key)
@@ -86,18 +124,20 @@ def streamed(generation, events, error) -> StreamingResponse:
 
 
 GONE = JSONResponse({}, status_code=499)  # the client hung up while its request waited
+MEDIA_DECODERS = 2  # requests whose media are decoded at once
 
 
 def create_app(engine: Engine, args, served: str) -> FastAPI:
     app = FastAPI(title="mlx-gemma", docs_url=None, redoc_url=None, openapi_url=None)
-    policy = MediaPolicy(args.allow_local_media, args.allow_remote_media, args.allow_long_media, args.max_body_bytes)
+    policy = MediaPolicy(args.allow_local_media, args.allow_remote_media, args.allow_long_media, args.max_body_bytes,
+                         args.max_image_pixels)
     store = ResponseStore(args.responses_store_count, args.responses_store_bytes)
-    app.add_middleware(Guard, api_key=args.api_key)
-    if args.cors_allow_origin:
+    if args.cors_allow_origin:  # answers an allowed page's preflight before the Guard sees it
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=args.cors_allow_origin, allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(Guard, api_key=args.api_key, host=args.host, origins=args.cors_allow_origin)
 
     async def read_json(request: HttpRequest) -> dict:
         declared = request.headers.get("content-length")
@@ -111,17 +151,27 @@ def create_app(engine: Engine, args, served: str) -> FastAPI:
                 raise ApiError(413, f"the request body is over the limit of {args.max_body_bytes} bytes",
                                code="request_too_large")
             chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw)
+            if re.search(rb"\\u[dD][89a-fA-F]", raw):  # escapes of UTF-16 halves: paired ones make text
+                json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a ValueError too: first
+            raise ApiError(400, "the body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): "
+                                "not text") from None
         except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, too deep, too many digits
             raise ApiError(400, f"the body is not valid JSON ({one_line(e)[:200]})") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
         return body
 
+    decoding = asyncio.Semaphore(MEDIA_DECODERS)
+
     async def translated(translate, *args) -> Request:
-        """Media are decoded off the event loop."""
-        return await run_in_threadpool(translate, *args)
+        """Media are decoded off the event loop, a few requests at a time (each may hold a
+        decoded image of --max-image-pixels)."""
+        async with decoding:
+            return await run_in_threadpool(translate, *args)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):

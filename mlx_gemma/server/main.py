@@ -25,7 +25,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter-path", default=None, metavar="DIR",
                    help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
                         "(default: none)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (0.0.0.0 exposes the server); requests must name it (or localhost) as "
+                        "their Host unless it is 0.0.0.0 or ::")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on /v1/*")
@@ -55,6 +57,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let clients give http(s) URLs of media, fetched by the server")
     p.add_argument("--allow-long-media", action="store_true", help="accept audio over 30 s and video over 60 s")
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                   help="largest image (width x height) a request may send; refused before it is decoded")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body")
     p.add_argument("--queue-size", type=int, default=32,
                    help="requests waiting for the model; more are refused with 503")
@@ -125,6 +129,10 @@ def check_flags(args) -> None:
         raise InputError(f"--kv-bits: must be 4 or 8, got {args.kv_bits}")
     if not 0 < args.port < 65536:
         raise InputError(f"--port: must be from 1 to 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("--api-key: must not be empty (leave the flag out to serve without a key)")
+    if args.max_image_pixels <= 0:
+        raise InputError(f"--max-image-pixels: must be a positive number, got {args.max_image_pixels}")
     for origin in args.cors_allow_origin or []:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise InputError(f"--cors-allow-origin {origin}: must be an origin like http://localhost:3000 (or *)")

@@ -21,9 +21,10 @@ DETAIL_BUDGETS = {"low": 70, "high": 1120}  # OpenAI's image detail, as Gemma's 
 class MediaPolicy:
     """Where media may come from (the server's flags), and how large or long they may be."""
 
-    def __init__(self, allow_local: bool, allow_remote: bool, allow_long: bool, max_bytes: int):
+    def __init__(self, allow_local: bool, allow_remote: bool, allow_long: bool, max_bytes: int,
+                 max_pixels: int = 50_000_000):
         self.allow_local, self.allow_remote, self.allow_long = allow_local, allow_remote, allow_long
-        self.max_bytes = max_bytes
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
 
     def fetch(self, url: str, what: str, param: str) -> tuple[Optional[bytes], Optional[str]]:
         """(bytes, media type) of a data or http(s) URL, or (None, path) of a local file."""
@@ -71,10 +72,12 @@ def decode_base64(data, what: str, param: str) -> bytes:
 
 def image_item(url: str, policy: MediaPolicy, what: str, param: str) -> dict:
     raw, path = policy.fetch(url, what, param)
-    return {"type": "image", "image": path} if raw is None else image_bytes_item(raw, what, param)
+    if raw is None:
+        raw = Path(path).read_bytes()
+    return image_bytes_item(raw, policy, what, param)
 
 
-def image_bytes_item(raw: bytes, what: str, param: str) -> dict:
+def image_bytes_item(raw: bytes, policy: MediaPolicy, what: str, param: str) -> dict:
     from PIL import Image
 
     from .. import media
@@ -85,6 +88,10 @@ def image_bytes_item(raw: bytes, what: str, param: str) -> dict:
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Exception:
         raise ApiError(400, f"{what}: not an image Pillow can read", param=param) from None
+    width, height = image.size  # read from the header: nothing is decoded yet
+    if width * height > policy.max_pixels:
+        raise ApiError(400, f"{what}: the image is {width}x{height} pixels, over the server's limit of "
+                            f"{policy.max_pixels:,} (--max-image-pixels)", param=param)
     try:
         return {"type": "image", "image": media.open_image(image)}
     except MlxGemmaError as e:

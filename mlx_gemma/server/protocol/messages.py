@@ -170,7 +170,7 @@ def _image(block: ImageBlock, policy: MediaPolicy, where: str) -> dict:
     source = block.source
     if source.type == "url":
         return image_item(source.url, policy, where, "messages")
-    return image_bytes_item(decode_base64(source.data, f"{where}.source.data", "messages"), where, "messages")
+    return image_bytes_item(decode_base64(source.data, f"{where}.source.data", "messages"), policy, where, "messages")
 
 
 def _messages(body: Conversation, policy: MediaPolicy) -> list:
