@@ -38,13 +38,16 @@ class Case:
 
 
 def snapshot(root: Path) -> dict:
-    """{relative path: (size, mtime, mode)} of everything under `root`, folders included."""
+    """{relative path: (size, mtime, mode, content hash)} of everything under `root`, folders included."""
+    import hashlib
+
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode, digest)
     return out
 
 
