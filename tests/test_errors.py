@@ -538,7 +538,7 @@ def test_checkpoint_api_errors(case, workspace, hf_checkpoint, quant_source, mon
     assert re.search(case.expect.format(**subs), f"error: {e.value}"), str(e.value)
     assert after == before
     assert (convert(subs["ckpt"], str(workspace / "next")) / "config.json").exists()
-# --- fine-tuning: lora's outputs and arguments ----------------------------------------------------
+# --- fine-tuning: lora's outputs and arguments, adapters through generate and fuse ---------------
 # {data}: a two-example data set; {adapters}: a folder a lora run wrote (saves at iterations 2
 # and 4). Every refusal comes before the first step and leaves the workspace as it was.
 
@@ -600,6 +600,9 @@ def _foreign_adapters(ws, subs):
 
 SETUPS.update(
     adapters=_adapter_copy, peft_adapter=_peft_adapter, foreign_adapters=_foreign_adapters,
+    adapters_no_weights=lambda ws, subs: _adapter_copy(ws, subs, lambda f: f.unlink()),
+    adapters_garbage=lambda ws, subs: _adapter_copy(ws, subs, lambda f: f.write_bytes(b"not safetensors")),
+    adapters_cut=lambda ws, subs: _adapter_copy(ws, subs, lambda f: f.write_bytes(f.read_bytes()[:30000])),
     adapters_nan=lambda ws, subs: _adapter_copy(ws, subs, _nan_weights),
 )
 
@@ -648,6 +651,19 @@ LORA_CASES: list[Case] = [
     Case("lora-diverges-before-the-first-save", "lora", [*T, "--learning-rate", "1e39", "--adapter-path", "new"],
          r"^error: iteration 1: adapter weight \S+ holds NaN or infinite values: the run stopped, this run saved "
          r"nothing \(try a lower --learning-rate\)$"),
+    Case("generate-adapters-without-weights", "generate", ["--model", "{ckpt}", "--adapter-path", "ad"],
+         r"^error: ad: no adapters\.safetensors \(the adapter weights\)$", setup="adapters_no_weights"),
+    Case("generate-adapters-garbage-weights", "generate", ["--model", "{ckpt}", "--adapter-path", "ad"],
+         r"^error: ad/adapters\.safetensors: cannot read adapter weights \(Invalid json header length",
+         setup="adapters_garbage"),
+    Case("generate-adapters-nan-weights", "generate", ["--model", "{ckpt}", "--adapter-path", "ad"],
+         r"^error: ad/adapters\.safetensors: adapter weight \S+ holds NaN or infinite values \(a diverged run\?\)$",
+         setup="adapters_nan"),
+    Case("fuse-adapters-cut-weights", "fuse", ["--model", "{ckpt}", "--adapter-path", "ad", "--save-path", "out"],
+         r"^error: ad/adapters\.safetensors: cannot read adapter weights \(.*exceeding the size of the file",
+         setup="adapters_cut"),
+    Case("fuse-adapters-nan-weights", "fuse", ["--model", "{ckpt}", "--adapter-path", "ad", "--export-peft", "out"],
+         r"^error: ad/adapters\.safetensors: adapter weight \S+ holds NaN or infinite values", setup="adapters_nan"),
 ]
 
 

@@ -410,6 +410,10 @@ def test_fused_checkpoint_equals_base_plus_adapter_here_and_in_mlx_vlm(trained, 
     ("shape", "the layer needs"),
     ("no-weights", "no adapter_model.safetensors"),
     ("bad-json", "cannot read it as JSON"),
+    ({"target_modules": ["q_proj", "patch_conv"]}, "target_modules names patch_conv, which this model does not have"),
+    ({"target_modules": r"vision_tower\..*"}, r"target_modules 'vision_tower\\..*' matches no linear layer"),
+    ("nan", "adapter_model.safetensors: adapter weight base_model.model.model.language_model.layers.0.mlp.down_proj"
+            ".lora_A.weight holds NaN or infinite values"),
 ])
 def test_bad_peft_adapters_are_one_line_errors(peft_adapter, hf_checkpoint, tmp_path, change, message):
     from mlx_gemma.errors import CheckpointError
@@ -429,6 +433,9 @@ def test_bad_peft_adapters_are_one_line_errors(peft_adapter, hf_checkpoint, tmp_
                 weights[key.replace("language_model.layers.0", "vision_tower.encoder.layers.0")] = weights.pop(key)
         else:
             weights[name] = weights[name][:, :-1]
+    elif change == "nan":
+        name = "base_model.model.model.language_model.layers.0.mlp.down_proj.lora_A.weight"
+        weights[name] = weights[name] * float("inf")
     if change == "no-weights":
         (bad / "adapter_model.safetensors").unlink()
     else:
