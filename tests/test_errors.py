@@ -607,6 +607,7 @@ SETUPS.update(
 )
 
 T = ["--model", "{ckpt}", "--train", "--data", "{data}", "--batch-size", "1", "--iters", "4"]
+F = ["--model", "{ckpt}", "--adapter-path", "{adapters}"]
 LORA_CASES: list[Case] = [
     Case("lora-seed-negative", "lora", [*T, "--seed", "-1"], r"^error: --seed -1: must be a whole number from 0 to "
          r"4294967295$"),
@@ -664,6 +665,20 @@ LORA_CASES: list[Case] = [
          setup="adapters_cut"),
     Case("fuse-adapters-nan-weights", "fuse", ["--model", "{ckpt}", "--adapter-path", "ad", "--export-peft", "out"],
          r"^error: ad/adapters\.safetensors: adapter weight \S+ holds NaN or infinite values", setup="adapters_nan"),
+    Case("fuse-export-is-the-save-path", "fuse", [*F, "--save-path", "out", "--export-peft", "out"],
+         r"^error: --save-path out and --export-peft out: the same folder; name two separate folders$"),
+    Case("fuse-export-inside-the-save-path", "fuse", [*F, "--save-path", "out", "--export-peft", "out/peft"],
+         r"^error: --save-path out and --export-peft out/peft: one inside the other; name two separate folders$"),
+    Case("fuse-export-existing-folder", "fuse", [*F, "--export-peft", "out"],
+         r"^error: out: exists and is not empty \(use --force to replace it\)$", setup="taken"),
+    Case("fuse-export-force-not-ours", "fuse", [*F, "--export-peft", "out", "--force"],
+         r"^error: out: --force replaces only a folder mlx-gemma wrote, and this one has no "
+         r"\.mlx-gemma-output\.json manifest$", setup="taken"),
+    Case("fuse-export-read-only", "fuse", [*F, "--save-path", "out", "--export-peft", "locked/peft"],
+         r"^error: locked/peft: cannot write \((Read-only file system|Permission denied)\)$",
+         setup="read_only_parent"),
+    Case("fuse-export-under-a-file", "fuse", [*F, "--export-peft", "sentinel.txt/peft"],
+         r"^error: sentinel\.txt: exists and is not a directory$"),
 ]
 
 

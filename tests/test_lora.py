@@ -377,6 +377,26 @@ def test_adapter_trained_here_exports_to_peft_with_the_same_logits(trained, hf_c
     assert np.array_equal(np.array(again(mx.array([ids]))[0]), got)
 
 
+def test_export_force_replaces_our_export_and_a_failed_fuse_leaves_none(trained, hf_checkpoint, tmp_path,
+                                                                          tiny_tmpfs, capsys):
+    from mlx_gemma.checkpoint import MARKER
+
+    out, _ = trained
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_config.json").unlink()  # what --force must bring back
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft", "--force")
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [MARKER, "adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the merged checkpoint does not fit: the export is not left either
+        run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft2",
+                 "--save-path", tiny_tmpfs / "fused")
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tiny_tmpfs / 'fused'}: cannot write (No space left on device)"
+    assert not (tmp_path / "peft2").exists() and not list(tiny_tmpfs.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft", "small-disk"]
+
+
 def test_fused_checkpoint_equals_base_plus_adapter_here_and_in_mlx_vlm(trained, hf_checkpoint, tmp_path):
     from mlx_vlm import load as vlm_load
 
