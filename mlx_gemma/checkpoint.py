@@ -1,6 +1,7 @@
 """Checkpoint in, checkpoint out: reading an unquantized source (a target or its MTP drafter) and
 writing an MLX checkpoint directory without ever losing a file. Both CLIs (convert, quantize) and
-the quantize-on-pull cache write through `write_checkpoint`.
+the quantize-on-pull cache write through `write_checkpoint`; fuse's PEFT export and the adapter
+folders of lora through the `output_folder` underneath it.
 
 Output: safetensors shards of at most 5 GB with `model.safetensors.index.json`, config.json,
 the tokenizer / chat template / processor / generation files of the source, and a manifest
@@ -12,6 +13,7 @@ says mlx-gemma wrote every file in it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -98,15 +100,20 @@ def _stamp(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _not_ours(folder: Path) -> Optional[str]:
+def _manifest(folder: Path) -> dict:
+    """{file name: stamp or None} of what mlx-gemma wrote into `folder`, from its manifest."""
+    written = json.loads((folder / MARKER).read_text())["files"]
+    if isinstance(written, list):  # a manifest of names only
+        written = {name: None for name in written}
+    return {str(name): stamp for name, stamp in written.items()}
+
+
+def not_ours(folder: Path) -> Optional[str]:
     """Why `folder` is not an output mlx-gemma wrote (None if it is): it must hold our manifest
     and nothing but the plain files the manifest names, each as it was written (a hand-edited
     chat template is the user's now)."""
     try:
-        written = json.loads((folder / MARKER).read_text())["files"]
-        if isinstance(written, list):  # a manifest of names only
-            written = {name: None for name in written}
-        written = {str(name): stamp for name, stamp in written.items()}
+        written = _manifest(folder)
     except FileNotFoundError:
         return f"has no {MARKER} manifest"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -124,10 +131,31 @@ def _not_ours(folder: Path) -> Optional[str]:
     return None
 
 
+def record_written(folder: Path, names: Iterable[str], stamped: bool = True) -> None:
+    """Add files written into `folder` to its manifest (made if there is none), atomically: only
+    what the manifest names may later be replaced. `stamped` False: named before being written."""
+    try:
+        written = _manifest(folder)
+    except FileNotFoundError:
+        written = {}
+    written.update({name: _stamp(folder / name) if stamped else None for name in names})
+    tmp = folder / f".tmp-{MARKER}"
+    tmp.write_text(json.dumps({"written_by": "mlx-gemma", "files": written}, indent=2))
+    os.replace(tmp, folder / MARKER)
+
+
+def cannot_write(folder: Path) -> Optional[str]:
+    """Why files cannot be made in `folder` (None if they can): the check root's permissions
+    pass, so a read-only file system is told apart."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return os.strerror(errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES)
+
+
 def check_destination(dst: Path, force: bool) -> Path:
     """The real folder to write `dst` to, once sure that writing there loses nothing the user
-    has; otherwise an InputError saying why. Called before any work and again just before the
-    rename, since the folder may change while a checkpoint is being written."""
+    has and can succeed; otherwise an error saying why. Creates nothing: called before any
+    work, and again just before the rename, since the folder may change meanwhile."""
     target = dst.resolve()  # symlinks resolved: the checks and the rename act on the real folder
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
@@ -139,15 +167,16 @@ def check_destination(dst: Path, force: bool) -> Path:
     if target.is_dir() and any(target.iterdir()):
         if not force:
             raise InputError(f"{dst}: exists and is not empty (use --force to replace it)")
-        reason = _not_ours(target)
+        reason = not_ours(target)
         if reason:
             raise InputError(f"{dst}: --force replaces only a folder mlx-gemma wrote, and this one {reason}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise InputError(f"{dst.parent}: exists and is not a directory") from None
-    except OSError as e:
-        raise CheckpointError(f"{dst.parent}: cannot create ({e.strerror})") from None
+    # The output is renamed into its parent, made where missing inside the nearest existing folder.
+    existing = next(p for p in dst.parents if p.exists())  # as the user named it, for the message
+    if not existing.is_dir():
+        raise InputError(f"{existing}: exists and is not a directory")
+    reason = cannot_write(existing)
+    if reason:
+        raise CheckpointError(f"{dst}: cannot write ({reason})")
     return target
 
 
@@ -181,14 +210,63 @@ def _umask_mode() -> int:
     return 0o777 & ~mask
 
 
-def _save(path: Path, arrays: dict[str, mx.array], dst: Path) -> None:
+def save_safetensors(path: Path, arrays: dict[str, mx.array], dst: Path, metadata: Optional[dict] = None) -> None:
     # Through a Python file: a full disk is then an OSError with its errno, where
     # mx.save_safetensors(str) raises a bare RuntimeError ("Unable to write ... bytes").
     with open(path, "wb") as f:
         try:
-            mx.save_safetensors(f, arrays, metadata={"format": "mlx"})
+            mx.save_safetensors(f, arrays, metadata=metadata or {"format": "mlx"})
         except RuntimeError as e:
             raise CheckpointError(f"{dst}: cannot write ({e})") from None
+
+
+@contextmanager
+def output_folder(dst: Path, force: bool = False):
+    """A hidden temporary folder beside `dst` to write an output into. When the block ends, the
+    folder gets the manifest of its files and is renamed into place, replacing (with `force`) an
+    output of ours; on any error or signal it is removed with the parent folders made for it,
+    and `dst` is as it was."""
+    target = check_destination(dst, force)
+    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
+    tmp = old = None
+    pending: list = []  # signals that came while the output was being put in place
+    try:
+        # Named before it is made: a signal can then never leave a folder that `tmp` does not name.
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o700)
+        yield tmp
+        record_written(tmp, [p.name for p in sorted(tmp.iterdir())])
+        tmp.chmod(_umask_mode())
+        check_destination(dst, force)
+        with _signals_deferred(pending):
+            if target.exists():  # an empty folder, or (with force) an output of ours
+                old = target.parent / (tmp.name.removesuffix(".tmp") + ".old")
+                target.rename(old)
+            tmp.rename(target)
+            tmp = None
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot write ({e.strerror or e})") from None
+    finally:
+        # Every way out: the temporary output goes; the previous output is deleted once the
+        # new one is in place, or put back if the new one never got there.
+        with _signals_deferred(pending):
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                for folder in made:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # not made by us after all, or something else is in it now
+                        break
+            if old is not None:
+                if target.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.rename(target)
+        if pending and tmp is not None:  # the work did not finish: the signal stops the program now
+            signal.raise_signal(pending[0])
+    # A signal that came once the new output was in place is not acted on: the work is complete
+    # (and "interrupted: nothing was written" would be untrue).
 
 
 def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array, int]], config: dict,
@@ -197,21 +275,15 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
     """Write a stream of (name, tensor, source bytes) + `config` + the side files of `src` as an MLX
     checkpoint at `dst`, atomically. Each tensor is evaluated as it arrives and a shard is written
     as soon as it is full, so memory stays bounded by one shard whatever the model size."""
-    target = check_destination(dst, force)
     limit = max_shard_bytes or MAX_SHARD_BYTES
-    tmp = old = None
-    pending: list = []  # signals that came while the output was being put in place
-    try:
-        # Named before it is made: a signal can then never leave a folder that `tmp` does not name.
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        tmp.mkdir(mode=0o700)
+    with output_folder(dst, force) as tmp:
         files: list[list[str]] = []
         shard: dict[str, mx.array] = {}
         bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
                    disable=None)  # None: only on a terminal
 
         def flush():
-            _save(tmp / f"part-{len(files)}.safetensors", shard, dst)
+            save_safetensors(tmp / f"part-{len(files)}.safetensors", shard, dst)
             files.append(list(shard))
             shard.clear()
             mx.clear_cache()
@@ -241,33 +313,6 @@ def write_checkpoint(dst: Path, src: Path, tensors: Iterable[tuple[str, mx.array
         for f in sorted(src.iterdir()):
             if f.is_file() and f.suffix in SIDE_FILE_SUFFIXES and f.name not in ("config.json", WEIGHT_INDEX, MARKER):
                 shutil.copyfile(f, tmp / f.name)  # not copy2: new files get the umask's mode, not the source's
-        written = {p.name: _stamp(p) for p in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"written_by": "mlx-gemma", "files": written}, indent=2))
-        tmp.chmod(_umask_mode())
-        check_destination(dst, force)
-        with _signals_deferred(pending):
-            if target.exists():  # an empty folder, or (with force) an output of ours
-                old = target.parent / (tmp.name.removesuffix(".tmp") + ".old")
-                target.rename(old)
-            tmp.rename(target)
-            tmp = None
-    except OSError as e:
-        raise CheckpointError(f"{dst}: cannot write ({e.strerror or e})") from None
-    finally:
-        # Every way out: the temporary output goes; the previous output is deleted once the
-        # new one is in place, or put back if the new one never got there.
-        with _signals_deferred(pending):
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None:
-                if target.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.rename(target)
-        if pending and tmp is not None:  # the work did not finish: the signal stops the program now
-            signal.raise_signal(pending[0])
-    # A signal that came once the new output was in place is not acted on: the work is complete
-    # (and "interrupted: nothing was written" would be untrue).
     return dst
 
 

@@ -48,10 +48,11 @@ class Terminated(BaseException):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default in --help, except where its help text already says what it is."""
+    """Every flag's default in --help, except where its help text already says what it is (or
+    that the flag is required)."""
 
     def _get_help_string(self, action):
-        if "(default" in (action.help or ""):
+        if "(default" in (action.help or "") or "(required" in (action.help or ""):
             return action.help
         if action.required:
             return f"{action.help} (required)"

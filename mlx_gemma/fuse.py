@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -26,14 +26,17 @@ def build_parser() -> ArgumentParser:
                        description="Merge LoRA / DoRA adapters into a Gemma 4 checkpoint, or export them for PEFT.")
     p.add_argument("--model", required=True, help="base checkpoint directory or Hugging Face repo id")
     p.add_argument("--adapter-path", required=True, help="adapters (mlx_gemma.lora / mlx-lm output, or PEFT)")
-    p.add_argument("--save-path", default=None, help="where to write the merged checkpoint")
+    p.add_argument("--save-path", default=None,
+                   help="where to write the merged checkpoint (default: none, only --export-peft)")
     p.add_argument("--dequantize", action="store_true", help="write the merged model unquantized")
     p.add_argument("--quantize", action="store_true",
                    help="quantize the merged model afresh with --bits/--group-size/--mode/--recipe")
     add_quant_flags(p)
     p.add_argument("--export-peft", default=None, metavar="DIR",
-                   help="write the adapters as a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder, only if mlx-gemma wrote it")
+                   help="write the adapters as a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors) "
+                        "(default: none)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (--save-path, --export-peft), only if mlx-gemma wrote it")
     return p
 
 
@@ -65,24 +68,14 @@ def write_fused(model, source: Path, out: Path, dequantize: bool, force: bool) -
                             sum(v.nbytes for _, v in params), force=force, desc="Fusing")
 
 
-def transformers_name(ours: str) -> str:
-    """Our module path -> transformers' (the inverse of loading.sanitize for decoder modules)."""
-    from .loading import sanitize
-
-    name = "model.language_model." + ours.removeprefix("language_model.model.")
-    if sanitize(name + ".weight") != ours + ".weight":
-        raise InputError(f"--export-peft: {ours} has no transformers name PEFT could target")
-    return name
-
-
-def export_peft(model, out: Path, base: str) -> Path:
-    """Our LoRA layers as PEFT writes them: A [r, in], B [out, r], lora_alpha = scale * r;
-    target_modules a regex of exactly the adapted modules, rank/alpha patterns where a module
-    differs from the first one."""
+def peft_export(model, base: str) -> tuple[dict, dict]:
+    """(adapter_config.json, weights) of our LoRA layers as PEFT writes them: A [r, in], B [out, r],
+    lora_alpha = scale * r; target_modules a regex of exactly the adapted modules, rank/alpha
+    patterns where a module differs from the first one."""
     import mlx.core as mx
     from mlx_lm.tuner.lora import LoRALinear
 
-    from .checkpoint import check_destination
+    from .tuning.adapters import transformers_name
 
     layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_a")]
     if not layers:
@@ -90,6 +83,8 @@ def export_peft(model, out: Path, base: str) -> Path:
     if any(not isinstance(m, LoRALinear) for _, m in layers):
         raise InputError("--export-peft: only LoRA adapters export to PEFT (DoRA's magnitudes do not map)")
     names = [transformers_name(n) for n, _ in layers]
+    if None in names:
+        raise InputError(f"--export-peft: {layers[names.index(None)][0]} has no transformers name PEFT could target")
     ranks = {t: m.lora_a.shape[1] for t, (_, m) in zip(names, layers)}
     alphas = {t: float(m.scale) * ranks[t] for t, (_, m) in zip(names, layers)}
     r, alpha = ranks[names[0]], alphas[names[0]]
@@ -103,51 +98,49 @@ def export_peft(model, out: Path, base: str) -> Path:
     for t, (_, m) in zip(names, layers):
         weights[f"base_model.model.{t}.lora_A.weight"] = m.lora_a.T.astype(mx.float32)
         weights[f"base_model.model.{t}.lora_B.weight"] = m.lora_b.T.astype(mx.float32)
-    target = check_destination(out, force=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        mx.save_safetensors(str(tmp / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if target.exists():
-            target.rmdir()  # check_destination lets through an empty folder only
-        tmp.rename(target)
-    except OSError as e:
-        raise InputError(f"{target}: cannot write ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return config, weights
 
 
 def run(args) -> list:
     import mlx.core as mx
 
-    from .checkpoint import check_destination, quantize_checkpoint
+    from .checkpoint import check_destination, output_folder, quantize_checkpoint, save_safetensors
     from .loading import load_model, resolve_model_path
 
     if not args.save_path and not args.export_peft:
         raise InputError("give --save-path (a merged checkpoint) and/or --export-peft DIR")
     if args.dequantize and args.quantize:
         raise InputError("--dequantize and --quantize: choose one")
-    if args.save_path:
-        check_destination(Path(args.save_path).expanduser(), args.force)  # before loading anything
+    out = Path(args.save_path).expanduser() if args.save_path else None
+    export = Path(args.export_peft).expanduser() if args.export_peft else None
+    if out and export:
+        a, b = out.resolve(), export.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise InputError(f"--save-path {args.save_path} and --export-peft {args.export_peft}: "
+                             f"{'the same folder' if a == b else 'one inside the other'}; name two separate folders")
+    for path in (out, export):
+        if path:
+            check_destination(path, args.force)  # before loading anything
     source = resolve_model_path(args.model)
     model = load_model(source, dtype=None, split=1, adapter_path=args.adapter_path)
     written = []
-    if args.export_peft:
-        written.append(export_peft(model, Path(args.export_peft).expanduser(), str(args.model)))
-    if args.save_path:
-        out = Path(args.save_path).expanduser()
-        if not args.quantize:
+    # The export goes in place only after the merged checkpoint: a fuse that fails leaves neither.
+    with output_folder(export, args.force) if export else nullcontext() as peft:
+        if export:
+            config, weights = peft_export(model, str(args.model))
+            save_safetensors(peft / "adapter_model.safetensors", weights, export, metadata={"format": "pt"})
+            (peft / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if out and not args.quantize:
             written.append(write_fused(fused(model, args.dequantize), source, out, args.dequantize, args.force))
-        else:
-            with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        elif out:
+            # beside the output, on its disk: the merged model is as large as the base
+            with tempfile.TemporaryDirectory(dir=next(p for p in out.absolute().parents if p.exists())) as tmp:
                 plain = write_fused(fused(model, dequantize=True), source, Path(tmp) / "merged", True, False)
                 del model
                 mx.clear_cache()
                 written.append(quantize_checkpoint(str(plain), str(out), args.bits, args.group_size, args.mode,
                                                    args.recipe, force=args.force))
-    return written
+    return [export, *written] if export else written
 
 
 def main(argv: Optional[list] = None) -> None:

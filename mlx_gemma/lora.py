@@ -20,18 +20,29 @@ from .errors import ArgumentParser, InputError, run_cli
 OURS = {"model": None, "data": None, "num_layers": 16}
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "muon": "Muon", "sgd": "SGD", "adafactor": "Adafactor"}
 UNSUPPORTED = {"report_to": "--report-to (wandb / swanlab)", "trust_remote_code": "--trust-remote-code"}
+# What a flag left unset means where no default value says it.
+UNSET = {"model": "required, here or in --config", "data": "required, here or in --config",
+         "resume_adapter_file": "default: none, a fresh start", "config": "default: none",
+         "report_to": "default: none; not supported here", "project_name": "default: none, unused without --report-to",
+         "alpha": "default: none, --scale applies", "image_budget": "default: the checkpoint's processor setting",
+         "video_budget": "default: the checkpoint's processor setting"}
 
 
 def build_parser() -> ArgumentParser:
+    from mlx_lm.lora import CONFIG_DEFAULTS
     from mlx_lm.lora import build_parser as mlx_lm_parser
 
     p = ArgumentParser(prog="python -m mlx_gemma.lora", parents=[mlx_lm_parser()], conflict_handler="resolve",
                        description="LoRA / DoRA fine-tuning of Gemma 4 (QLoRA on a quantized model), on "
                                    "text, image, audio and video examples. Flags as mlx_lm.lora's.")
-    p.add_argument("--rank", type=int, help="LoRA rank (lora_parameters.rank; default 8)")
-    p.add_argument("--scale", type=float, help="LoRA scale (lora_parameters.scale; default 20.0)")
+    p.add_argument("--iters", type=int, help="iterations to train for; with --resume-adapter-file the total, "
+                                             "counting the resumed ones (mlx-lm's --iters counts more)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --adapter-path folder, only if mlx-gemma wrote it")
+    p.add_argument("--rank", type=int, help="LoRA rank (lora_parameters.rank)")
+    p.add_argument("--scale", type=float, help="LoRA scale (lora_parameters.scale)")
     p.add_argument("--alpha", type=float, help="PEFT's lora_alpha: sets scale = alpha / rank")
-    p.add_argument("--dropout", type=float, help="LoRA dropout (lora_parameters.dropout; default 0.0)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (lora_parameters.dropout)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="activation dtype (auto: float32 for a quantized model on the CPU backend, else as stored)")
     p.add_argument("--plan", action="store_true", help="print the training memory plan and exit")
@@ -39,6 +50,12 @@ def build_parser() -> ArgumentParser:
                    help="memory the run may use (default: what the GPU may use, e.g. 16GB Mac ~11.8 GB)")
     p.add_argument("--image-budget", type=int, default=None, help="soft tokens per image (70..1120)")
     p.add_argument("--video-budget", type=int, default=None, help="soft tokens per video frame")
+    # Flags are unset (None) so that a --config file can fill them; --help shows what applies then.
+    defaults = {**CONFIG_DEFAULTS, **CONFIG_DEFAULTS["lora_parameters"], **OURS}
+    for action in p._actions:
+        if action.default is None and "(default" not in action.help:
+            action.help += f" ({UNSET[action.dest]})" if defaults.get(action.dest) is None \
+                else f" (default: {defaults[action.dest]})"
     return p
 
 
@@ -80,6 +97,8 @@ def resolve_args(argv: Optional[list] = None):
 
 
 def check_args(args: dict) -> None:
+    from .generation import check_sampling
+
     for key, flag in UNSUPPORTED.items():
         if args.get(key):
             raise InputError(f"{flag} is not supported by mlx_gemma.lora")
@@ -106,8 +125,9 @@ def check_args(args: dict) -> None:
         raise InputError(f"--scale must be a finite number, got {scale!r}")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise InputError(f"--dropout must be in [0, 1), got {dropout!r}")
-    if not isinstance(args["learning_rate"], (int, float)) or not args["learning_rate"] > 0:
-        raise InputError(f"--learning-rate must be a positive number, got {args['learning_rate']!r}")
+    if not isinstance(args["learning_rate"], (int, float)) or not 0 < args["learning_rate"] < math.inf:
+        raise InputError(f"--learning-rate must be a finite positive number, got {args['learning_rate']!r}")
+    check_sampling(seed=args["seed"])
 
 
 def run(args) -> None:
@@ -119,7 +139,6 @@ def run(args) -> None:
     from .loading import load, resolve_model_path
     from .prompt import MediaOptions
     from .tuning import budget, checkpoints, data, trainer
-    from .tuning.curve import plot_losses
 
     path = resolve_model_path(args.model)
     plan = budget.training_plan(path, args)
@@ -129,6 +148,14 @@ def run(args) -> None:
     if not plan.fits:
         raise InputError(budget.refusal(plan))
     mx.random.seed(args.seed)
+    if args.train:  # every output is checked before minutes of loading and training
+        resumed = checkpoints.read_resumed(Path(args.resume_adapter_file)) if args.resume_adapter_file else None
+        start = resumed.iteration if resumed else 0
+        if start >= args.iters:
+            raise InputError(f"{args.resume_adapter_file}: already at iteration {start}, not below --iters "
+                             f"{args.iters} (the total here, where mlx-lm's --iters counts more)")
+        output = checkpoints.Output(Path(args.adapter_path).expanduser(), args.force, resumed,
+                                    trainer.save_points(start, args.iters, args.save_every))
     # --test alone evaluates the adapters at --adapter-path when there are any (mlx-lm does too)
     evaluated = None if args.train or not args.adapter_path or not Path(args.adapter_path).exists() \
         else args.adapter_path
@@ -143,19 +170,22 @@ def run(args) -> None:
                              f"{args.batch_size}")
         model.freeze()
         linear_to_lora_layers(model, args.num_layers, args.lora_parameters, use_dora=args.fine_tune_type == "dora")
-        start = 0
-        if args.resume_adapter_file:
-            start = checkpoints.resume(model, Path(args.resume_adapter_file))
-            print(f"Resuming from {args.resume_adapter_file} at iteration {start}")
-        if start >= args.iters:
-            raise InputError(f"{args.resume_adapter_file}: already at iteration {start}, not below --iters "
-                             f"{args.iters}")
+        history = []
+        if resumed:
+            checkpoints.resume(model, resumed)
+            history = [trainer.Report(it, train_loss=t, val_loss=v) for it, t, v in resumed.losses]
+            print(f"Resuming from {resumed.path} at iteration {start}: --iters {args.iters} is the total, so "
+                  f"iterations {start + 1} to {args.iters} follow (mlx-lm's --iters would count more)")
         print(f"Trainable parameters: {trainer.trainable_count(model) / 1e6:.3f}M")
-        out = Path(args.adapter_path)
+        out = output.folder
         config = checkpoints.adapter_config(vars(args))
 
+        def report(r: trainer.Report) -> None:
+            print(r.line(), flush=True)
+            history.append(r)
+
         def save(it: int) -> None:
-            checkpoints.save(model, out, config, it)
+            output.save(model, config, it, history)
             print(f"Iter {it}: Saved adapter weights to {out / checkpoints.ADAPTER_FILE} and "
                   f"{out / checkpoints.checkpoint_name(it)}.", flush=True)
 
@@ -169,8 +199,8 @@ def run(args) -> None:
                                   steps_per_save=args.save_every, max_seq_length=args.max_seq_length,
                                   grad_checkpoint=bool(args.grad_checkpoint),
                                   grad_accumulation_steps=args.grad_accumulation_steps)
-        reports = trainer.train(model, opt, train_set, valid_set, train_args, save=save, start=start, seed=args.seed)
-        plot_losses(reports, out / "loss_curve.png")
+        trainer.train(model, opt, train_set, valid_set, train_args, save=save, start=start, seed=args.seed,
+                      report=report)
     if args.test:
         value = trainer.evaluate(model, test_set, args.batch_size, args.test_batches)
         print(f"Test loss {value:.3f}, Test ppl {math.exp(min(value, 700.0)):.3f}.")

@@ -54,6 +54,21 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{name:<60} {value:.3e}")
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 64 KiB file system (we are root in the test sandbox); skipped where mounting is not
+    permitted, leaving the in-process disk-full tests."""
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory) -> Path:
     return reference.build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-gemma4-unified")

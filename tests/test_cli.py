@@ -172,7 +172,7 @@ def test_cli_defaults_are_the_librarys():
            (generation.DEFAULT_MAX_TOKENS, generation.DEFAULT_PREFILL_STEP, model.VISION_MASKS)
 
 
-@pytest.mark.parametrize("cli", ["generate", "convert", "quantize"])
+@pytest.mark.parametrize("cli", ["generate", "convert", "quantize", "lora", "fuse"])
 def test_every_flag_shows_its_help_and_default(cli):
     import importlib
 

@@ -147,24 +147,12 @@ def test_interrupted_convert_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A real 64 KiB file system (we are root in the test sandbox); skipped where mounting is not
-    permitted, leaving the in-process disk-full tests above."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
-def test_full_disk_is_one_line_and_leaves_nothing(hf_checkpoint, tiny_tmpfs):
+@pytest.mark.parametrize("out", ["out", "new/folders/out"])  # the folders made for it go too
+def test_full_disk_is_one_line_and_leaves_nothing(hf_checkpoint, tiny_tmpfs, out):
     (tiny_tmpfs / "sentinel.txt").write_text("the user's file")
-    run = cli("--hf-path", str(hf_checkpoint), "--mlx-path", str(tiny_tmpfs / "out"))
+    run = cli("--hf-path", str(hf_checkpoint), "--mlx-path", str(tiny_tmpfs / out))
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip() == f"error: {tiny_tmpfs / 'out'}: cannot write (No space left on device)"
+    assert run.stderr.strip() == f"error: {tiny_tmpfs / out}: cannot write (No space left on device)"
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["sentinel.txt"]
 
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class Case:
     id: str
-    entry: str  # module under mlx_gemma (generate, convert, quantize) or "benchmarks.run"
+    entry: str  # module under mlx_gemma (generate, convert, quantize, lora, fuse) or "benchmarks.run"
     args: list
     expect: str  # regex the one stderr line must match
     code: int = 1
@@ -38,13 +38,16 @@ class Case:
 
 
 def snapshot(root: Path) -> dict:
-    """{relative path: (size, mtime, mode)} of everything under `root`, folders included."""
+    """{relative path: (size, mtime, mode, content hash)} of everything under `root`, folders included."""
+    import hashlib
+
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns, st.st_mode, digest)
     return out
 
 
@@ -535,6 +538,159 @@ def test_checkpoint_api_errors(case, workspace, hf_checkpoint, quant_source, mon
     assert re.search(case.expect.format(**subs), f"error: {e.value}"), str(e.value)
     assert after == before
     assert (convert(subs["ckpt"], str(workspace / "next")) / "config.json").exists()
+# --- fine-tuning: lora's outputs and arguments, adapters through generate and fuse ---------------
+# {data}: a two-example data set; {adapters}: a folder a lora run wrote (saves at iterations 2
+# and 4). Every refusal comes before the first step and leaves the workspace as it was.
+
+@pytest.fixture(scope="module")
+def lora_data(tmp_path_factory):
+    import json
+
+    d = tmp_path_factory.mktemp("lora-data")
+    rows = [{"messages": [{"role": "user", "content": "say seven"}, {"role": "assistant", "content": "seven"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
+    for split in ("train", "valid", "test"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(hf_checkpoint, lora_data, tmp_path_factory):
+    import contextlib
+    import io
+
+    from mlx_gemma.lora import main
+
+    out = tmp_path_factory.mktemp("lora-run") / "adapters"
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["--model", str(hf_checkpoint), "--train", "--data", str(lora_data), "--iters", "4", "--batch-size",
+              "1", "--save-every", "2", "--adapter-path", str(out)])
+    return out
+
+
+def _adapter_copy(ws, subs, damage=None):
+    import shutil
+
+    folder = Path(shutil.copytree(subs["adapters"], ws / "ad"))
+    if damage:
+        damage(folder / "adapters.safetensors")
+
+
+def _nan_weights(file: Path) -> None:
+    import mlx.core as mx
+
+    weights, metadata = mx.load(str(file), return_metadata=True)
+    first = sorted(weights)[0]
+    weights[first] = weights[first] * float("nan")
+    mx.save_safetensors(str(file), weights, metadata=metadata)
+
+
+def _peft_adapter(ws, subs):
+    (ws / "ad").mkdir()
+    (ws / "ad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+
+
+def _foreign_adapters(ws, subs):
+    """Adapters as mlx-lm writes them: no manifest of ours."""
+    from mlx_gemma.checkpoint import MARKER
+
+    _adapter_copy(ws, subs)
+    (ws / "ad" / MARKER).unlink()
+
+
+SETUPS.update(
+    adapters=_adapter_copy, peft_adapter=_peft_adapter, foreign_adapters=_foreign_adapters,
+    adapters_no_weights=lambda ws, subs: _adapter_copy(ws, subs, lambda f: f.unlink()),
+    adapters_garbage=lambda ws, subs: _adapter_copy(ws, subs, lambda f: f.write_bytes(b"not safetensors")),
+    adapters_cut=lambda ws, subs: _adapter_copy(ws, subs, lambda f: f.write_bytes(f.read_bytes()[:30000])),
+    adapters_nan=lambda ws, subs: _adapter_copy(ws, subs, _nan_weights),
+)
+
+T = ["--model", "{ckpt}", "--train", "--data", "{data}", "--batch-size", "1", "--iters", "4"]
+F = ["--model", "{ckpt}", "--adapter-path", "{adapters}"]
+LORA_CASES: list[Case] = [
+    Case("lora-seed-negative", "lora", [*T, "--seed", "-1"], r"^error: --seed -1: must be a whole number from 0 to "
+         r"4294967295$"),
+    Case("lora-learning-rate-inf", "lora", [*T, "--learning-rate", "inf"],
+         r"^error: --learning-rate must be a finite positive number, got inf$"),
+    Case("lora-existing-folder", "lora", [*T, "--adapter-path", "out"],
+         r"^error: out: exists and is not empty \(use --force to replace it\)$", setup="taken"),
+    Case("lora-over-a-peft-adapter", "lora", [*T, "--adapter-path", "ad"],
+         r"^error: ad: exists and is not empty \(use --force to replace it\)$", setup="peft_adapter"),
+    Case("lora-force-over-a-peft-adapter", "lora", [*T, "--adapter-path", "ad", "--force"],
+         r"^error: ad: --force replaces only a folder mlx-gemma wrote, and this one has no "
+         r"\.mlx-gemma-output\.json manifest$", setup="peft_adapter"),
+    Case("lora-into-another-runs-folder", "lora", [*T, "--adapter-path", "ad"],
+         r"^error: ad: exists and is not empty \(use --force to replace it\)$", setup="adapters"),
+    Case("lora-resume-into-another-runs-folder", "lora",
+         [*T, "--iters", "6", "--adapter-path", "ad", "--resume-adapter-file", "{adapters}/adapters.safetensors"],
+         r"^error: ad: exists and is not empty \(use --force to replace it\)$", setup="adapters"),
+    Case("lora-resume-would-replace-a-later-checkpoint", "lora",
+         [*T, "--iters", "6", "--save-every", "2", "--adapter-path", "ad", "--resume-adapter-file",
+          "ad/0000002_adapters.safetensors"],
+         r"^error: ad: holds 0000004_adapters\.safetensors, which resuming from iteration 2 would replace \(resume "
+         r"from the latest checkpoint, or name a new --adapter-path\)$", setup="adapters"),
+    Case("lora-resume-in-a-folder-not-ours", "lora",
+         [*T, "--iters", "6", "--adapter-path", "ad", "--resume-adapter-file", "ad/adapters.safetensors"],
+         r"^error: ad: a resumed run adds only to a folder mlx-gemma wrote, and this one has no "
+         r"\.mlx-gemma-output\.json manifest \(name a new --adapter-path\)$", setup="foreign_adapters"),
+    Case("lora-resume-past-iters", "lora",
+         [*T, "--iters", "3", "--adapter-path", "new", "--resume-adapter-file", "{adapters}/adapters.safetensors"],
+         r"^error: {adapters}/adapters\.safetensors: already at iteration 4, not below --iters 3 \(the total here, "
+         r"where mlx-lm's --iters counts more\)$"),
+    Case("lora-resume-from-nan-weights", "lora",
+         [*T, "--iters", "6", "--adapter-path", "new", "--resume-adapter-file", "ad/adapters.safetensors"],
+         r"^error: ad/adapters\.safetensors: adapter weight \S+ holds NaN or infinite values \(a diverged run\?\)$",
+         setup="adapters_nan"),
+    Case("lora-adapter-path-is-a-file", "lora", [*T, "--adapter-path", "sentinel.txt"],
+         r"^error: sentinel\.txt: exists and is not a directory$"),
+    Case("lora-adapter-path-under-a-file", "lora", [*T, "--adapter-path", "sentinel.txt/ad"],
+         r"^error: sentinel\.txt: exists and is not a directory$"),
+    # root writes through permission bits: the setup mounts a read-only file system (chmod otherwise)
+    Case("lora-adapter-path-read-only", "lora", [*T, "--adapter-path", "locked/ad"],
+         r"^error: locked/ad: cannot write \((Read-only file system|Permission denied)\)$", setup="read_only_parent"),
+    Case("lora-diverges-before-the-first-save", "lora", [*T, "--learning-rate", "1e39", "--adapter-path", "new"],
+         r"^error: iteration 1: adapter weight \S+ holds NaN or infinite values: the run stopped, this run saved "
+         r"nothing \(try a lower --learning-rate\)$"),
+    Case("generate-adapters-without-weights", "generate", ["--model", "{ckpt}", "--adapter-path", "ad"],
+         r"^error: ad: no adapters\.safetensors \(the adapter weights\)$", setup="adapters_no_weights"),
+    Case("generate-adapters-garbage-weights", "generate", ["--model", "{ckpt}", "--adapter-path", "ad"],
+         r"^error: ad/adapters\.safetensors: cannot read adapter weights \(Invalid json header length",
+         setup="adapters_garbage"),
+    Case("generate-adapters-nan-weights", "generate", ["--model", "{ckpt}", "--adapter-path", "ad"],
+         r"^error: ad/adapters\.safetensors: adapter weight \S+ holds NaN or infinite values \(a diverged run\?\)$",
+         setup="adapters_nan"),
+    Case("fuse-adapters-cut-weights", "fuse", ["--model", "{ckpt}", "--adapter-path", "ad", "--save-path", "out"],
+         r"^error: ad/adapters\.safetensors: cannot read adapter weights \(.*exceeding the size of the file",
+         setup="adapters_cut"),
+    Case("fuse-adapters-nan-weights", "fuse", ["--model", "{ckpt}", "--adapter-path", "ad", "--export-peft", "out"],
+         r"^error: ad/adapters\.safetensors: adapter weight \S+ holds NaN or infinite values", setup="adapters_nan"),
+    Case("fuse-export-is-the-save-path", "fuse", [*F, "--save-path", "out", "--export-peft", "out"],
+         r"^error: --save-path out and --export-peft out: the same folder; name two separate folders$"),
+    Case("fuse-export-inside-the-save-path", "fuse", [*F, "--save-path", "out", "--export-peft", "out/peft"],
+         r"^error: --save-path out and --export-peft out/peft: one inside the other; name two separate folders$"),
+    Case("fuse-export-existing-folder", "fuse", [*F, "--export-peft", "out"],
+         r"^error: out: exists and is not empty \(use --force to replace it\)$", setup="taken"),
+    Case("fuse-export-force-not-ours", "fuse", [*F, "--export-peft", "out", "--force"],
+         r"^error: out: --force replaces only a folder mlx-gemma wrote, and this one has no "
+         r"\.mlx-gemma-output\.json manifest$", setup="taken"),
+    Case("fuse-export-read-only", "fuse", [*F, "--save-path", "out", "--export-peft", "locked/peft"],
+         r"^error: locked/peft: cannot write \((Read-only file system|Permission denied)\)$",
+         setup="read_only_parent"),
+    Case("fuse-export-under-a-file", "fuse", [*F, "--export-peft", "sentinel.txt/peft"],
+         r"^error: sentinel\.txt: exists and is not a directory$"),
+]
+
+
+@pytest.mark.parametrize("case", LORA_CASES, ids=lambda c: c.id)
+def test_lora_error_table(case, workspace, hf_checkpoint, lora_data, trained_adapters):
+    try:
+        check_case(case, workspace, {"ckpt": str(hf_checkpoint), "ws": str(workspace), "data": str(lora_data),
+                                     "adapters": str(trained_adapters)})
+    finally:
+        _unmount(workspace)
+
+
 # --- `python -m mlx_gemma.generate` at the terminal: arguments, standard input, chat commands --------
 
 NOT_UTF8 = "caf\udce9"  # what Python makes of the bytes b"caf\xe9" on a command line; passed back as them

@@ -5,6 +5,7 @@ survive a failed save, the training memory plan, and one-line errors for bad run
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -186,15 +187,76 @@ def test_training_overfits_text_image_and_audio(trained, hf_checkpoint, overfit_
     assert after.startswith("seven") and not before.startswith("seven"), (before, after)
 
 
+def losses_saved(file: Path) -> list:
+    return json.loads(mx.load(str(file), return_metadata=True)[1]["losses"])
+
+
 def test_resume_continues_from_the_saved_iteration(trained, hf_checkpoint, overfit_data, capsys, tmp_path):
-    out, _ = trained
+    out, first_log = trained
     data, _ = overfit_data
     log = run_lora(capsys, "--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "25",
                    "--batch-size", "1", "--num-layers", "-1", "--rank", "8", "--steps-per-report", "5",
                    "--resume-adapter-file", str(out / "0000020_adapters.safetensors"), "--adapter-path", str(tmp_path))
-    assert "Resuming from" in log and "at iteration 20" in log
+    assert f"at iteration 20: --iters 25 is the total, so iterations 21 to 25 follow (mlx-lm's --iters" in log
     assert [it for it, _ in train_losses(log)] == [25]
     assert (tmp_path / "0000025_adapters.safetensors").exists()
+    # The loss history goes on from the first run's, up to the iteration resumed from.
+    history = losses_saved(tmp_path / "adapters.safetensors")
+    assert [(it, round(t, 3)) for it, t, _ in history if t is not None] == \
+        [(it, t) for it, t in train_losses(first_log) if it <= 20] + train_losses(log)
+
+
+def test_resume_in_place_adds_to_the_folder_and_force_replaces_it(trained, hf_checkpoint, overfit_data, capsys,
+                                                                   tmp_path):
+    from mlx_gemma.checkpoint import MARKER, not_ours
+
+    out, _ = trained
+    data, _ = overfit_data
+    folder = Path(shutil.copytree(out, tmp_path / "adapters"))
+    earlier = {p.name: p.read_bytes() for p in folder.glob("00*_adapters.safetensors")}
+    common = ["--model", str(hf_checkpoint), "--train", "--data", str(data), "--batch-size", "1", "--num-layers",
+              "-1", "--rank", "8", "--adapter-path", str(folder)]
+    run_lora(capsys, *common, "--iters", "42", "--steps-per-report", "1",
+             "--resume-adapter-file", str(folder / "0000040_adapters.safetensors"))
+    assert {p.name: p.read_bytes() for p in folder.glob("00*_adapters.safetensors") if p.name in earlier} == earlier
+    assert (folder / "0000042_adapters.safetensors").exists() and not_ours(folder) is None
+    assert [it for it, t, _ in losses_saved(folder / "adapters.safetensors") if t is not None][-3:] == [40, 41, 42]
+    # --force: the folder becomes this run's alone, the earlier run's checkpoints gone
+    run_lora(capsys, *common, "--iters", "2", "--force")
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "0000002_adapters.safetensors", "adapter_config.json",
+                                                       "adapters.safetensors", "loss_curve.png"]
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(hf_checkpoint, overfit_data, tmp_path, capsys):
+    from mlx_gemma.lora import main
+
+    data, _ = overfit_data
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "8", "--batch-size", "1",
+              "--save-every", "1", "--learning-rate", "1e30", "--adapter-path", str(tmp_path / "ad")])
+    err = capsys.readouterr().err.strip()
+    m = re.fullmatch(r"error: iteration (\d+): the training loss is (?:nan|inf): the run stopped, the adapters "
+                     r"saved at iteration (\d+) are intact \(try a lower --learning-rate\)", err)
+    assert e.value.code == 1 and m, err
+    stopped, kept = int(m[1]), int(m[2])
+    assert kept == stopped - 1
+    assert sorted(p.name for p in (tmp_path / "ad").glob("00*")) == \
+        [f"{it:07d}_adapters.safetensors" for it in range(1, stopped)]
+    load(hf_checkpoint, adapter_path=tmp_path / "ad")  # finite, so it loads
+
+
+def test_a_full_disk_at_the_first_save_leaves_nothing(hf_checkpoint, overfit_data, tiny_tmpfs, capsys):
+    from mlx_gemma.lora import main
+
+    data, _ = overfit_data
+    (tiny_tmpfs / "sentinel.txt").write_text("the user's file")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "2", "--batch-size", "1",
+              "--adapter-path", str(tiny_tmpfs / "runs" / "ad")])
+    assert e.value.code == 1
+    out = tiny_tmpfs / "runs" / "ad"
+    assert capsys.readouterr().err.strip() == f"error: {out}: cannot write (No space left on device)"
+    assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["sentinel.txt"]
 
 
 def test_a_failed_save_leaves_the_last_checkpoint_intact(hf_checkpoint, overfit_data, tmp_path, monkeypatch, capsys):
@@ -204,19 +266,21 @@ def test_a_failed_save_leaves_the_last_checkpoint_intact(hf_checkpoint, overfit_
     saved = mx.save_safetensors
     calls = []
 
-    def failing(path, weights, metadata=None):
-        calls.append(path)
+    def failing(file, weights, metadata=None):
+        calls.append(file)
         if len(calls) > 2:  # the second checkpoint's first file: half written, then the disk is full
-            with open(path, "wb") as f:
-                f.write(b"partial")
+            file.write(b"partial")
             raise OSError(28, "No space left on device")
-        return saved(path, weights, metadata=metadata) if metadata else saved(path, weights)
+        return saved(file, weights, metadata=metadata)
 
     monkeypatch.setattr(mx, "save_safetensors", failing)
     with pytest.raises(SystemExit):
         main(["--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "6", "--batch-size", "1",
               "--save-every", "2", "--adapter-path", str(tmp_path)])
     monkeypatch.setattr(mx, "save_safetensors", saved)
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: cannot save the adapters of iteration 4 (No space "
+                                               "left on device); the adapters saved at iteration 2 are intact")
+    assert not list(tmp_path.glob(".tmp-*"))
     weights = mx.load(str(tmp_path / "adapters.safetensors"))
     assert weights and all(k.endswith(("lora_a", "lora_b")) for k in weights)
     checkpoint = mx.load(str(tmp_path / "0000002_adapters.safetensors"))
@@ -313,6 +377,26 @@ def test_adapter_trained_here_exports_to_peft_with_the_same_logits(trained, hf_c
     assert np.array_equal(np.array(again(mx.array([ids]))[0]), got)
 
 
+def test_export_force_replaces_our_export_and_a_failed_fuse_leaves_none(trained, hf_checkpoint, tmp_path,
+                                                                          tiny_tmpfs, capsys):
+    from mlx_gemma.checkpoint import MARKER
+
+    out, _ = trained
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_config.json").unlink()  # what --force must bring back
+    run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft", "--force")
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [MARKER, "adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the merged checkpoint does not fit: the export is not left either
+        run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft2",
+                 "--save-path", tiny_tmpfs / "fused")
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {tiny_tmpfs / 'fused'}: cannot write (No space left on device)"
+    assert not (tmp_path / "peft2").exists() and not list(tiny_tmpfs.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft", "small-disk"]
+
+
 def test_fused_checkpoint_equals_base_plus_adapter_here_and_in_mlx_vlm(trained, hf_checkpoint, tmp_path):
     from mlx_vlm import load as vlm_load
 
@@ -346,6 +430,10 @@ def test_fused_checkpoint_equals_base_plus_adapter_here_and_in_mlx_vlm(trained, 
     ("shape", "the layer needs"),
     ("no-weights", "no adapter_model.safetensors"),
     ("bad-json", "cannot read it as JSON"),
+    ({"target_modules": ["q_proj", "patch_conv"]}, "target_modules names patch_conv, which this model does not have"),
+    ({"target_modules": r"vision_tower\..*"}, r"target_modules 'vision_tower\\..*' matches no linear layer"),
+    ("nan", "adapter_model.safetensors: adapter weight base_model.model.model.language_model.layers.0.mlp.down_proj"
+            ".lora_A.weight holds NaN or infinite values"),
 ])
 def test_bad_peft_adapters_are_one_line_errors(peft_adapter, hf_checkpoint, tmp_path, change, message):
     from mlx_gemma.errors import CheckpointError
@@ -365,6 +453,9 @@ def test_bad_peft_adapters_are_one_line_errors(peft_adapter, hf_checkpoint, tmp_
                 weights[key.replace("language_model.layers.0", "vision_tower.encoder.layers.0")] = weights.pop(key)
         else:
             weights[name] = weights[name][:, :-1]
+    elif change == "nan":
+        name = "base_model.model.model.language_model.layers.0.mlp.down_proj.lora_A.weight"
+        weights[name] = weights[name] * float("inf")
     if change == "no-weights":
         (bad / "adapter_model.safetensors").unlink()
     else:

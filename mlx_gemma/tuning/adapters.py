@@ -13,6 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +23,7 @@ from mlx_lm.tuner.utils import load_adapters as load_mlx_lm_adapters
 
 from ..errors import CheckpointError
 from ..loading import sanitize
-from .checkpoints import CONFIG_FILE
+from .checkpoints import ADAPTER_FILE, CONFIG_FILE, read_weights
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 # PEFT options whose non-default values change the computation in ways LoRALinear does not.
@@ -43,6 +44,9 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
         raise CheckpointError(f"{config_file}: not a JSON object")
     if "peft_type" in config:
         return load_peft(model, path, config)
+    if not (path / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{path}: no {ADAPTER_FILE} (the adapter weights)")
+    read_weights(path / ADAPTER_FILE)  # mlx-lm's loader would take a garbled file with a traceback, NaNs silently
     try:
         return load_mlx_lm_adapters(model, str(path))
     except (ValueError, KeyError, FileNotFoundError, AttributeError, TypeError) as e:
@@ -61,10 +65,8 @@ def load_peft(model: nn.Module, path: Path, config: dict) -> nn.Module:
     if not weights_file.is_file():
         raise CheckpointError(f"{path}: no {PEFT_WEIGHTS} (adapters saved as .bin are not read; "
                               "save_pretrained(safe_serialization=True) writes safetensors)")
-    try:
-        weights = mx.load(str(weights_file))
-    except Exception as e:
-        raise CheckpointError(f"{weights_file}: cannot read ({str(e).splitlines()[0]})") from None
+    check_targets(model, config.get("target_modules"), where)
+    weights, _ = read_weights(weights_file)
     pairs: dict[str, dict] = {}
     for name, w in weights.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", name)
@@ -99,6 +101,36 @@ def load_peft(model: nn.Module, path: Path, config: dict) -> nn.Module:
         raise CheckpointError(f"{weights_file}: no LoRA weights")
     model.update_modules(tree_unflatten(replaced))
     return model
+
+
+def transformers_name(ours: str) -> Optional[str]:
+    """Our module path -> transformers' (the inverse of loading.sanitize), None for a module
+    transformers does not have."""
+    name = "model." + ours.replace("language_model.model.", "language_model.", 1)
+    return name if sanitize(name + ".weight") == ours + ".weight" else None
+
+
+def check_targets(model: nn.Module, targets, where: Path) -> None:
+    """PEFT's target_modules, matched as PEFT matches them (a regex over the whole module name,
+    or names that end a module's name), must each name a linear layer of this model."""
+    if targets is None or targets == "all-linear":
+        return
+    names = [t for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+             for t in [transformers_name(n)] if t]
+    if isinstance(targets, str):
+        try:
+            found = any(re.fullmatch(targets, n) for n in names)
+        except re.error as e:
+            raise CheckpointError(f"{where}: target_modules {targets!r} is not a regex ({e})") from None
+        if not found:
+            raise CheckpointError(f"{where}: target_modules {targets!r} matches no linear layer of this model")
+        return
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(f"{where}: target_modules must be a regex or a list of module names")
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise CheckpointError(f"{where}: target_modules names {', '.join(missing)}, which this model does not have "
+                              "(as a linear layer)")
 
 
 def _pattern(patterns, name: str, default):

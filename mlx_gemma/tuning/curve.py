@@ -3,8 +3,7 @@ matplotlib is not)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -12,13 +11,13 @@ SIZE, MARGIN = (640, 400), 48
 COLOURS = {"train": (31, 119, 180), "validation": (255, 127, 14)}
 
 
-def plot_losses(reports: list, path: Path) -> None:
-    """Train and validation loss against iteration; written atomically like the adapters."""
+def loss_curve(reports: list) -> Optional[Image.Image]:
+    """Train and validation loss against iteration (None before the first report)."""
     series = {"train": [(r.iteration, r.train_loss) for r in reports if r.train_loss is not None],
               "validation": [(r.iteration, r.val_loss) for r in reports if r.val_loss is not None]}
     points = [p for s in series.values() for p in s]
     if not points:
-        return
+        return None
     image = Image.new("RGB", SIZE, "white")
     draw = ImageDraw.Draw(image)
     (x0, x1), (y0, y1) = _span([p[0] for p in points]), _span([p[1] for p in points])
@@ -39,9 +38,7 @@ def plot_losses(reports: list, path: Path) -> None:
         for px, py in xy:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=COLOURS[name])
         draw.text((MARGIN + 8, MARGIN + 8 + 14 * k), f"{name} loss", fill=COLOURS[name])
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    return image
 
 
 def _span(values: list) -> tuple[float, float]:

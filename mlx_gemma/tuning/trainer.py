@@ -9,6 +9,7 @@ writes adapters in place, so an interrupted save loses the last good one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -20,8 +21,10 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.trainer import TrainingArgs
 
 from ..cache import WholeSequence, vision_blocks
+from ..errors import InputError
 from ..model import DecoderLayer
 from ..prompt import token_types
+from .checkpoints import kept, non_finite
 
 # Rows of hidden states whose logits are formed at once: [rows, vocab] float32 and its few
 # copies in the backward are the largest activations of a step (262K vocab: 67 MB each; 64
@@ -168,15 +171,26 @@ class Report:
                 f"Peak mem {self.peak_memory:.3f} GB")
 
 
+def save_points(start: int, iters: int, every: int) -> list[int]:
+    """The iterations a run from `start` to `iters` saves at: every `every` steps and the last."""
+    return [it for it in range(start + 1, iters + 1) if it % every == 0 or it == iters]
+
+
 def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, *,
           save: Callable[[int], None], start: int = 0, seed: int = 0,
           report: Callable[[Report], None] = lambda r: print(r.line(), flush=True)) -> list[Report]:
-    """Iterations start + 1 .. args.iters; `save(iteration)` every `args.steps_per_save` and at
-    the end. Returns the reports (for the loss curve)."""
+    """Iterations start + 1 .. args.iters; `save(iteration)` at `save_points`. A loss or an
+    adapter weight that stops being finite ends the run (an InputError) before it is saved.
+    Returns the reports (for the loss curve)."""
     checkpoint_layers(model, args.grad_checkpoint)
     grad_fn = nn.value_and_grad(model, loss)
     reports, losses, tokens, steps, elapsed, trained, accumulated = [], 0.0, 0, 0, 0.0, 0, None
     batches = iterate_batches(train_set, args.batch_size, loop=True, seed=seed)
+    saves, saved = set(save_points(start, args.iters, args.steps_per_save)), None
+
+    def diverged(it: int, problem: str) -> InputError:
+        return InputError(f"iteration {it}: {problem}: the run stopped, {kept(saved)} (try a lower --learning-rate)")
+
     try:
         model.train()
         for it in range(start + 1, args.iters + 1):
@@ -185,6 +199,8 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
                 tic = time.perf_counter()
                 model.eval()
                 reports.append(Report(it, val_loss=evaluate(model, val_set, args.batch_size, args.val_batches)))
+                if not math.isfinite(reports[-1].val_loss):
+                    raise diverged(it, f"the validation loss is {reports[-1].val_loss}")
                 model.train()
                 report(reports[-1])
                 print(f"Iter {it}: Val took {time.perf_counter() - tic:.3f}s", flush=True)
@@ -202,6 +218,11 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
                 accumulated = grads
             mx.eval(model.trainable_parameters(), optimizer.state, value, accumulated)
             elapsed += time.perf_counter() - tic
+            if not math.isfinite(value.item()):
+                raise diverged(it, f"the training loss is {value.item()}")
+            bad = non_finite(dict(tree_flatten(model.trainable_parameters())))
+            if bad is not None:
+                raise diverged(it, f"adapter weight {bad} holds NaN or infinite values")
             losses, tokens, steps = losses + value.item(), tokens + count, steps + 1
             if it % args.steps_per_report == 0 or it == args.iters:
                 trained += tokens
@@ -210,10 +231,9 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
                                       trained_tokens=trained, peak_memory=mx.get_peak_memory() / 1e9))
                 report(reports[-1])
                 losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
-            if it % args.steps_per_save == 0 and it != args.iters:
+            if it in saves:
                 save(it)
-        if args.iters > start:
-            save(args.iters)
+                saved = it
     finally:
         checkpoint_layers(model, False)
         model.eval()
