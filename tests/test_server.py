@@ -609,6 +609,17 @@ def test_waiting_clients_that_hang_up_stop_their_generation(server):
     assert stopped < 0.5 * one, (stopped, one)  # measured 0.47 s vs 2.8 s; 2.8 s (the first ran whole) before
 
 
+def test_a_missing_adapter_folder_exits_cleanly_every_time(hf_checkpoint, tmp_path):
+    """The load fails on the engine's thread; the exit must not abort (it did, some runs, with
+    exit 134 after the error line)."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-m", "mlx_gemma.server", "--model", str(hf_checkpoint),
+                               "--adapter-path", str(tmp_path / "nope"), "--port", str(free_port())],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stderr.strip()) == \
+            (1, f"error: {tmp_path / 'nope'}: no adapter_config.json (not an adapter directory)")
+
+
 def test_an_empty_api_key_is_refused_before_loading(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mlx_gemma.server", "--model", str(tmp_path), "--api-key", ""],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -65,6 +65,7 @@ class Engine:
         self.thread.start()
         error = loaded.get()
         if error is not None:
+            self.thread.join()
             raise error
         self.vocab = self.processor.tokenizer.get_vocab()
         self.turn_id = self.vocab.get("<|turn>")

@@ -2,6 +2,7 @@
 starting the engine and uvicorn (rank 0 serves HTTP; under mlx.launch the others follow)."""
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -187,4 +188,12 @@ def main(argv: Optional[list] = None) -> None:
         with cluster.running():
             serve(args, cluster)
 
-    run_cli(work, interrupted="server stopped")
+    try:
+        run_cli(work, interrupted="server stopped")
+    except SystemExit as e:
+        # The engine thread's MLX stream must not be torn down by the interpreter's exit: when the
+        # thread ended early (a failed load), that aborts the process (std::terminate, exit 134)
+        # after the error line. Everything is said and flushed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
