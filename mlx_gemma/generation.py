@@ -459,6 +459,30 @@ class _ThoughtFilter:
         return text
 
 
+class TextStream:
+    """Generated tokens -> (text, thinking) pieces: the thought channel told apart from the answer
+    (its markers and name left out), an end-of-turn token left out."""
+
+    def __init__(self, processor):
+        self.detokenizer = processor.tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.thoughts = _ThoughtFilter(processor)
+
+    def feed(self, token: int, finish: Optional[str]) -> tuple[str, bool]:
+        thinking = self.thoughts.thinking
+        if finish != "stop" and self.thoughts.marker(token):
+            # The text before a channel marker belongs to the channel the marker closes.
+            self.detokenizer.finalize()
+            text = self.thoughts.clean(self.detokenizer.last_segment)
+            self.detokenizer.reset()
+            return text, thinking
+        if finish != "stop":
+            self.detokenizer.add_token(token)
+        if finish:
+            self.detokenizer.finalize()
+        return self.thoughts.clean(self.detokenizer.last_segment), self.thoughts.thinking
+
+
 def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                     cache: Optional[list] = None, system: Optional[str] = None,
                     chat_template: bool = True, enable_thinking: bool = False,
@@ -506,17 +530,14 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
     if constraint is not None:
         logits_processors = [*logits_processors, Guide(processor, constraint, thinking=enable_thinking)]
     eos = processor.eos_token_ids
-    detokenizer = processor.tokenizer.detokenizer
-    detokenizer.reset()
-    thoughts = _ThoughtFilter(processor)
+    text_stream = TextStream(processor)
 
     draft_stats = {"drafted": 0, "accepted": 0}
 
-    def response(text, token, logprobs, n, finish=None, thinking=None):
+    def response(text, token, logprobs, n, finish, thinking):
         elapsed = max(time.perf_counter() - tic, 1e-9)
         return GenerationResponse(
-            text=text, token=token, logprobs=logprobs,
-            thinking=thoughts.thinking if thinking is None else thinking,
+            text=text, token=token, logprobs=logprobs, thinking=thinking,
             prompt_tokens=len(ids), prompt_tps=len(ids) / prompt_time, generation_tokens=n,
             generation_tps=n / elapsed, peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
             media_tokens=counts, preprocess_time=inputs.preprocess_seconds, from_draft=from_draft,
@@ -545,19 +566,8 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     prompt_time = time.perf_counter() - tic
                     tic = time.perf_counter()
                 finish = "stop" if token in eos else "length" if n == max_tokens else None
-                was_thinking = thoughts.thinking
-                if finish != "stop" and thoughts.marker(token):
-                    # The text before a channel marker belongs to the channel the marker closes.
-                    detokenizer.finalize()
-                    text = thoughts.clean(detokenizer.last_segment)
-                    detokenizer.reset()
-                    yield response(text, token, logprobs, n, finish, thinking=was_thinking)
-                    continue
-                if finish != "stop":
-                    detokenizer.add_token(token)
-                if finish:
-                    detokenizer.finalize()
-                yield response(thoughts.clean(detokenizer.last_segment), token, logprobs, n, finish)
+                text, thinking = text_stream.feed(token, finish)
+                yield response(text, token, logprobs, n, finish, thinking)
                 if finish:
                     return
         finally:

@@ -106,6 +106,15 @@ def folded_attention(q: mx.array, k, values: list, mask, group_size: int, bits: 
     return [_matmul(probs, v, False, group_size, bits).reshape(B, heads, L, -1) for v in values]
 
 
+class Rows:
+    """One layer's caches of sequences decoded together, a row each: the projections and the MLP
+    run once over every row (a step reads the weights once, however many sequences it serves),
+    attention runs per row over that sequence's own cache (its offset, window state and storage)."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
@@ -124,22 +133,29 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        q = self.rope(q.transpose(0, 2, 1, 3), cache.offset)
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
         k_raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         # k_eq_v: the values are the *raw* key projection, normalised without scale (spec 2.4).
         v_raw = k_raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_norm(v_raw).transpose(0, 2, 1, 3)
-        k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), cache.offset)
+        k = self.k_norm(k_raw).transpose(0, 2, 1, 3)
+        if isinstance(cache, Rows):  # each row its own sequence: its own cache, offset and mask
+            o = mx.concatenate([self._attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], m, c)
+                                for b, (c, m) in enumerate(zip(cache.caches, mask))])
+        else:
+            o = self._attend(q, k, v, mask, cache)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        """RoPE at the cache's offset, the cache updated, attention over what it holds."""
+        q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
         if getattr(cache, "one_tensor", False):
             # One tensor's worth of keys and values; only new tokens are roped.
             scored, rotated_n = cache.update_and_fetch_packed(self.pack(k, v, cache))
             o_scored, o_rotated = attend(self.packed_query(q, cache), scored, [scored, rotated_n], mask, cache)
-            o = self._merge(o_rotated[..., :self._rotated_width], o_scored[..., :self._passing_width])
-        else:
-            k, v = cache.update_and_fetch(k, v)
-            o = attend(q, k, v, mask, cache)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            return self._merge(o_rotated[..., :self._rotated_width], o_scored[..., :self._passing_width])
+        k, v = cache.update_and_fetch(k, v)
+        return attend(q, k, v, mask, cache)
 
     # The packed global cache (spec 9, `LayerSpec.packed_widths`). Partial RoPE rotates dims
     # [0, rp) and their rotate-half partners [d/2, d/2 + rp); the other dims pass through, where
@@ -275,6 +291,19 @@ class TextModel(nn.Module):
                 overlay = blocks if (spec.is_sliding or forward) else None
                 masks[spec.layer_type] = c.make_mask(L, overlay, unclipped=forward)
             h = layer(h, masks[spec.layer_type], c)
+        return h
+
+
+    def run_rows(self, h: mx.array, caches: list) -> mx.array:
+        """`h` [B, L, hidden]: L new tokens of each of B sequences, `caches[b]` sequence b's
+        caches (no media: decode steps and draft blocks)."""
+        L, masks = h.shape[1], [{} for _ in caches]
+        for i, (layer, spec) in enumerate(self.held):
+            rows = [c[i] for c in caches]
+            for m, c in zip(masks, rows):
+                if spec.layer_type not in m:
+                    m[spec.layer_type] = c.make_mask(L)
+            h = layer(h, [m[spec.layer_type] for m in masks], Rows(rows))
         return h
 
 
@@ -415,6 +444,14 @@ class Model(nn.Module):
         if cache is None:
             cache = self.make_cache()
         return self.language_model(h, cache, logits_to_keep, blocks, self.vision_mask, return_hidden)
+
+    def step_rows(self, ids: mx.array, caches: list, return_hidden: bool = False):
+        """Logits [B, L, vocab] of L new tokens for each of B sequences decoded together
+        (`ids` [B, L], `caches[b]` sequence b's caches, each updated in place)."""
+        lm = self.language_model
+        h = lm.model.norm(lm.model.run_rows(self.embed_text(ids), caches))
+        logits = lm.head(h)
+        return (logits, h) if return_hidden else logits
 
     def shared_kv(self, cache: list) -> dict:
         """{layer type: (keys, values)} of the last layer of each type, what Gemma 4's MTP
