@@ -33,8 +33,8 @@ from .backend import DTYPES
 from .config import ModelConfig, hub_form
 from . import speculative
 from .errors import CheckpointError, ConfigError, InputError
-from .loading import check_weights, load_weights, resolve_model_path, sanitize
-from .model import Model
+from .loading import check_weights, load_weights, resolve_model_path
+from .model import Model, sanitize
 from .quantization import QuantSpec, check_recipe, plan, quantization_entry, quantize, quantized_size
 
 MAX_SHARD_BYTES = 5 << 30

@@ -66,8 +66,8 @@ def write_fused(model, source: Path, out: Path, dequantize: bool, force: bool) -
 
 
 def transformers_name(ours: str) -> str:
-    """Our module path -> transformers' (the inverse of loading.sanitize for decoder modules)."""
-    from .loading import sanitize
+    """Our module path -> transformers' (the inverse of model.sanitize for decoder modules)."""
+    from .model import sanitize
 
     name = "model.language_model." + ours.removeprefix("language_model.model.")
     if sanitize(name + ".weight") != ours + ".weight":

@@ -2,7 +2,7 @@
 or from a PEFT LoRA directory (trained with PEFT or Unsloth on transformers' Gemma 4).
 
 PEFT's names are transformers' module names, mapped by the one checkpoint renaming
-(`loading.sanitize`); its A [r, in] and B [out, r] are mlx-lm's lora_a and lora_b transposed,
+(`model.sanitize`); its A [r, in] and B [out, r] are mlx-lm's lora_a and lora_b transposed,
 its scale lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), per module where
 rank_pattern / alpha_pattern say so.
 """
@@ -21,7 +21,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters as load_mlx_lm_adapters
 
 from ..errors import CheckpointError
-from ..loading import sanitize
+from ..model import sanitize
 from .checkpoints import CONFIG_FILE
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
