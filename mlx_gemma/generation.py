@@ -8,6 +8,7 @@ prefix owns the cache and trims it (see `ChatSession`).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -476,6 +477,9 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
     counts = {k: n for k, n in inputs.token_counts().items() if n}
     cache = model.make_cache() if cache is None else cache
     if draft_model is not None:
+        if isinstance(draft_model, (str, os.PathLike)):
+            raise InputError(f"draft_model: {str(draft_model)!r} is a path; pass the loaded drafter: "
+                             f"draft_model=load_drafter({str(draft_model)!r})")
         check_num_draft_tokens(num_draft_tokens, cache)
     held = cache[0].offset
     check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens,

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .backend import activation_dtype, set_dtype, split_matmuls
+from .backend import load_dtype, set_dtype, split_matmuls
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import Model, sanitize
@@ -202,6 +202,7 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint directory)")
     config = ModelConfig.from_file(config_file)
+    dtype = load_dtype(bool(config.quantization), dtype)
     rename, cls, finish = sanitize, Model, None
     if group is not None and group.size() > 1:
         from .distributed import loader
@@ -212,8 +213,6 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
     model.tensors_read = len(weights)
     if finish is not None:
         finish(model)
-    if isinstance(dtype, str):
-        dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
         set_dtype(model, dtype)
     if adapter_path is not None:

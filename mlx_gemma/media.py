@@ -263,7 +263,10 @@ def open_image(source: ImageSource) -> np.ndarray:
                              f"{source.dtype} {source.shape}")
         if 0 in source.shape[:2]:
             raise InputError(f"image: has no pixels ({source.shape[0]}x{source.shape[1]})")
-        source = Image.fromarray(source)
+        if source.ndim == 3 and source.shape[2] not in (1, 2, 3, 4):
+            raise InputError(f"image: a uint8 array with {source.shape[2]} channels; give (H, W) gray, (H, W, 3) "
+                             "RGB or (H, W, 4) RGBA, channels last")
+        source = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
     try:
         if isinstance(source, (str, Path)):
             if not Path(source).is_file():

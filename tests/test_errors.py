@@ -298,6 +298,11 @@ API_CASES = [
      r"message 1 item 1 is not a dict with a 'type'"),
     ("media-item-without-source", dict(prompt=[{"role": "user", "content": [{"type": "image"}]}]),
      r"a image item without its 'image'"),
+    ("image-five-channels", dict(image=__import__("numpy").zeros((8, 8, 5), "uint8")),
+     r"^image: a uint8 array with 5 channels; give \(H, W\) gray, \(H, W, 3\) RGB or \(H, W, 4\) RGBA, "
+     r"channels last$"),
+    ("draft-model-a-path", dict(draft_model="drafters/tiny"),
+     r"^draft_model: 'drafters/tiny' is a path; pass the loaded drafter: draft_model=load_drafter\('drafters/tiny'\)$"),
 ]
 
 
@@ -340,6 +345,17 @@ def test_api_constructors_raise_package_errors(make, expect):
 
     with pytest.raises(MlxGemmaError, match=expect):
         make()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16", __import__("mlx.core").core.int8, 16])
+def test_load_refuses_a_dtype_it_does_not_run_in(hf_checkpoint, drafter_checkpoint, dtype):
+    from mlx_gemma import MlxGemmaError, load, load_drafter
+
+    expect = (rf"^dtype={re.escape(repr(dtype))}: use 'auto', None \(as stored\) or one of 'bfloat16', 'float16', "
+              r"'float32' \(a name or the mx dtype\)$")
+    for loader, path in ((load, hf_checkpoint), (load_drafter, drafter_checkpoint)):
+        with pytest.raises(MlxGemmaError, match=expect):
+            loader(path, dtype=dtype)
 
 
 def test_chat_session_survives_a_bad_turn(model, processor):

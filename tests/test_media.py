@@ -277,3 +277,8 @@ def test_long_audio_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
     assert decoded == []  # the header said 40 s: nothing was decoded
     samples, rate = media.read_sound(io.BytesIO(buf.getvalue()), "clip", allow_long=True)
     assert (len(samples), rate) == (16000 * 40, 16000)
+
+
+def test_one_channel_array_is_the_gray_image():
+    gray = mf.noise_image(50, 70)[..., 0]
+    np.testing.assert_array_equal(media.open_image(gray[..., None]), media.open_image(gray))
