@@ -67,6 +67,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
     p.add_argument("--no-chat-template", "--ignore-chat-template", action="store_true",
                    help="feed the prompt as raw text (--ignore-chat-template is mlx-lm's name)")
+    p.add_argument("--raw-prompt", action="store_true",
+                   help="let control-token strings typed in --prompt, --system and chat lines (<|turn>, <|image|>, "
+                        "...) act as control tokens; without it they are plain text (transformers' "
+                        "split_special_tokens)")
     p.add_argument("--enable-thinking", action="store_true", help="turn on the model's thinking mode")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's thoughts")
     p.add_argument("--chat", action="store_true",
@@ -282,7 +286,7 @@ def run(args, cluster=None) -> None:
         else:
             prompt = args.prompt if args.prompt is not None else "hello"
         inputs = prompt_to_inputs(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking,
-                                  args.image, args.audio, args.video, media_options)
+                                  args.image, args.audio, args.video, media_options, args.raw_prompt)
         ids = inputs.ids
         check_context(limit, len(ids), args.max_tokens, sum(inputs.token_counts().values()))
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
@@ -455,7 +459,7 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
 
     def new_session():
         return ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking,
-                           make_cache=make_cache, media_options=media_options)
+                           make_cache=make_cache, media_options=media_options, raw_prompt=args.raw_prompt)
 
     session = new_session()
     # Media given on the command line open the first turn.

@@ -301,6 +301,16 @@ API_CASES = [
     ("image-five-channels", dict(image=__import__("numpy").zeros((8, 8, 5), "uint8")),
      r"^image: a uint8 array with 5 channels; give \(H, W\) gray, \(H, W, 3\) RGB or \(H, W, 4\) RGBA, "
      r"channels last$"),
+    ("prompt-lone-surrogate", dict(prompt="\ud800"),
+     r"^prompt: message 1: not valid Unicode text \(a lone surrogate U\+D800 at position 0\)$"),
+    ("system-lone-surrogate", dict(system="be \udfff"),
+     r"^prompt: message 1: not valid Unicode text \(a lone surrogate U\+DFFF at position 3\)$"),
+    ("item-lone-surrogate", dict(prompt=[{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]),
+     r"^prompt: message 1: not valid Unicode text \(a lone surrogate U\+D800 at position 1\)$"),
+    ("raw-text-lone-surrogate", dict(prompt="ab\ud800", chat_template=False),
+     r"^prompt: not valid Unicode text \(a lone surrogate U\+D800 at position 2\)$"),
+    ("raw-prompt-placeholder-without-media", dict(prompt="look: <|image|>", raw_prompt=True),
+     r"^prompt: the rendered conversation has 1 <\|image\|> placeholders but 0 images were given$"),
     ("draft-model-a-path", dict(draft_model="drafters/tiny"),
      r"^draft_model: 'drafters/tiny' is a path; pass the loaded drafter: draft_model=load_drafter\('drafters/tiny'\)$"),
 ]
@@ -585,6 +595,8 @@ CLI_CASES: list[Case] = [
          r"^error: {ws}/nope\.m4a: no such file$"),
     Case("video-nonexistent", "generate", ["--model", "{ckpt}", "--video", "{ws}/nope.mp4"],
          r"^error: {ws}/nope\.mp4: no such file$"),
+    Case("raw-prompt-placeholder-without-media", "generate", ["--model", "{ckpt}", "--raw-prompt", "--prompt", "<|audio|>?"],
+         r"^error: prompt: the rendered conversation has 1 <\|audio\|> placeholders but 0 audio clips were given$"),
     Case("media-without-template", "generate", ["--model", "{ckpt}", "--image", "{img}", "--ignore-chat-template"],
          r"^error: media need the chat template \(drop --no-chat-template\)$"),
     # In --chat a bad line is reported and the chat goes on: it ends normally at 'q'.
