@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .backend import DTYPES
 from .errors import ArgumentParser, ContextError, InputError, run_cli
-from .media import BUDGETS, VIDEO_FPS
+from .media import BUDGETS, VIDEO_FPS, check_file
 
 if TYPE_CHECKING:
     from .generation import GenerationResponse
@@ -252,7 +252,7 @@ def run(args, cluster=None) -> None:
     from .config import ModelConfig
     from .generation import (check_context, check_count, check_sampling, print_stats, prompt_to_inputs,
                              stream_generate)
-    from .checkpoint import pull_estimate, quantized_copy
+    from .checkpoint import PULL_SPEC, pull_estimate, quantized_copy
     from .loading import load_model, resolve_model_path
     from .memory import (KVOptions, activation_dtype_bytes, draft_plan, human, longest_context, make_plan,
                          media_bytes, memory_budget, prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
@@ -295,47 +295,53 @@ def run(args, cluster=None) -> None:
     drafter_path = draft_model_path(args, path, config) if cluster.drafter(args.draft_model, args.pipeline, config) else None
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
-        return longest_context(config, weight_bytes(path, dtype_bytes), budget, kv_options, dtype_bytes,
-                               args.prefill_step_size, most, draft)
+        return longest_context(config, weights, budget, kv_options, dtype_bytes, args.prefill_step_size, most, draft)
 
     dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+    weights = weight_bytes(path, dtype_bytes)
     kv = kv_options(args)
     draft = draft_plan(drafter_path, args.num_draft_tokens) if drafter_path is not None else None
     if args.chat and args.max_kv_size is None:
         context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
-    plan = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes, args.prefill_step_size,
-                     draft)
+    plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if not plan.fits and draft is not None and args.draft_model is None:
         # The default drafter is a speed-up, not a requirement: without it the run may fit.
-        lean = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes,
-                         args.prefill_step_size)
+        lean = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size)
         if lean.fits:
             plan, draft, drafter_path = lean, None, None
-    if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
+    copy = None if plan.fits or config.quantization or args.no_quantize else \
+        pull_estimate(config, activation_dtype_bytes(path))
+    if copy is not None:
         # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
-        # 4-bit copy, made only if the config says it will fit; if not, the refusal below is about it.
-        q_config, q_bytes = pull_estimate(config, activation_dtype_bytes(path))
-        if make_plan(q_config, q_bytes, context, budget, kv, run_dtype_bytes(path, q_config, args.dtype),
-                     args.prefill_step_size, draft).fits:
-            path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
-            q_config = ModelConfig.from_file(path / "config.json")
-            q_bytes = weight_bytes(path, run_dtype_bytes(path, q_config, args.dtype))
-        config, dtype_bytes = q_config, run_dtype_bytes(path, q_config, args.dtype)
-        plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+        # 4-bit copy, made only if the config says it will fit (--plan plans it and makes nothing);
+        # if not, the refusal below is about it.
+        why = f"needs {human(plan.total)} unquantized, budget {human(budget)}"
+        config, weights = copy
+        dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+        plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+        if plan.fits and args.plan:
+            print(f"{args.model}: {why}; a run quantizes it to {PULL_SPEC.bits}-bit first, planned here from its "
+                  "config (--no-quantize plans it as it is)", file=sys.stderr)
+        elif plan.fits:
+            path = quantized_copy(args.model, path, why)
+            config = ModelConfig.from_file(path / "config.json")
+            dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+            weights = weight_bytes(path, dtype_bytes)
+            plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context
-        plan = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes,
-                         args.prefill_step_size, draft)
+        plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if inputs is not None and inputs.has_media:
         chunk = prefill_chunk(config.text_config, 0, args.prefill_step_size, dtype_bytes)
         plan = dataclasses.replace(plan, media_tokens=sum(inputs.token_counts().values()),
                                    media=media_bytes(inputs, config.text_config.hidden_size, dtype_bytes, chunk))
-    plan = cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline, refuse=not args.plan)
-    if args.plan:
-        print(plan.table())
-        return
+    if args.plan:  # the table, then the refusal of a run that does not fit (exit status 1)
+        print(cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline, refuse=False).table())
+    plan = cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline)
     if not plan.fits:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
+    if args.plan:
+        return
     model = load_model(path, dtype=args.dtype, progress=True, group=cluster.group,
                        parallel="pipeline" if args.pipeline else "tensor", adapter_path=args.adapter_path)
     model.vision_mask = args.vision_mask
@@ -346,8 +352,8 @@ def run(args, cluster=None) -> None:
         drafter = load_drafter(drafter_path, dtype=args.dtype, target=model)
     if args.verbose:
         q = config.quantization
-        weights = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
-        print(f"Loaded {args.model} from {path} ({mx.default_device()}); weights {weights}, "
+        stored = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
+        print(f"Loaded {args.model} from {path} ({mx.default_device()}); weights {stored}, "
               f"{human(weight_bytes(path))}\n{plan.table()}", file=sys.stderr)
 
     def make_cache():
@@ -386,8 +392,22 @@ def run(args, cluster=None) -> None:
                                 **options):
         printer(last)
     printer.close()
+    if _cut(last, args.max_tokens):
+        why = f"--max-kv-size {args.max_kv_size}" if (args.max_kv_size or limit) < limit else "the model's maximum"
+        _warn_cut(last, args.max_tokens, f"prompt and reply fill the context of {min(args.max_kv_size or limit, limit):,} "
+                                         f"tokens ({why})")
     if args.verbose is not False:
         print_stats(last)
+
+
+def _cut(last: Optional[GenerationResponse], max_tokens: int) -> bool:
+    """Whether a reply ended because the context was full, short of --max-tokens."""
+    return last is not None and last.finish_reason == "length" and last.generation_tokens < max_tokens
+
+
+def _warn_cut(last: GenerationResponse, max_tokens: int, why: str) -> None:
+    print(f"warning: the reply stopped at {last.generation_tokens} tokens, short of --max-tokens {max_tokens}: {why}",
+          file=sys.stderr)
 
 
 CHAT_HELP = ("Chat with the model: 'q' or Ctrl-D quits, 'r' starts a new conversation, Ctrl-C stops a reply "
@@ -448,8 +468,10 @@ def _media_paths(command: str, rest: str) -> list:
     if not paths:
         raise InputError(f"{command}: needs a path")
     for path in paths:
-        if not Path(path).is_file():
-            raise InputError(f"{command}: {path}: no such file")
+        try:
+            check_file(path)
+        except InputError as e:
+            raise InputError(f"{command}: {e}") from None
     return paths
 
 
@@ -519,6 +541,8 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
                     progress.clear()
                 pending = {kind: [] for kind in pending}
         printer.close()
+        if _cut(last, options["max_tokens"]) and not interrupt.pending:
+            _warn_cut(last, options["max_tokens"], context_advice)
         if args.verbose and last is not None and not interrupt.pending:
             print(f"(reused {session.reused_tokens} cached prompt tokens)", file=sys.stderr)
             print_stats(last, file=sys.stderr)

@@ -468,7 +468,8 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
                     compile: Optional[bool] = None, raw_prompt: bool = False) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
-    `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
+    `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length": at
+    `max_tokens`, or where the context, the model's or `max_kv_size`, is full).
     `max_kv_size` caps prompt + reply (with what the cache already holds). `image`, `audio`
     and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt.
     `draft_model` (`load_drafter`) drafts `num_draft_tokens` per round: the same tokens when
@@ -488,6 +489,7 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
     held = cache[0].offset
     check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens,
                   sum(counts.values()))
+    max_tokens = min(max_tokens, model.config.text_config.max_position_embeddings - len(ids) - held)
     if max_kv_size is not None:
         check_count("--max-kv-size", max_kv_size)
         if len(ids) + held >= max_kv_size:

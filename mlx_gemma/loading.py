@@ -50,12 +50,13 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
         if isinstance(online_error, GatedRepoError):
             raise CheckpointError(f"{name}: the repo is gated: accept its licence at https://huggingface.co/{name} "
                                   "and log in with `hf auth login` (or set HF_TOKEN)") from None
+        # `name` is also how a relative folder is written (models/my-ckpt): say it is not one either.
         if isinstance(online_error, RepositoryNotFoundError):
-            raise CheckpointError(f"{name}: no such repo on the Hugging Face Hub, or a private one (log in with "
-                                  "`hf auth login`)") from None
+            raise CheckpointError(f"{name}: no such folder, and no such repo on the Hugging Face Hub (or a private "
+                                  "one: log in with `hf auth login`)") from None
         reason = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
-        raise CheckpointError(f"{name}: could not download it and it is not in the local "
-                              f"Hugging Face cache ({reason})") from None
+        raise CheckpointError(f"{name}: no such folder, and as a Hub repo it could not be downloaded and is not in "
+                              f"the local Hugging Face cache ({reason})") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

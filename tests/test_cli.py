@@ -463,6 +463,31 @@ def test_chat_over_the_models_context_names_what_to_change(hf_checkpoint, proces
                           "512 tokens (the model's maximum): start a new conversation with 'r'\n")
 
 
+@pytest.mark.parametrize("prompt, max_kv_size", [("hi", 3), ("x" * 495, None)])
+def test_a_reply_the_context_cuts_says_so(hf_checkpoint, model, processor, prompt, max_kv_size):
+    """At --max-kv-size or at the model's 512 tokens, short of --max-tokens: one line on stderr."""
+    from mlx_gemma.generation import stream_generate
+
+    n = len(processor.prompt_ids(prompt))
+    context = n + max_kv_size if max_kv_size else 512
+    greedy = list(stream_generate(model, processor, prompt, temp=0.0, max_tokens=context - n))
+    assert greedy[-1].finish_reason == "length"  # no end token before the context is full
+    kv = ["--max-kv-size", str(context)] if max_kv_size else []
+    run = run_cli("--model", str(hf_checkpoint), "--prompt", prompt, "--temp", "0", "--max-tokens", "20", *kv)
+    assert run.returncode == 0, run.stderr
+    why = f"--max-kv-size {context}" if max_kv_size else "the model's maximum"
+    assert run.stderr == (f"warning: the reply stopped at {context - n} tokens, short of --max-tokens 20: prompt and "
+                          f"reply fill the context of {context:,} tokens ({why})\n")
+    assert f"Generation: {context - n} tokens" in run.stdout
+    if max_kv_size:
+        chat = run_cli("--model", str(hf_checkpoint), "--chat", "--temp", "0", "--max-tokens", "20", *kv,
+                       stdin=f"{prompt}\nq\n")
+        assert chat.returncode == 0, chat.stderr
+        assert re.fullmatch(rf"warning: the reply stopped at {context - n} tokens, short of --max-tokens 20: the "
+                            rf"chat's context holds {context} tokens \(set by --max-kv-size\): start a new conversation "
+                            r"with 'r'(, or restart with --max-kv-size \d+)?\n", chat.stderr), chat.stderr
+
+
 def test_an_interrupted_chat_turn_keeps_the_cache_consistent(model, processor):
     chat = ChatSession(model, processor)
     reply = chat.send("tell me a story", temp=0.0, max_tokens=100)

@@ -186,6 +186,9 @@ GENERATE_CASES = [
     Case("model-missing", "generate", ["--model", "{ws}/nowhere"],
          r"{ws}/nowhere: neither a local directory nor a Hugging Face repo id"),
     Case("model-is-a-file", "generate", ["--model", "{ws}/sentinel.txt"], r"sentinel.txt: is a file"),
+    Case("model-relative-folder-missing", "generate", ["--model", "models/my-ckpt"],
+         r"^error: models/my-ckpt: no such folder, and as a Hub repo it could not be downloaded and is not in the "
+         r"local Hugging Face cache \(.+\)$", env={"HF_HUB_OFFLINE": "1"}),
     Case("model-not-a-checkpoint", "generate", ["--model", "{ws}"], r"{ws}: no config.json"),
     Case("model-bad-config", "generate", ["--model", "{ws}/ckpt"], r"ckpt/config.json: not valid JSON",
          setup="bad_config"),
@@ -208,6 +211,9 @@ GENERATE_CASES = [
     Case("model-no-tokenizer", "generate", ["--model", "{ws}/ckpt"], r"ckpt: no tokenizer \(tokenizer.json or tokenizer.model\)",
          setup="no_tokenizer"),
     Case("image-missing", "generate", M + ["--image", "{ws}/none.png"], r"none.png: no such file"),
+    Case("image-a-folder", "generate", M + ["--image", "{ws}"], r"^error: {ws}: is a folder, not a file$"),
+    Case("audio-a-folder", "generate", M + ["--audio", "{ws}"], r"^error: {ws}: is a folder, not a file$"),
+    Case("video-a-folder", "generate", M + ["--video", "{ws}"], r"^error: {ws}: is a folder, not a file$"),
     Case("image-not-an-image", "generate", M + ["--image", "{ws}/sentinel.txt"],
          r"sentinel.txt: not an image file Pillow can read"),
     Case("image-truncated", "generate", M + ["--image", "{ws}/cut.png"], r"cut.png: truncated or corrupt image",
@@ -225,6 +231,13 @@ GENERATE_CASES = [
     Case("memory-limit-unreadable", "generate", M + ["--memory-limit", "lots"], r"--memory-limit: cannot read 'lots'"),
     Case("memory-limit-too-small", "generate", M + ["--memory-limit", "1MB", "--no-quantize"],
          r"the weights alone need .* budget"),
+    # Its widths do not take the 4-bit copy's group size: the refusal is about the checkpoint as it
+    # is, and names no --group-size (generate has none).
+    Case("memory-limit-too-small-no-copy", "generate", M + ["--memory-limit", "1MB"],
+         r"^error: the weights alone need [\d.]+ MB, budget 1.0 MB: the memory limit must be at least [\d.]+ MB "
+         r"\(or quantize the weights: python -m mlx_gemma.quantize\)$"),
+    Case("plan-does-not-fit", "generate", M + ["--plan", "--memory-limit", "1MB", "--no-quantize"],
+         r"^error: the weights alone need [\d.]+ MB, budget 1.0 MB: the memory limit must be at least [\d.]+ MB"),
     Case("num-draft-tokens-0", "generate", M + ["--draft-model", "{drafter}", "--num-draft-tokens", "0"],
          r"--num-draft-tokens 0: must be a whole number from 1 to 128"),
     Case("num-draft-tokens-over-slack", "generate", M + ["--draft-model", "{drafter}", "--num-draft-tokens", "500"],
@@ -505,6 +518,9 @@ CHECKPOINT_CASES: list[Case] = [
          r"^error: --mode mxfp4 needs --bits 4 --group-size 32 \(got 4 and 64\)"),
     Case("mxfp4-with-8-bits", "convert", [*CONVERT, "out", "-q", "--mode", "mxfp4", "--bits", "8"],
          r"^error: --mode mxfp4 needs --bits 4 --group-size 32 \(got 8 and 32\)"),
+    Case("default-group-size-does-not-divide", "quantize", ["--model", "{ckpt}", "--out", "out"],
+         r"^error: group size 64 of 4-bit affine: does not divide the input size 96 of "
+         r"language_model\.model\.layers\.\d+\.mlp\.down_proj; --group-size sets another$"),
     Case("group-size-does-not-divide", "quantize", ["--model", "{ckpt}", "--out", "out", "--group-size", "128"],
          r"^error: --group-size 128: does not divide the input size 64 of embed_vision\.embedding_projection$"),
 ]
@@ -605,6 +621,8 @@ CLI_CASES: list[Case] = [
          code=0, stdin=b"hi\xff\nq\n"),
     Case("chat-image-nonexistent", "generate", ["--model", "{ckpt}", "--chat"],
          r"^error: /image: {ws}/my photo\.png: no such file$", code=0, stdin=b"/image '{ws}/my photo.png'\nq\n"),
+    Case("chat-image-a-folder", "generate", ["--model", "{ckpt}", "--chat"],
+         r"^error: /image: {ws}: is a folder, not a file$", code=0, stdin=b"/image {ws}\nq\n"),
     Case("chat-unbalanced-quote", "generate", ["--model", "{ckpt}", "--chat"],
          r"^error: /audio: cannot read the paths \(No closing quotation\)$", code=0, stdin=b"/audio 'a b.wav\nq\n"),
 ]
@@ -631,8 +649,10 @@ def test_generate_is_the_function_after_the_cli_module_is_imported(model, proces
 @pytest.mark.parametrize("error, expect", [
     ("GatedRepoError", r"google/gemma-4-12B-it: the repo is gated: accept its licence at "
                        r"https://huggingface.co/google/gemma-4-12B-it and log in with `hf auth login`"),
-    ("RepositoryNotFoundError", r"google/gemma-4-12B-it: no such repo on the Hugging Face Hub, or a private one"),
-    ("LocalEntryNotFoundError", r"could not download it and it is not in the local Hugging Face cache \(offline\)"),
+    ("RepositoryNotFoundError", r"^google/gemma-4-12B-it: no such folder, and no such repo on the Hugging Face Hub "
+                                r"\(or a private one: log in with `hf auth login`\)$"),
+    ("LocalEntryNotFoundError", r"^google/gemma-4-12B-it: no such folder, and as a Hub repo it could not be downloaded "
+                                r"and is not in the local Hugging Face cache \(offline\)$"),
 ])
 def test_hub_refusals_say_what_to_do(monkeypatch, tmp_path, error, expect):
     import huggingface_hub

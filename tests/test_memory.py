@@ -192,6 +192,13 @@ def test_plan_output_parses(hf_checkpoint):
     assert "Prompt:" not in r.stdout  # nothing ran
 
 
+def test_plan_of_a_run_that_does_not_fit_exits_1(hf_checkpoint):
+    r = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--plan", "--memory-limit", "1MB", "--no-quantize")
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", r.stdout, re.M))
+    assert r.returncode == 1 and rows["fits"] == "no" and rows["budget"] == "1.0 MB"
+    assert r.stderr.startswith("error: the weights alone need ") and r.stderr.count("\n") == 1
+
+
 def test_plan_cli_shows_the_drafter(hf_checkpoint, drafter_checkpoint):
     from mlx_gemma.memory import drafter_bytes, parse_size
 
