@@ -45,7 +45,8 @@ def _bool(text: str) -> bool:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.generate",
                        description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--model", default=None, help="checkpoint directory or Hugging Face repo id (default: with "
+                   f"--adapter-path, the base model its adapter_config.json names; else {DEFAULT_MODEL})")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
                    help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
                         "(default: none)")
@@ -257,6 +258,7 @@ def run(args, cluster=None) -> None:
     from .memory import (KVOptions, activation_dtype_bytes, draft_plan, human, longest_context, make_plan,
                          media_bytes, memory_budget, prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
     from .prompt import MediaOptions, Processor
+    from .tuning.checkpoints import resolve_base_model
 
     check_count("--max-tokens", args.max_tokens)
     check_count("--prefill-step-size", args.prefill_step_size)
@@ -271,6 +273,7 @@ def run(args, cluster=None) -> None:
     budget = memory_budget(args.memory_limit)  # a bad --memory-limit is refused before anything is read
     budget = cluster.smallest(budget)  # every rank plans alike, so all take the same decisions
     cluster.seed(args.seed)
+    args.model = resolve_base_model(args.model, args.adapter_path, DEFAULT_MODEL)
     path = resolve_model_path(args.model)
     if not (path / "config.json").exists():
         raise InputError(f"{path}: no config.json (not a model checkpoint directory)")

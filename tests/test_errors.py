@@ -149,6 +149,8 @@ SETUPS: dict = {
                                                         source="drafter"),
     "drafter_other_vocab": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(
         vocab_size=1024), source="drafter"),
+    "adapters_without_base": lambda ws, subs: (ws / "adapters").mkdir() or (ws / "adapters" / "adapter_config.json")
+    .write_text('{"fine_tune_type": "lora", "num_layers": 16}'),
     "drafter_cut_shard": lambda ws, subs: (_checkpoint_copy(ws, subs, "drafter", "drafter") / "model.safetensors")
     .write_bytes((Path(subs["drafter"]) / "model.safetensors").read_bytes()[:3000]),
 }
@@ -254,6 +256,11 @@ GENERATE_CASES = [
          setup="drafter_other_vocab"),
     Case("draft-model-truncated", "generate", M + ["--draft-model", "{ws}/drafter"],
          r"drafter/model.safetensors: (corrupt or )?truncated", setup="drafter_cut_shard"),
+    Case("adapters-name-no-base-model", "generate", ["--adapter-path", "{ws}/adapters", "--prompt", "hi"],
+         r"^error: {ws}/adapters/adapter_config.json: names no base model \('model', or PEFT's "
+         r"'base_model_name_or_path'\); give --model$", setup="adapters_without_base"),
+    Case("adapters-missing-without-model", "generate", ["--adapter-path", "{ws}/none", "--prompt", "hi"],
+         r"^error: {ws}/none: no adapter_config.json \(not an adapter directory\)$"),
     Case("draft-model-auto-unknown", "generate", M + ["--draft-model", "auto"],
          r"--draft-model auto: no drafter is known for"),
 ]

@@ -390,6 +390,27 @@ def test_generate_and_server_take_adapter_path(trained, hf_checkpoint, capsys):
     assert build_parser().parse_args(["--adapter-path", str(out)]).adapter_path == str(out)
 
 
+def test_generate_without_model_loads_the_base_the_adapters_name(peft_adapter, hf_checkpoint, tmp_path, capsys):
+    """The README's `generate --adapter-path DIR`: PEFT's base_model_name_or_path, mlx-lm's model."""
+    from mlx_gemma.generate import DEFAULT_MODEL, main as generate_main
+    from mlx_gemma.tuning.checkpoints import resolve_base_model
+
+    path, _ = peft_adapter
+    assert resolve_base_model(None, path, DEFAULT_MODEL) == str(hf_checkpoint)
+    replies = []
+    for model in (["--model", str(hf_checkpoint)], []):
+        generate_main([*model, "--adapter-path", str(path), "--prompt", "hi", "--max-tokens", "4", "--temp", "0",
+                       "--verbose", "False"])
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+    mlx_lm = tmp_path / "adapters"
+    mlx_lm.mkdir()
+    (mlx_lm / "adapter_config.json").write_text(json.dumps({"model": "org/base", "fine_tune_type": "lora"}))
+    assert resolve_base_model(None, mlx_lm, DEFAULT_MODEL) == "org/base"
+    assert resolve_base_model("mine", mlx_lm, DEFAULT_MODEL) == "mine"
+    assert resolve_base_model(None, None, DEFAULT_MODEL) == DEFAULT_MODEL
+
+
 def test_dora_trains_saves_and_loads(hf_checkpoint, overfit_data, tmp_path, capsys):
     data, _ = overfit_data
     log = run_lora(capsys, "--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "3",

@@ -9,7 +9,6 @@ rank_pattern / alpha_pattern say so.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from mlx_lm.tuner.utils import load_adapters as load_mlx_lm_adapters
 
 from ..errors import CheckpointError
 from ..model import sanitize
-from .checkpoints import CONFIG_FILE
+from .checkpoints import CONFIG_FILE, read_config
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 # PEFT options whose non-default values change the computation in ways LoRALinear does not.
@@ -32,15 +31,7 @@ UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
     path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: cannot read it as JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file}: not a JSON object")
+    config = read_config(path)
     if "peft_type" in config:
         return load_peft(model, path, config)
     try:
