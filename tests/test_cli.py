@@ -502,3 +502,42 @@ def test_an_interrupted_chat_turn_keeps_the_cache_consistent(model, processor):
     fresh = ChatSession(model, processor)
     fresh.messages = [dict(m) for m in chat.messages[:2]]
     assert "".join(r.text for r in fresh.send("and then?", temp=0.0, max_tokens=8)) == second
+
+
+SCRIPTS = ("generate", "server", "convert", "quantize", "lora", "fuse")
+
+
+def test_console_scripts_answer_help_once_installed(tmp_path):
+    """pip installs the package (its files only) into a fresh venv that sees this interpreter's
+    packages; each console script, mlx-lm's way of naming (`mlx_gemma.generate`), runs."""
+    import os
+    import shutil
+    import site
+
+    src = tmp_path / "src"  # a copy: the build writes its egg-info and build/ beside the sources
+    shutil.copytree(REPO / "mlx_gemma", src / "mlx_gemma", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # not the repository's own mlx_gemma
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, env=env, check=True).stdout.strip()
+    # This interpreter's site-packages as plain paths: mlx, mlx-lm, pip and setuptools, but not the
+    # .pth hooks there (an editable mlx_gemma would otherwise shadow the installed one).
+    Path(purelib, "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                              "--ignore-installed", "--quiet", str(src)], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert install.returncode == 0, install.stderr
+    where = subprocess.run([python, "-c", "import mlx_gemma; print(mlx_gemma.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path)
+    assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout + where.stderr
+    for name in SCRIPTS:
+        run = subprocess.run([venv / "bin" / f"mlx_gemma.{name}", "--help"], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=120)
+        assert run.returncode == 0, (name, run.stderr)
+        assert run.stdout.startswith(f"usage: mlx_gemma.{name} "), run.stdout[:200]
+    # `python -m` keeps its own name.
+    assert run_cli("--help").stdout.startswith("usage: python -m mlx_gemma.generate ")
