@@ -22,6 +22,7 @@ from conftest import ids_of
 from mlx_gemma import load
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.generation import generate
+from mlx_gemma.memory import mac_budget
 from mlx_gemma.tuning import trainer
 from mlx_gemma.tuning.budget import make_training_plan
 from mlx_gemma.tuning.data import Example
@@ -229,9 +230,9 @@ def test_plan_counts_checkpointing_and_fits_the_12b_on_a_16gb_mac():
     config = ModelConfig.from_file(Path(__file__).parent / "data" / "gemma-4-12B-it.config.json")
     lora = {"rank": 8, "scale": 20.0, "dropout": 0.0}
     common = dict(batch_size=1, seq_length=2048, num_layers=-1, lora_parameters=lora, dtype_bytes=2)
-    # 4-bit default-recipe weights of the 12B and a 16 GB Mac's GPU budget, as test_memory has them.
+    # 4-bit default-recipe weights of the 12B and a 16 GB Mac's GPU budget.
     weights = int(quantized_size(config, QuantSpec(), "default")["total_bytes"])
-    budget = int(10.7 * 2**30 * 0.93)
+    budget = mac_budget(16)
     kept = make_training_plan(config, weights, budget, checkpointing=False, **common)
     checkpointed = make_training_plan(config, weights, budget, checkpointing=True, **common)
     assert checkpointed.fits and not kept.fits
