@@ -68,7 +68,8 @@ def test_hub_repo_id_loads_offline_from_the_local_cache(hf_checkpoint, processor
     assert run.stdout.split() == ["12", *map(str, processor.encode("hi there")), "None"]
     missing = subprocess.run([sys.executable, "-c", "from mlx_gemma import load; load('tiny/not-there')"],
                              env=env, capture_output=True, text=True, timeout=300)
-    assert "tiny/not-there: could not download it and it is not in the local Hugging Face cache" in missing.stderr
+    assert ("tiny/not-there: no such folder, and as a Hub repo it could not be downloaded and is not in the local "
+            "Hugging Face cache") in missing.stderr
 
 
 @pytest.mark.parametrize("path", ["/no/such/dir", "not a repo id", "a/b/c"])
