@@ -5,14 +5,14 @@ setting, KV bytes per token by cache kind, and the longest context each Mac hold
 
 On-disk and in-memory weight sizes are the same: MLX keeps weights as stored, and the output
 head is the (possibly quantized) embedding itself, not a copy. Mac budgets assume macOS's
-default GPU working set of about 2/3 of unified memory (a 16 GB Mac reports ~10.7 GB); on a
-Mac, `python -m mlx_gemma.generate --plan` uses the real value.
+default GPU working set (`memory.mac_budget`: 2/3 of unified memory, 11.45 GB on a 16 GB Mac); on
+a Mac, `python -m mlx_gemma.generate --plan` uses the real value.
 """
 
 from pathlib import Path
 
 from mlx_gemma.config import ModelConfig, parameter_count
-from mlx_gemma.memory import GB, KVOptions, global_bytes_per_token, human, longest_context, make_plan
+from mlx_gemma.memory import GB, KVOptions, global_bytes_per_token, human, longest_context, mac_budget, make_plan
 from mlx_gemma.quantization import QuantSpec, quantized_size
 
 HUB_CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "gemma-4-12B-it.config.json"
@@ -36,11 +36,11 @@ def main() -> None:
     print("|---|---|" + "---|" * len(MACS))
     for label, kv in KV_KINDS:
         per_token = global_bytes_per_token(cfg.text_config, kv, 2)
-        contexts = [longest_context(cfg, weights, int(m * 2**30 * 2 / 3), kv) for m in MACS]
+        contexts = [longest_context(cfg, weights, mac_budget(m), kv) for m in MACS]
         print(f"| {label} | {human(per_token)} | " + " | ".join(f"{c:,}" for c in contexts) + " |")
     for label, kv in KV_KINDS[1:3]:
         print(f"\nThe full 262,144-token context on a 16 GB Mac, global KV cache {label}:\n")
-        print(make_plan(cfg, weights, 262_144, int(16 * 2**30 * 2 / 3), kv).table())
+        print(make_plan(cfg, weights, 262_144, mac_budget(16), kv).table())
 
 
 if __name__ == "__main__":

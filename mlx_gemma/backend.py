@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .errors import InputError
+
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
@@ -32,6 +34,17 @@ def activation_dtype(quantized: bool, requested: Optional[str] = None) -> Option
     if requested not in (None, "auto"):
         return DTYPES[requested]
     return mx.float32 if quantized and on_cpu() else None
+
+
+def load_dtype(quantized: bool, dtype) -> Optional[mx.Dtype]:
+    """What `load(dtype=...)` asks for: "auto" (the measured choice above), a name or an mx dtype
+    of DTYPES, or None (as stored)."""
+    if dtype is None or isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in ("auto", *DTYPES):
+        return activation_dtype(quantized, dtype)
+    raise InputError(f"dtype={dtype!r}: use 'auto', None (as stored) or one of {', '.join(map(repr, DTYPES))} "
+                     "(a name or the mx dtype)")
 
 
 def set_dtype(model: nn.Module, dtype: mx.Dtype) -> None:

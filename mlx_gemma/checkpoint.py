@@ -35,8 +35,8 @@ from .backend import DTYPES
 from .config import ModelConfig, hub_form
 from . import speculative
 from .errors import CheckpointError, ConfigError, InputError
-from .loading import check_weights, load_weights, resolve_model_path, sanitize
-from .model import Model
+from .loading import check_weights, load_weights, resolve_model_path
+from .model import Model, sanitize
 from .quantization import QuantSpec, check_recipe, plan, quantization_entry, quantize, quantized_size
 
 MAX_SHARD_BYTES = 5 << 30
@@ -346,7 +346,7 @@ def quantize_checkpoint(src: str, out: str, bits: int = 4, group_size: Optional[
     dst = Path(out).expanduser()
     check_destination(dst, force)
     src_dir, model, raw_config, weights = read_source(src)
-    chosen = plan(model, base, recipe)
+    chosen = plan(model, base, recipe, group_size_given=group_size is not None)
     total = sum(v.nbytes for v in weights.values())
 
     def tensors():
@@ -390,10 +390,14 @@ def cache_name(model: str, path: Path) -> str:
             f"-{spec.bits}bit-gs{spec.group_size}-{PULL_RECIPE}")
 
 
-def pull_estimate(config: ModelConfig, float_bytes: int) -> tuple[ModelConfig, int]:
+def pull_estimate(config: ModelConfig, float_bytes: int) -> Optional[tuple[ModelConfig, int]]:
     """(config, weight bytes) of the 4-bit copy `quantized_copy` would make, from the config alone,
-    so that a copy that would not fit the memory plan is refused before minutes are spent on it."""
-    size = quantized_size(config, PULL_SPEC, PULL_RECIPE, float_bytes)["total_bytes"]
+    so that a copy that would not fit the memory plan is refused before minutes are spent on it;
+    None when the model's widths do not take the copy's group size (no copy can be made)."""
+    try:
+        size = quantized_size(config, PULL_SPEC, PULL_RECIPE, float_bytes)["total_bytes"]
+    except InputError:
+        return None
     return replace(config, quantization=PULL_SPEC.entry()), int(size)
 
 

@@ -38,7 +38,7 @@ from mlx.nn.layers.distributed import shard_linear
 from .cache import SlidingWindowCache
 from .config import ModelConfig, TextConfig
 from .errors import DistributedError
-from .model import Model, TextModel
+from .model import Model, TextModel, sanitize
 
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
 _MEDIA = ("vision_embedder.", "embed_vision.", "embed_audio.")
@@ -340,8 +340,6 @@ def weight_share(config: ModelConfig, rank: int, size: int, mode: str) -> float:
     """The fraction of the model's weights `rank` holds, by parameter count."""
     from mlx.utils import tree_flatten
 
-    from .model import Model
-
     params = tree_flatten(Model(config).parameters())  # lazy: nothing is allocated
     if mode == "tensor":
         held = sum(p.size * tensor_share(n, config, size) for n, p in params)
@@ -374,9 +372,6 @@ def rank_config(config: ModelConfig, rank: int, size: int, mode: str) -> ModelCo
 def loader(config: ModelConfig, group: mx.distributed.Group, mode: str):
     """(rename, build, finish) for `loading.load_model` on one rank: which checkpoint tensors it
     reads, how its model is built before they load, what is done once they are in."""
-    from .loading import sanitize
-    from .model import Model
-
     if mode not in MODES:
         raise DistributedError(f"unknown parallel mode {mode!r} (valid: {', '.join(MODES)})")
     rank, size = group.rank(), group.size()

@@ -65,6 +65,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        script = os.path.basename(sys.argv[0])
+        if self.prog == f"python -m {script}":  # run as its console script, named as the module
+            self.prog = script
 
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .backend import DTYPES
 from .errors import ArgumentParser, ContextError, InputError, run_cli
-from .media import BUDGETS, VIDEO_FPS
+from .media import BUDGETS, VIDEO_FPS, check_file
 
 if TYPE_CHECKING:
     from .generation import GenerationResponse
@@ -45,7 +45,8 @@ def _bool(text: str) -> bool:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.generate",
                        description="Generate text with Gemma 4 12B (gemma4_unified) on MLX.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--model", default=None, help="checkpoint directory or Hugging Face repo id (default: with "
+                   f"--adapter-path, the base model its adapter_config.json names; else {DEFAULT_MODEL})")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
                    help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
                         "(default: none)")
@@ -67,6 +68,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: not fixed)")
     p.add_argument("--no-chat-template", "--ignore-chat-template", action="store_true",
                    help="feed the prompt as raw text (--ignore-chat-template is mlx-lm's name)")
+    p.add_argument("--raw-prompt", action="store_true",
+                   help="let control-token strings typed in --prompt, --system and chat lines (<|turn>, <|image|>, "
+                        "...) act as control tokens; without it they are plain text (transformers' "
+                        "split_special_tokens)")
     p.add_argument("--enable-thinking", action="store_true", help="turn on the model's thinking mode")
     p.add_argument("--hide-thinking", action="store_true", help="do not print the model's thoughts")
     p.add_argument("--chat", action="store_true",
@@ -282,11 +287,12 @@ def run(args, cluster=None) -> None:
     from .config import ModelConfig
     from .generation import (check_context, check_count, check_sampling, print_stats, prompt_to_inputs,
                              stream_generate)
-    from .checkpoint import pull_estimate, quantized_copy
+    from .checkpoint import PULL_SPEC, pull_estimate, quantized_copy
     from .loading import load_model, resolve_model_path
     from .memory import (KVOptions, activation_dtype_bytes, draft_plan, human, longest_context, make_plan,
                          media_bytes, memory_budget, prefill_chunk, refusal, run_dtype_bytes, weight_bytes)
     from .prompt import MediaOptions, Processor
+    from .tuning.checkpoints import resolve_base_model
 
     check_count("--max-tokens", args.max_tokens)
     check_count("--prefill-step-size", args.prefill_step_size)
@@ -302,6 +308,7 @@ def run(args, cluster=None) -> None:
     budget = memory_budget(args.memory_limit)  # a bad --memory-limit is refused before anything is read
     budget = cluster.smallest(budget)  # every rank plans alike, so all take the same decisions
     cluster.seed(args.seed)
+    args.model = resolve_base_model(args.model, args.adapter_path, DEFAULT_MODEL)
     path = resolve_model_path(args.model)
     if not (path / "config.json").exists():
         raise InputError(f"{path}: no config.json (not a model checkpoint directory)")
@@ -317,7 +324,7 @@ def run(args, cluster=None) -> None:
         else:
             prompt = args.prompt if args.prompt is not None else "hello"
         inputs = prompt_to_inputs(processor, prompt, args.system, not args.no_chat_template, args.enable_thinking,
-                                  args.image, args.audio, args.video, media_options)
+                                  args.image, args.audio, args.video, media_options, args.raw_prompt)
         ids = inputs.ids
         check_context(limit, len(ids), args.max_tokens, sum(inputs.token_counts().values()))
         context = min(len(ids) + args.max_tokens, args.max_kv_size or limit)
@@ -326,47 +333,53 @@ def run(args, cluster=None) -> None:
     drafter_path = draft_model_path(args, path, config) if cluster.drafter(args.draft_model, args.pipeline, config) else None
 
     def fitting(kv_options, most=limit) -> int:  # the longest context this budget holds
-        return longest_context(config, weight_bytes(path, dtype_bytes), budget, kv_options, dtype_bytes,
-                               args.prefill_step_size, most, draft)
+        return longest_context(config, weights, budget, kv_options, dtype_bytes, args.prefill_step_size, most, draft)
 
     dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+    weights = weight_bytes(path, dtype_bytes)
     kv = kv_options(args)
     draft = draft_plan(drafter_path, args.num_draft_tokens) if drafter_path is not None else None
     if args.chat and args.max_kv_size is None:
         context = fitting(kv) or limit  # nothing fits: plan the model's context, which is refused below
-    plan = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes, args.prefill_step_size,
-                     draft)
+    plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if not plan.fits and draft is not None and args.draft_model is None:
         # The default drafter is a speed-up, not a requirement: without it the run may fit.
-        lean = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes,
-                         args.prefill_step_size)
+        lean = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size)
         if lean.fits:
             plan, draft, drafter_path = lean, None, None
-    if not plan.fits and not config.quantization and not args.no_quantize and not args.plan:
+    copy = None if plan.fits or config.quantization or args.no_quantize else \
+        pull_estimate(config, activation_dtype_bytes(path))
+    if copy is not None:
         # An unquantized checkpoint that does not fit (the 12B in bfloat16 on a 16 GB Mac): run its
-        # 4-bit copy, made only if the config says it will fit; if not, the refusal below is about it.
-        q_config, q_bytes = pull_estimate(config, activation_dtype_bytes(path))
-        if make_plan(q_config, q_bytes, context, budget, kv, run_dtype_bytes(path, q_config, args.dtype),
-                     args.prefill_step_size, draft).fits:
-            path = quantized_copy(args.model, path, f"needs {human(plan.total)} unquantized, budget {human(budget)}")
-            q_config = ModelConfig.from_file(path / "config.json")
-            q_bytes = weight_bytes(path, run_dtype_bytes(path, q_config, args.dtype))
-        config, dtype_bytes = q_config, run_dtype_bytes(path, q_config, args.dtype)
-        plan = make_plan(config, q_bytes, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+        # 4-bit copy, made only if the config says it will fit (--plan plans it and makes nothing);
+        # if not, the refusal below is about it.
+        why = f"needs {human(plan.total)} unquantized, budget {human(budget)}"
+        config, weights = copy
+        dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+        plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
+        if plan.fits and args.plan:
+            print(f"{args.model}: {why}; a run quantizes it to {PULL_SPEC.bits}-bit first, planned here from its "
+                  "config (--no-quantize plans it as it is)", file=sys.stderr)
+        elif plan.fits:
+            path = quantized_copy(args.model, path, why)
+            config = ModelConfig.from_file(path / "config.json")
+            dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+            weights = weight_bytes(path, dtype_bytes)
+            plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if args.chat and args.max_kv_size is None and plan.fits:  # the weights may be quantized now: more room
         context = fitting(kv) or context
-        plan = make_plan(config, weight_bytes(path, dtype_bytes), context, budget, kv, dtype_bytes,
-                         args.prefill_step_size, draft)
+        plan = make_plan(config, weights, context, budget, kv, dtype_bytes, args.prefill_step_size, draft)
     if inputs is not None and inputs.has_media:
         chunk = prefill_chunk(config.text_config, 0, args.prefill_step_size, dtype_bytes)
         plan = dataclasses.replace(plan, media_tokens=sum(inputs.token_counts().values()),
                                    media=media_bytes(inputs, config.text_config.hidden_size, dtype_bytes, chunk))
-    plan = cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline, refuse=not args.plan)
-    if args.plan:
-        print(plan.table())
-        return
+    if args.plan:  # the table, then the refusal of a run that does not fit (exit status 1)
+        print(cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline, refuse=False).table())
+    plan = cluster.plan(plan, config, kv, dtype_bytes, args.prefill_step_size, args.pipeline)
     if not plan.fits:
         raise InputError(refusal(plan, config, kv, dtype_bytes, args.prefill_step_size))
+    if args.plan:
+        return
     model = load_model(path, dtype=args.dtype, progress=True, group=cluster.group,
                        parallel="pipeline" if args.pipeline else "tensor", adapter_path=args.adapter_path)
     model.vision_mask = args.vision_mask
@@ -377,8 +390,8 @@ def run(args, cluster=None) -> None:
         drafter = load_drafter(drafter_path, dtype=args.dtype, target=model)
     if args.verbose:
         q = config.quantization
-        weights = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
-        print(f"Loaded {args.model} from {path} ({mx.default_device()}); weights {weights}, "
+        stored = f"{q['bits']}-bit, group size {q['group_size']} ({q.get('mode', 'affine')})" if q else "unquantized"
+        print(f"Loaded {args.model} from {path} ({mx.default_device()}); weights {stored}, "
               f"{human(weight_bytes(path))}\n{plan.table()}", file=sys.stderr)
 
     def make_cache():
@@ -417,8 +430,22 @@ def run(args, cluster=None) -> None:
                                 **options):
         printer(last)
     printer.close()
+    if _cut(last, args.max_tokens):
+        why = f"--max-kv-size {args.max_kv_size}" if (args.max_kv_size or limit) < limit else "the model's maximum"
+        _warn_cut(last, args.max_tokens, f"prompt and reply fill the context of {min(args.max_kv_size or limit, limit):,} "
+                                         f"tokens ({why})")
     if args.verbose is not False:
         print_stats(last)
+
+
+def _cut(last: Optional[GenerationResponse], max_tokens: int) -> bool:
+    """Whether a reply ended because the context was full, short of --max-tokens."""
+    return last is not None and last.finish_reason == "length" and last.generation_tokens < max_tokens
+
+
+def _warn_cut(last: GenerationResponse, max_tokens: int, why: str) -> None:
+    print(f"warning: the reply stopped at {last.generation_tokens} tokens, short of --max-tokens {max_tokens}: {why}",
+          file=sys.stderr)
 
 
 CHAT_HELP = ("Chat with the model: 'q' or Ctrl-D quits, 'r' starts a new conversation, Ctrl-C stops a reply "
@@ -479,8 +506,10 @@ def _media_paths(command: str, rest: str) -> list:
     if not paths:
         raise InputError(f"{command}: needs a path")
     for path in paths:
-        if not Path(path).is_file():
-            raise InputError(f"{command}: {path}: no such file")
+        try:
+            check_file(path)
+        except InputError as e:
+            raise InputError(f"{command}: {e}") from None
     return paths
 
 
@@ -490,7 +519,7 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
 
     def new_session():
         return ChatSession(model, processor, system=args.system, enable_thinking=args.enable_thinking,
-                           make_cache=make_cache, media_options=media_options)
+                           make_cache=make_cache, media_options=media_options, raw_prompt=args.raw_prompt)
 
     session = new_session()
     # Media given on the command line open the first turn.
@@ -550,6 +579,8 @@ def chat_loop(model, processor, args, options, make_cache, media_options, progre
                     progress.clear()
                 pending = {kind: [] for kind in pending}
         printer.close()
+        if _cut(last, options["max_tokens"]) and not interrupt.pending:
+            _warn_cut(last, options["max_tokens"], context_advice)
         if args.verbose and last is not None and not interrupt.pending:
             print(f"(reused {session.reused_tokens} cached prompt tokens)", file=sys.stderr)
             print_stats(last, file=sys.stderr)

@@ -8,6 +8,7 @@ prefix owns the cache and trims it (see `ChatSession`).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -384,10 +385,11 @@ def thought_budget(processor, budget: int) -> Callable:
 
 def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, chat_template: bool = True,
                      enable_thinking: bool = False, image=(), audio=(), video=(),
-                     media_options: Optional[MediaOptions] = None) -> PromptInputs:
+                     media_options: Optional[MediaOptions] = None, raw_prompt: bool = False) -> PromptInputs:
     """A string goes through the chat template (unless disabled) as the user turn, with any
     `image` / `audio` / `video` before its text; messages always go through the template;
-    token ids and `PromptInputs` are used as they are."""
+    token ids and `PromptInputs` are used as they are. Control-token strings in the text are
+    plain text unless `raw_prompt` (`Processor.chat_inputs`)."""
     if isinstance(prompt, PromptInputs):
         return prompt
     if isinstance(prompt, str):
@@ -396,16 +398,18 @@ def prompt_to_inputs(processor, prompt: Prompt, system: Optional[str] = None, ch
         if not chat_template:
             if has_media:
                 raise InputError("media need the chat template (drop --no-chat-template)")
-            return PromptInputs(processor.encode(prompt))
+            return PromptInputs(processor.encode(prompt, split_special_tokens=not raw_prompt))
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": content if has_media else prompt})
-        return processor.chat_inputs(messages, enable_thinking=enable_thinking, options=media_options)
+        return processor.chat_inputs(messages, enable_thinking=enable_thinking, options=media_options,
+                                     raw_prompt=raw_prompt)
     if not isinstance(prompt, (list, tuple, np.ndarray, mx.array)):
         raise InputError(f"prompt: a {type(prompt).__name__} is not a prompt (give a string, chat messages "
                          "or a list of token ids)")
     prompt = prompt.tolist() if isinstance(prompt, (np.ndarray, mx.array)) else list(prompt)
     if prompt and isinstance(prompt[0], dict):
-        return processor.chat_inputs(prompt, enable_thinking=enable_thinking, options=media_options)
+        return processor.chat_inputs(prompt, enable_thinking=enable_thinking, options=media_options,
+                                     raw_prompt=raw_prompt)
     if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
         bad = next(t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
         raise InputError(f"prompt: {bad!r} is not a token id (a prompt is a string, chat messages or "
@@ -494,26 +498,33 @@ def stream_generate(model, processor, prompt: Prompt, *, max_tokens: int = DEFAU
                     max_kv_size: Optional[int] = None, image=(), audio=(), video=(),
                     media_options: Optional[MediaOptions] = None, draft_model=None,
                     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
-                    compile: Optional[bool] = None, constraint=None) -> Iterator[GenerationResponse]:
+                    compile: Optional[bool] = None, constraint=None,
+                    raw_prompt: bool = False) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` as `GenerationResponse` pieces; the last one has a
-    `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length").
+    `finish_reason` ("stop" at an end-of-sequence / end-of-turn token, else "length": at
+    `max_tokens`, or where the context, the model's or `max_kv_size`, is full).
     `max_kv_size` caps prompt + reply (with what the cache already holds). `image`, `audio`
     and `video` (paths, PIL images, arrays, (samples, rate) pairs) join a string prompt.
     `draft_model` (`load_drafter`) drafts `num_draft_tokens` per round: the same tokens when
     greedy, the same distribution when sampling. `compile`: decode steps compiled or not
     (`generate_step`; default: the backend's choice). `constraint` (a `constrain.Constraint`, a JSON
     Schema dict or a pydantic model class) holds the reply to a grammar (after the thought
-    channel, when thinking is on)."""
+    channel, when thinking is on). `raw_prompt`: control-token strings in the prompt's text
+    (`<|turn>`, `<|image|>`) act as control tokens; by default they are plain text."""
     inputs = prompt_to_inputs(processor, prompt, system, chat_template, enable_thinking, image, audio, video,
-                              media_options)
+                              media_options, raw_prompt)
     ids = inputs.ids
     counts = {k: n for k, n in inputs.token_counts().items() if n}
     cache = model.make_cache() if cache is None else cache
     if draft_model is not None:
+        if isinstance(draft_model, (str, os.PathLike)):
+            raise InputError(f"draft_model: {str(draft_model)!r} is a path; pass the loaded drafter: "
+                             f"draft_model=load_drafter({str(draft_model)!r})")
         check_num_draft_tokens(num_draft_tokens, cache)
     held = cache[0].offset
     check_context(model.config.text_config.max_position_embeddings, len(ids) + held, max_tokens,
                   sum(counts.values()))
+    max_tokens = min(max_tokens, model.config.text_config.max_position_embeddings - len(ids) - held)
     if max_kv_size is not None:
         check_count("--max-kv-size", max_kv_size)
         if len(ids) + held >= max_kv_size:
@@ -621,9 +632,10 @@ class ChatSession:
     """
 
     def __init__(self, model, processor, system: Optional[str] = None, enable_thinking: bool = False,
-                 make_cache: Optional[Callable[[], list]] = None, media_options: Optional[MediaOptions] = None):
+                 make_cache: Optional[Callable[[], list]] = None, media_options: Optional[MediaOptions] = None,
+                 raw_prompt: bool = False):
         self.model, self.processor = model, processor
-        self.enable_thinking = enable_thinking
+        self.enable_thinking, self.raw_prompt = enable_thinking, raw_prompt
         self.media_options = media_options
         self.messages = [{"role": "system", "content": system}] if system else []
         self.make_cache = make_cache or model.make_cache
@@ -637,7 +649,8 @@ class ChatSession:
             items = user_content(content, image, audio, video)
             content = items if len(items) > 1 else content
         inputs = self.processor.chat_inputs(self.messages + [{"role": "user", "content": content}],
-                                            enable_thinking=self.enable_thinking, options=self.media_options)
+                                            enable_thinking=self.enable_thinking, options=self.media_options,
+                                            raw_prompt=self.raw_prompt)
         keep = reuse_prefix(self.cache, self.cached_ids, inputs.ids,
                             lambda n: inputs.split_point(n, self.model.config))
         if keep == 0 and self.cache[0].offset:

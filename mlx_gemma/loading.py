@@ -1,10 +1,5 @@
-"""Checkpoint -> Model: resolve a directory or Hub id, read shards lazily, map names, check shapes.
-
-Weight names are mapped in one place, `sanitize`. Accepted layouts: the Hub's
-(`model.language_model.*`, `model.vision_embedder.*`, `model.embed_vision.embedding_projection`),
-transformers' in-memory names (`model.embed_vision.patch_ln1`,
-`model.embed_vision.multimodal_embedder.*`), and mlx-vlm's / ours (`language_model.model.*`).
-"""
+"""Checkpoint -> Model: resolve a directory or Hub id, read shards lazily, map names
+(`model.sanitize`, beside the model), check shapes."""
 
 from __future__ import annotations
 
@@ -19,17 +14,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .backend import activation_dtype, set_dtype, split_matmuls
+from .backend import load_dtype, set_dtype, split_matmuls
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import Model
+from .model import Model, sanitize
 
 # Files a run needs from a Hub repo: config, weights, tokenizer, chat template, processor.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
                        "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-_VISION_MODULES = ("patch_ln1", "patch_ln2", "patch_dense", "pos_embedding", "pos_norm")
 
 
 def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
@@ -56,12 +50,13 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
         if isinstance(online_error, GatedRepoError):
             raise CheckpointError(f"{name}: the repo is gated: accept its licence at https://huggingface.co/{name} "
                                   "and log in with `hf auth login` (or set HF_TOKEN)") from None
+        # `name` is also how a relative folder is written (models/my-ckpt): say it is not one either.
         if isinstance(online_error, RepositoryNotFoundError):
-            raise CheckpointError(f"{name}: no such repo on the Hugging Face Hub, or a private one (log in with "
-                                  "`hf auth login`)") from None
+            raise CheckpointError(f"{name}: no such folder, and no such repo on the Hugging Face Hub (or a private "
+                                  "one: log in with `hf auth login`)") from None
         reason = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
-        raise CheckpointError(f"{name}: could not download it and it is not in the local "
-                              f"Hugging Face cache ({reason})") from None
+        raise CheckpointError(f"{name}: no such folder, and as a Hub repo it could not be downloaded and is not in "
+                              f"the local Hugging Face cache ({reason})") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -119,22 +114,6 @@ def weight_files(path: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weight files")
     return files
-
-
-def sanitize(name: str) -> Optional[str]:
-    """Checkpoint tensor name -> parameter name of `Model`; None for tensors not stored."""
-    if name.endswith("rotary_emb.inv_freq") or "rotary_emb." in name or name in ("lm_head.weight",
-                                                                                 "model.lm_head.weight"):
-        return None  # recomputed buffers; the head is tied to the embedding
-    name = name.removeprefix("model.")
-    if name.startswith("language_model.") and not name.startswith("language_model.model."):
-        name = "language_model.model." + name[len("language_model."):]
-    if name.startswith("embed_vision.multimodal_embedder."):
-        name = "embed_vision." + name[len("embed_vision.multimodal_embedder."):]
-    for m in _VISION_MODULES:
-        if name.startswith(f"embed_vision.{m}"):
-            name = "vision_embedder." + name[len("embed_vision."):]
-    return name
 
 
 def load_weights(path: Path, progress: bool = False, rename=sanitize) -> dict[str, mx.array]:
@@ -224,6 +203,7 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint directory)")
     config = ModelConfig.from_file(config_file)
+    dtype = load_dtype(bool(config.quantization), dtype)
     rename, cls, finish = sanitize, Model, None
     if group is not None and group.size() > 1:
         from .distributed import loader
@@ -234,8 +214,6 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = "auto", lazy: boo
     model.tensors_read = len(weights)
     if finish is not None:
         finish(model)
-    if isinstance(dtype, str):
-        dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
         set_dtype(model, dtype)
     if adapter_path is not None:

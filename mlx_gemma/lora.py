@@ -32,6 +32,8 @@ def build_parser() -> ArgumentParser:
     from mlx_lm.lora import CONFIG_DEFAULTS
     from mlx_lm.lora import build_parser as mlx_lm_parser
 
+    from .memory import human, mac_budget
+
     p = ArgumentParser(prog="python -m mlx_gemma.lora", parents=[mlx_lm_parser()], conflict_handler="resolve",
                        description="LoRA / DoRA fine-tuning of Gemma 4 (QLoRA on a quantized model), on "
                                    "text, image, audio and video examples. Flags as mlx_lm.lora's.")
@@ -47,7 +49,8 @@ def build_parser() -> ArgumentParser:
                    help="activation dtype (auto: float32 for a quantized model on the CPU backend, else as stored)")
     p.add_argument("--plan", action="store_true", help="print the training memory plan and exit")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="memory the run may use (default: what the GPU may use, e.g. 16GB Mac ~11.8 GB)")
+                   help="memory the run may use (default: what the GPU may use, Metal's recommended working set on "
+                        f"a Mac, {human(mac_budget(16))} on a 16 GB one; physical memory elsewhere)")
     p.add_argument("--image-budget", type=int, default=None, help="soft tokens per image (70..1120)")
     p.add_argument("--video-budget", type=int, default=None, help="soft tokens per video frame")
     # Flags are unset (None) so that a --config file can fill them; --help shows what applies then.

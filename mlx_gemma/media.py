@@ -251,6 +251,14 @@ def patchify(img: np.ndarray, budget: int, patch: int = PATCH) -> tuple[np.ndarr
     return pixels, positions, n
 
 
+def check_file(path) -> None:
+    """A medium's path names a file (a folder is said to be one, not missing)."""
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a folder, not a file")
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+
+
 def open_image(source: ImageSource) -> np.ndarray:
     """A path, PIL image or uint8 HWC array -> uint8 RGB HWC array, EXIF orientation applied,
     transparency composited on white, other modes converted as transformers does."""
@@ -263,11 +271,13 @@ def open_image(source: ImageSource) -> np.ndarray:
                              f"{source.dtype} {source.shape}")
         if 0 in source.shape[:2]:
             raise InputError(f"image: has no pixels ({source.shape[0]}x{source.shape[1]})")
-        source = Image.fromarray(source)
+        if source.ndim == 3 and source.shape[2] not in (1, 2, 3, 4):
+            raise InputError(f"image: a uint8 array with {source.shape[2]} channels; give (H, W) gray, (H, W, 3) "
+                             "RGB or (H, W, 4) RGBA, channels last")
+        source = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
     try:
         if isinstance(source, (str, Path)):
-            if not Path(source).is_file():
-                raise InputError(f"{name}: no such file")
+            check_file(source)
             image = Image.open(source)
         elif isinstance(source, Image.Image):
             image = source
@@ -395,8 +405,7 @@ def load_audio(source: AudioSource, allow_long: bool = False) -> np.ndarray:
             samples = samples.T  # (channels, samples) as most libraries return it
     else:
         name = source
-        if not Path(source).is_file():
-            raise InputError(f"{name}: no such file")
+        check_file(source)
         try:
             samples, rate = read_sound(str(source), name, allow_long)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
@@ -448,8 +457,7 @@ def load_video(source: Union[str, Path], budget: int = DEFAULT_VIDEO_BUDGET, fps
 
     check_budget(budget, "--video-budget")
     check_sampling_rate(fps, num_frames)
-    if not Path(source).is_file():
-        raise InputError(f"{source}: no such file")
+    check_file(source)
     try:
         with av.open(str(source)) as container:
             if container.format.name not in VIDEO_CONTAINERS:  # playlists and lists name other files

@@ -48,6 +48,13 @@ def memory_budget(limit: Optional[str] = None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def mac_budget(memory_gb: int) -> int:
+    """What `memory_budget` reads on an Apple-silicon Mac of `memory_gb` GB of unified memory
+    (GiB, as Apple counts it): Metal's recommended working set, 2/3 of it, 11.45 GB on a 16 GB
+    Mac. The one figure for planning a Mac from elsewhere (tests, benchmarks, the README)."""
+    return int(memory_gb * 2**30 * 2 / 3)
+
+
 def tensor_bytes(path: Path, dtype_bytes: int = 0) -> dict[str, int]:
     """{tensor name: bytes} of a checkpoint once loaded, from the safetensors headers (nothing is
     loaded): as stored, except that a run with float32 activations (`dtype_bytes` 4) casts the

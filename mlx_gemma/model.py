@@ -463,3 +463,31 @@ class Model(nn.Module):
         held = [s.index for _, s in self.language_model.model.held]  # what `cache` has, in order
         return {t: self.layers[s.index].self_attn.cached_kv(cache[held.index(s.index)], s.window and s.window + 1)
                 for t, s in last.items()}
+
+
+# --- checkpoint names ---------------------------------------------------------------------------
+
+# Kept beside the model whose names they map to: loading, distributed loading and adapters all
+# rename through here, and none of them needs the others for it.
+_VISION_MODULES = ("patch_ln1", "patch_ln2", "patch_dense", "pos_embedding", "pos_norm")
+
+
+def sanitize(name: str) -> Optional[str]:
+    """Checkpoint tensor name -> parameter name of `Model`; None for tensors not stored.
+
+    Accepted layouts: the Hub's (`model.language_model.*`, `model.vision_embedder.*`,
+    `model.embed_vision.embedding_projection`), transformers' in-memory names
+    (`model.embed_vision.patch_ln1`, `model.embed_vision.multimodal_embedder.*`), and mlx-vlm's /
+    ours (`language_model.model.*`)."""
+    if name.endswith("rotary_emb.inv_freq") or "rotary_emb." in name or name in ("lm_head.weight",
+                                                                                 "model.lm_head.weight"):
+        return None  # recomputed buffers; the head is tied to the embedding
+    name = name.removeprefix("model.")
+    if name.startswith("language_model.") and not name.startswith("language_model.model."):
+        name = "language_model.model." + name[len("language_model."):]
+    if name.startswith("embed_vision.multimodal_embedder."):
+        name = "embed_vision." + name[len("embed_vision.multimodal_embedder."):]
+    for m in _VISION_MODULES:
+        if name.startswith(f"embed_vision.{m}"):
+            name = "vision_embedder." + name[len("embed_vision."):]
+    return name

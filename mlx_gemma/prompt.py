@@ -33,6 +33,10 @@ THOUGHT_START, THOUGHT_END = "<|channel>", "<channel|>"
 IMAGE, VIDEO, AUDIO = "<|image|>", "<|video|>", "<|audio|>"
 BOI, EOI, BOA, EOA = "<|image>", "<image|>", "<|audio>", "<audio|>"
 PLACEHOLDER = re.compile("(" + "|".join(map(re.escape, (IMAGE, VIDEO, AUDIO))) + ")")
+# While the template renders, each control-token string in the caller's text (and this marker's
+# own first character) stands as MARK + index + END: private-use characters no filter changes,
+# so only the template's own strings become control tokens.
+MARK, END = "\ue000", "\ue001"
 # mm_token_type_ids: what each placeholder id is (everything else, boi/eoi/boa/eoa too, is 0).
 TYPE_IMAGE, TYPE_VIDEO, TYPE_AUDIO = 1, 2, 3
 
@@ -86,6 +90,15 @@ def user_content(text: str, image=(), audio=(), video=()) -> list:
 
 
 ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_text(text: str, where: str) -> None:
+    """Text the tokenizer can take: a lone surrogate ("\\ud800") is not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: not valid Unicode text (a lone surrogate U+{ord(text[e.start]):04X} at "
+                         f"position {e.start})") from None
 
 
 def check_messages(messages) -> None:
@@ -225,6 +238,11 @@ class Processor:
                                       f"{key} = {getattr(config, key)}")
         self.thought_start_id = vocab.get(THOUGHT_START)
         self.thought_end_id = vocab.get(THOUGHT_END)
+        # The tokens transformers' split_special_tokens keeps out of text: the control tokens.
+        self.control_ids = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        controls = [re.escape(t) for t in sorted(self.control_ids, key=len, reverse=True)]
+        self._in_user_text = re.compile("|".join(controls + [MARK]))
+        self._in_rendered = re.compile("|".join([f"{MARK}(\\d+){END}"] + controls))
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> "Processor":
@@ -249,43 +267,90 @@ class Processor:
     def has_chat_template(self) -> bool:
         return self.tokenizer.has_chat_template
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """`split_special_tokens`: control-token strings in `text` are plain text (transformers' option)."""
+        check_text(text, "prompt")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens,
+                                     split_special_tokens=split_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
-                 enable_thinking: bool = False) -> list[int]:
+                 enable_thinking: bool = False, raw_prompt: bool = False) -> list[int]:
         """Token ids of a text-only conversation rendered by the checkpoint's chat template."""
-        inputs = self.chat_inputs(messages, add_generation_prompt, enable_thinking)
+        inputs = self.chat_inputs(messages, add_generation_prompt, enable_thinking, raw_prompt=raw_prompt)
         if inputs.has_media:
             raise InputError("prompt: the conversation has media; use chat_inputs() to get them too")
         return inputs.ids
 
     def chat_inputs(self, messages: list[dict], add_generation_prompt: bool = True,
                     enable_thinking: bool = False, options: Optional[MediaOptions] = None,
-                    tools: Optional[list] = None) -> PromptInputs:
+                    tools: Optional[list] = None, raw_prompt: bool = False) -> PromptInputs:
         """A conversation whose content lists may hold images, audio and video, in any order:
         `{"type": "image", "image": path | PIL image | array}`, `{"type": "audio", "audio":
         path | (samples, rate)}`, `{"type": "video", "video": path}`, `{"type": "text", ...}`.
-        `tools` (OpenAI function schemas) go to the template, which declares them."""
+        `tools` (OpenAI function schemas) go to the template, which declares them.
+        Only the template writes control tokens: a `<turn|>` or `<|image|>` in the messages or the
+        tools is tokenized as plain text (transformers' split_special_tokens) unless `raw_prompt`."""
         if not self.has_chat_template:
             raise CheckpointError("tokenizer: the checkpoint has no chat template (use --no-chat-template)")
         check_messages(messages)
         options = options or MediaOptions()
         tic = time.perf_counter()
         loaded, images, videos, audio = self._load_media(messages, options)
+        literals = None if raw_prompt else []
+        marked = [self._mark(m, f"prompt: message {i}", literals) for i, m in enumerate(loaded, start=1)]
         try:
-            text = self.tokenizer.apply_chat_template(loaded, add_generation_prompt=add_generation_prompt,
+            text = self.tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt,
                                                       enable_thinking=enable_thinking, tokenize=False,
-                                                      **({"tools": tools} if tools else {}))
+                                                      **({"tools": self._mark(tools, "prompt: tools", literals)}
+                                                         if tools else {}))
         except Exception as e:  # the template's own raise_exception(), or a jinja error
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"prompt: the chat template cannot render this conversation ({first})") from None
-        text = self._expand(text, images, videos, audio)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote <bos>
-        return PromptInputs(list(ids), images, videos, audio, time.perf_counter() - tic, loaded)
+        ids = self._tokenize(self._expand(text, images, videos, audio), literals)
+        return PromptInputs(ids, images, videos, audio, time.perf_counter() - tic, loaded)
+
+    def _mark(self, value, where: str, literals: Optional[list]):
+        """`value` (a message, the tools: the caller's JSON-like data, keys included) with every
+        string checked and, unless `literals` is None, each control-token string in it replaced by
+        a marker indexing `literals`. Media and other objects pass as they are."""
+        if isinstance(value, str):
+            check_text(value, where)
+            if literals is None:
+                return value
+
+            def mark(m: re.Match) -> str:
+                literals.append(m.group())
+                return f"{MARK}{len(literals) - 1}{END}"
+
+            return self._in_user_text.sub(mark, value)
+        if isinstance(value, dict):
+            return {self._mark(k, where, literals): self._mark(v, where, literals) for k, v in value.items()}
+        if type(value) in (list, tuple):
+            return type(value)(self._mark(v, where, literals) for v in value)
+        return value
+
+    def _tokenize(self, text: str, literals: Optional[list]) -> list[int]:
+        """Ids of a rendered conversation: control tokens where the template wrote them; each
+        stretch between two of them tokenized whole, with the caller's control-token strings back
+        in place of their markers as plain text. Without any, transformers' tokenization as is."""
+        if not literals:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote <bos>
+        ids, stretch, start = [], [], 0
+        for m in self._in_rendered.finditer(text):
+            stretch.append(text[start:m.start()])
+            start = m.end()
+            if m.group(1) is not None:
+                stretch.append(literals[int(m.group(1))])
+                continue
+            ids += self._plain_ids("".join(stretch)) + [self.control_ids[m.group()]]
+            stretch = []
+        return ids + self._plain_ids("".join(stretch) + text[start:])
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
 
     def _load_media(self, messages: list[dict], options: MediaOptions):
         """Load every medium once; the returned messages hold the loaded media (so a chat can
@@ -353,12 +418,12 @@ class Processor:
         return "".join(out)
 
     def prompt_ids(self, prompt: str, system: Optional[str] = None, chat_template: bool = True,
-                   enable_thinking: bool = False) -> list[int]:
+                   enable_thinking: bool = False, raw_prompt: bool = False) -> list[int]:
         if not chat_template:
-            return self.encode(prompt)
+            return self.encode(prompt, split_special_tokens=not raw_prompt)
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        return self.chat_ids(messages, enable_thinking=enable_thinking)
+        return self.chat_ids(messages, enable_thinking=enable_thinking, raw_prompt=raw_prompt)
 
 
 def _processor_budgets(path: Path) -> tuple[int, int]:

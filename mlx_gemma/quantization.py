@@ -122,16 +122,20 @@ def quantizable_paths(model) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def plan(model, base: QuantSpec, recipe: str) -> dict[str, QuantSpec]:
-    """{module path: spec} for the modules to quantize; checks group sizes divide the inputs."""
+def plan(model, base: QuantSpec, recipe: str, group_size_given: bool = False) -> dict[str, QuantSpec]:
+    """{module path: spec} for the modules to quantize; checks group sizes divide the inputs.
+    `group_size_given`: base's group size is the user's --group-size (else a default, not named so)."""
     chosen = {}
     for path, shape in quantizable_paths(model):
         spec = module_spec(path, base, recipe)
         if spec is None:
             continue
         if shape[-1] % spec.group_size:
-            raise InputError(f"--group-size {spec.group_size}: does not divide the input size {shape[-1]} "
-                             f"of {path}")
+            if group_size_given and spec.group_size == base.group_size:
+                raise InputError(f"--group-size {spec.group_size}: does not divide the input size {shape[-1]} "
+                                 f"of {path}")
+            raise InputError(f"group size {spec.group_size} of {spec.bits}-bit {spec.mode}: does not divide the "
+                             f"input size {shape[-1]} of {path}; --group-size sets another")
         chosen[path] = spec
     return chosen
 

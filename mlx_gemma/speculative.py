@@ -234,11 +234,12 @@ def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, Non
                  target=None) -> Drafter:
     """A `gemma4_unified_assistant` checkpoint (Hub or mlx-vlm layout, quantized or not);
     checked against the `target` model when given. `dtype` as in `load`."""
-    from .backend import activation_dtype, set_dtype, split_matmuls
+    from .backend import load_dtype, set_dtype, split_matmuls
     from .loading import build_model, load_weights, resolve_model_path
 
     path = resolve_model_path(path_or_repo)
     config = read_config(path)
+    dtype = load_dtype(bool(config.quantization), dtype)
     if target is not None:
         check_fits(config, target.config.text_config, path)
     if target is not None and hasattr(target, "drafts_here"):  # pipeline stages: one holds the drafter
@@ -249,8 +250,6 @@ def load_drafter(path_or_repo: Union[str, Path], dtype: Union[mx.Dtype, str, Non
     if "masked_embedding.token_ordering" in weights:  # transformers stores it as int64
         weights["masked_embedding.token_ordering"] = weights["masked_embedding.token_ordering"].astype(mx.int32)
     drafter = build_model(config, weights, path, Drafter)
-    if isinstance(dtype, str):
-        dtype = activation_dtype(bool(config.quantization), dtype)
     if dtype is not None:
         set_dtype(drafter, dtype)
     split_matmuls(drafter)

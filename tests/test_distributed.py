@@ -27,7 +27,8 @@ from distributed_child import DRAFT_IDS, run as run_prompts
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.distributed import check_tensor_parallel, layer_costs, split_layers
 from mlx_gemma.errors import DistributedError
-from mlx_gemma.loading import read_safetensors_header, sanitize, weight_files
+from mlx_gemma.loading import read_safetensors_header, weight_files
+from mlx_gemma.model import sanitize
 from mlx_gemma.speculative import load_drafter
 
 

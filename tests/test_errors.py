@@ -152,6 +152,8 @@ SETUPS: dict = {
                                                         source="drafter"),
     "drafter_other_vocab": lambda ws, subs: _edit_config(ws, subs, lambda c: c["text_config"].update(
         vocab_size=1024), source="drafter"),
+    "adapters_without_base": lambda ws, subs: (ws / "adapters").mkdir() or (ws / "adapters" / "adapter_config.json")
+    .write_text('{"fine_tune_type": "lora", "num_layers": 16}'),
     "drafter_cut_shard": lambda ws, subs: (_checkpoint_copy(ws, subs, "drafter", "drafter") / "model.safetensors")
     .write_bytes((Path(subs["drafter"]) / "model.safetensors").read_bytes()[:3000]),
 }
@@ -189,6 +191,9 @@ GENERATE_CASES = [
     Case("model-missing", "generate", ["--model", "{ws}/nowhere"],
          r"{ws}/nowhere: neither a local directory nor a Hugging Face repo id"),
     Case("model-is-a-file", "generate", ["--model", "{ws}/sentinel.txt"], r"sentinel.txt: is a file"),
+    Case("model-relative-folder-missing", "generate", ["--model", "models/my-ckpt"],
+         r"^error: models/my-ckpt: no such folder, and as a Hub repo it could not be downloaded and is not in the "
+         r"local Hugging Face cache \(.+\)$", env={"HF_HUB_OFFLINE": "1"}),
     Case("model-not-a-checkpoint", "generate", ["--model", "{ws}"], r"{ws}: no config.json"),
     Case("model-bad-config", "generate", ["--model", "{ws}/ckpt"], r"ckpt/config.json: not valid JSON",
          setup="bad_config"),
@@ -211,6 +216,9 @@ GENERATE_CASES = [
     Case("model-no-tokenizer", "generate", ["--model", "{ws}/ckpt"], r"ckpt: no tokenizer \(tokenizer.json or tokenizer.model\)",
          setup="no_tokenizer"),
     Case("image-missing", "generate", M + ["--image", "{ws}/none.png"], r"none.png: no such file"),
+    Case("image-a-folder", "generate", M + ["--image", "{ws}"], r"^error: {ws}: is a folder, not a file$"),
+    Case("audio-a-folder", "generate", M + ["--audio", "{ws}"], r"^error: {ws}: is a folder, not a file$"),
+    Case("video-a-folder", "generate", M + ["--video", "{ws}"], r"^error: {ws}: is a folder, not a file$"),
     Case("image-not-an-image", "generate", M + ["--image", "{ws}/sentinel.txt"],
          r"sentinel.txt: not an image file Pillow can read"),
     Case("image-truncated", "generate", M + ["--image", "{ws}/cut.png"], r"cut.png: truncated or corrupt image",
@@ -228,6 +236,13 @@ GENERATE_CASES = [
     Case("memory-limit-unreadable", "generate", M + ["--memory-limit", "lots"], r"--memory-limit: cannot read 'lots'"),
     Case("memory-limit-too-small", "generate", M + ["--memory-limit", "1MB", "--no-quantize"],
          r"the weights alone need .* budget"),
+    # Its widths do not take the 4-bit copy's group size: the refusal is about the checkpoint as it
+    # is, and names no --group-size (generate has none).
+    Case("memory-limit-too-small-no-copy", "generate", M + ["--memory-limit", "1MB"],
+         r"^error: the weights alone need [\d.]+ MB, budget 1.0 MB: the memory limit must be at least [\d.]+ MB "
+         r"\(or quantize the weights: python -m mlx_gemma.quantize\)$"),
+    Case("plan-does-not-fit", "generate", M + ["--plan", "--memory-limit", "1MB", "--no-quantize"],
+         r"^error: the weights alone need [\d.]+ MB, budget 1.0 MB: the memory limit must be at least [\d.]+ MB"),
     Case("num-draft-tokens-0", "generate", M + ["--draft-model", "{drafter}", "--num-draft-tokens", "0"],
          r"--num-draft-tokens 0: must be a whole number from 1 to 128"),
     Case("num-draft-tokens-over-slack", "generate", M + ["--draft-model", "{drafter}", "--num-draft-tokens", "500"],
@@ -244,6 +259,11 @@ GENERATE_CASES = [
          setup="drafter_other_vocab"),
     Case("draft-model-truncated", "generate", M + ["--draft-model", "{ws}/drafter"],
          r"drafter/model.safetensors: (corrupt or )?truncated", setup="drafter_cut_shard"),
+    Case("adapters-name-no-base-model", "generate", ["--adapter-path", "{ws}/adapters", "--prompt", "hi"],
+         r"^error: {ws}/adapters/adapter_config.json: names no base model \('model', or PEFT's "
+         r"'base_model_name_or_path'\); give --model$", setup="adapters_without_base"),
+    Case("adapters-missing-without-model", "generate", ["--adapter-path", "{ws}/none", "--prompt", "hi"],
+         r"^error: {ws}/none: no adapter_config.json \(not an adapter directory\)$"),
     Case("draft-model-auto-unknown", "generate", M + ["--draft-model", "auto"],
          r"--draft-model auto: no drafter is known for"),
 ]
@@ -301,6 +321,21 @@ API_CASES = [
      r"message 1 item 1 is not a dict with a 'type'"),
     ("media-item-without-source", dict(prompt=[{"role": "user", "content": [{"type": "image"}]}]),
      r"a image item without its 'image'"),
+    ("image-five-channels", dict(image=__import__("numpy").zeros((8, 8, 5), "uint8")),
+     r"^image: a uint8 array with 5 channels; give \(H, W\) gray, \(H, W, 3\) RGB or \(H, W, 4\) RGBA, "
+     r"channels last$"),
+    ("prompt-lone-surrogate", dict(prompt="\ud800"),
+     r"^prompt: message 1: not valid Unicode text \(a lone surrogate U\+D800 at position 0\)$"),
+    ("system-lone-surrogate", dict(system="be \udfff"),
+     r"^prompt: message 1: not valid Unicode text \(a lone surrogate U\+DFFF at position 3\)$"),
+    ("item-lone-surrogate", dict(prompt=[{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]),
+     r"^prompt: message 1: not valid Unicode text \(a lone surrogate U\+D800 at position 1\)$"),
+    ("raw-text-lone-surrogate", dict(prompt="ab\ud800", chat_template=False),
+     r"^prompt: not valid Unicode text \(a lone surrogate U\+D800 at position 2\)$"),
+    ("raw-prompt-placeholder-without-media", dict(prompt="look: <|image|>", raw_prompt=True),
+     r"^prompt: the rendered conversation has 1 <\|image\|> placeholders but 0 images were given$"),
+    ("draft-model-a-path", dict(draft_model="drafters/tiny"),
+     r"^draft_model: 'drafters/tiny' is a path; pass the loaded drafter: draft_model=load_drafter\('drafters/tiny'\)$"),
 ]
 
 
@@ -343,6 +378,17 @@ def test_api_constructors_raise_package_errors(make, expect):
 
     with pytest.raises(MlxGemmaError, match=expect):
         make()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16", __import__("mlx.core").core.int8, 16])
+def test_load_refuses_a_dtype_it_does_not_run_in(hf_checkpoint, drafter_checkpoint, dtype):
+    from mlx_gemma import MlxGemmaError, load, load_drafter
+
+    expect = (rf"^dtype={re.escape(repr(dtype))}: use 'auto', None \(as stored\) or one of 'bfloat16', 'float16', "
+              r"'float32' \(a name or the mx dtype\)$")
+    for loader, path in ((load, hf_checkpoint), (load_drafter, drafter_checkpoint)):
+        with pytest.raises(MlxGemmaError, match=expect):
+            loader(path, dtype=dtype)
 
 
 def test_chat_session_survives_a_bad_turn(model, processor):
@@ -482,6 +528,9 @@ CHECKPOINT_CASES: list[Case] = [
          r"^error: --mode mxfp4 needs --bits 4 --group-size 32 \(got 4 and 64\)"),
     Case("mxfp4-with-8-bits", "convert", [*CONVERT, "out", "-q", "--mode", "mxfp4", "--bits", "8"],
          r"^error: --mode mxfp4 needs --bits 4 --group-size 32 \(got 8 and 32\)"),
+    Case("default-group-size-does-not-divide", "quantize", ["--model", "{ckpt}", "--out", "out"],
+         r"^error: group size 64 of 4-bit affine: does not divide the input size 96 of "
+         r"language_model\.model\.layers\.\d+\.mlp\.down_proj; --group-size sets another$"),
     Case("group-size-does-not-divide", "quantize", ["--model", "{ckpt}", "--out", "out", "--group-size", "128"],
          r"^error: --group-size 128: does not divide the input size 64 of embed_vision\.embedding_projection$"),
 ]
@@ -725,6 +774,8 @@ CLI_CASES: list[Case] = [
          r"^error: {ws}/nope\.m4a: no such file$"),
     Case("video-nonexistent", "generate", ["--model", "{ckpt}", "--video", "{ws}/nope.mp4"],
          r"^error: {ws}/nope\.mp4: no such file$"),
+    Case("raw-prompt-placeholder-without-media", "generate", ["--model", "{ckpt}", "--raw-prompt", "--prompt", "<|audio|>?"],
+         r"^error: prompt: the rendered conversation has 1 <\|audio\|> placeholders but 0 audio clips were given$"),
     Case("media-without-template", "generate", ["--model", "{ckpt}", "--image", "{img}", "--ignore-chat-template"],
          r"^error: media need the chat template \(drop --no-chat-template\)$"),
     # In --chat a bad line is reported and the chat goes on: it ends normally at 'q'.
@@ -733,6 +784,8 @@ CLI_CASES: list[Case] = [
          code=0, stdin=b"hi\xff\nq\n"),
     Case("chat-image-nonexistent", "generate", ["--model", "{ckpt}", "--chat"],
          r"^error: /image: {ws}/my photo\.png: no such file$", code=0, stdin=b"/image '{ws}/my photo.png'\nq\n"),
+    Case("chat-image-a-folder", "generate", ["--model", "{ckpt}", "--chat"],
+         r"^error: /image: {ws}: is a folder, not a file$", code=0, stdin=b"/image {ws}\nq\n"),
     Case("chat-unbalanced-quote", "generate", ["--model", "{ckpt}", "--chat"],
          r"^error: /audio: cannot read the paths \(No closing quotation\)$", code=0, stdin=b"/audio 'a b.wav\nq\n"),
 ]
@@ -759,8 +812,10 @@ def test_generate_is_the_function_after_the_cli_module_is_imported(model, proces
 @pytest.mark.parametrize("error, expect", [
     ("GatedRepoError", r"google/gemma-4-12B-it: the repo is gated: accept its licence at "
                        r"https://huggingface.co/google/gemma-4-12B-it and log in with `hf auth login`"),
-    ("RepositoryNotFoundError", r"google/gemma-4-12B-it: no such repo on the Hugging Face Hub, or a private one"),
-    ("LocalEntryNotFoundError", r"could not download it and it is not in the local Hugging Face cache \(offline\)"),
+    ("RepositoryNotFoundError", r"^google/gemma-4-12B-it: no such folder, and no such repo on the Hugging Face Hub "
+                                r"\(or a private one: log in with `hf auth login`\)$"),
+    ("LocalEntryNotFoundError", r"^google/gemma-4-12B-it: no such folder, and as a Hub repo it could not be downloaded "
+                                r"and is not in the local Hugging Face cache \(offline\)$"),
 ])
 def test_hub_refusals_say_what_to_do(monkeypatch, tmp_path, error, expect):
     import huggingface_hub

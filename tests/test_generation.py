@@ -51,6 +51,20 @@ def test_max_tokens_ends_with_length(model, processor):
         assert out[-1].generation_tokens == 5
 
 
+@pytest.mark.parametrize("max_kv_size", [None, 400])
+def test_a_reply_ends_with_length_where_the_context_is_full(model, processor, max_kv_size):
+    """At the model's context (512 tokens here) or at max_kv_size, short of max_tokens."""
+    from conftest import ids_of
+
+    prompt = ids_of(395)
+    room = (max_kv_size or model.config.text_config.max_position_embeddings) - len(prompt)
+    cache = model.make_cache()
+    out = list(stream_generate(model, processor, prompt, cache=cache, max_tokens=200, max_kv_size=max_kv_size,
+                               sampler=lambda logprobs: mx.array([40])))  # never an end token
+    assert len(out) == room and out[-1].generation_tokens == room and out[-1].finish_reason == "length"
+    assert cache[0].offset == len(prompt) + room - 1  # the last token is yielded, never fed
+
+
 def test_generation_config_defaults_and_suppressed_tokens(tmp_path, model, processor):
     (tmp_path / "generation_config.json").write_text(json.dumps({
         "do_sample": True, "temperature": 0.7, "top_k": 64, "top_p": 0.95,

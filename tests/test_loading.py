@@ -68,7 +68,8 @@ def test_hub_repo_id_loads_offline_from_the_local_cache(hf_checkpoint, processor
     assert run.stdout.split() == ["12", *map(str, processor.encode("hi there")), "None"]
     missing = subprocess.run([sys.executable, "-c", "from mlx_gemma import load; load('tiny/not-there')"],
                              env=env, capture_output=True, text=True, timeout=300)
-    assert "tiny/not-there: could not download it and it is not in the local Hugging Face cache" in missing.stderr
+    assert ("tiny/not-there: no such folder, and as a Hub repo it could not be downloaded and is not in the local "
+            "Hugging Face cache") in missing.stderr
 
 
 @pytest.mark.parametrize("path", ["/no/such/dir", "not a repo id", "a/b/c"])
@@ -140,3 +141,40 @@ def test_transformers_in_memory_names_are_accepted(model, hf_model, tmp_path, hf
     shutil.copytree(hf_checkpoint, out)
     mx.save_safetensors(str(out / "model.safetensors"), state)
     assert np.array_equal(logits(load_model(out)), logits(model))
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """design.md: lower modules never import higher ones; an import inside a function counts too
+    (distributed, loading and tuning/adapters used to reach each other through `sanitize`)."""
+    import ast
+
+    def name(path):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name(p): p for p in (REPO / "mlx_gemma").rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] +
+                                ([node.module] if node.module else []))
+                # `from . import x` names module x, not the package it sits in
+                targets |= ({base} if node.module else set()) | {f"{base}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[module] = {t for t in targets if t in files and t != module}
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a in reachable(b))
+    assert not cycles

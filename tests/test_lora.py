@@ -23,6 +23,7 @@ from conftest import ids_of
 from mlx_gemma import load
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.generation import generate
+from mlx_gemma.memory import mac_budget
 from mlx_gemma.tuning import trainer
 from mlx_gemma.tuning.budget import make_training_plan
 from mlx_gemma.tuning.data import Example
@@ -293,9 +294,9 @@ def test_plan_counts_checkpointing_and_fits_the_12b_on_a_16gb_mac():
     config = ModelConfig.from_file(Path(__file__).parent / "data" / "gemma-4-12B-it.config.json")
     lora = {"rank": 8, "scale": 20.0, "dropout": 0.0}
     common = dict(batch_size=1, seq_length=2048, num_layers=-1, lora_parameters=lora, dtype_bytes=2)
-    # 4-bit default-recipe weights of the 12B and a 16 GB Mac's GPU budget, as test_memory has them.
+    # 4-bit default-recipe weights of the 12B and a 16 GB Mac's GPU budget.
     weights = int(quantized_size(config, QuantSpec(), "default")["total_bytes"])
-    budget = int(10.7 * 2**30 * 0.93)
+    budget = mac_budget(16)
     kept = make_training_plan(config, weights, budget, checkpointing=False, **common)
     checkpointed = make_training_plan(config, weights, budget, checkpointing=True, **common)
     assert checkpointed.fits and not kept.fits
@@ -479,6 +480,27 @@ def test_generate_and_server_take_adapter_path(trained, hf_checkpoint, capsys):
         replies.append(capsys.readouterr().out.strip())
     assert replies[1].startswith("seven") and replies[0] != replies[1], replies
     assert build_parser().parse_args(["--adapter-path", str(out)]).adapter_path == str(out)
+
+
+def test_generate_without_model_loads_the_base_the_adapters_name(peft_adapter, hf_checkpoint, tmp_path, capsys):
+    """The README's `generate --adapter-path DIR`: PEFT's base_model_name_or_path, mlx-lm's model."""
+    from mlx_gemma.generate import DEFAULT_MODEL, main as generate_main
+    from mlx_gemma.tuning.checkpoints import resolve_base_model
+
+    path, _ = peft_adapter
+    assert resolve_base_model(None, path, DEFAULT_MODEL) == str(hf_checkpoint)
+    replies = []
+    for model in (["--model", str(hf_checkpoint)], []):
+        generate_main([*model, "--adapter-path", str(path), "--prompt", "hi", "--max-tokens", "4", "--temp", "0",
+                       "--verbose", "False"])
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
+    mlx_lm = tmp_path / "adapters"
+    mlx_lm.mkdir()
+    (mlx_lm / "adapter_config.json").write_text(json.dumps({"model": "org/base", "fine_tune_type": "lora"}))
+    assert resolve_base_model(None, mlx_lm, DEFAULT_MODEL) == "org/base"
+    assert resolve_base_model("mine", mlx_lm, DEFAULT_MODEL) == "mine"
+    assert resolve_base_model(None, None, DEFAULT_MODEL) == DEFAULT_MODEL
 
 
 def test_dora_trains_saves_and_loads(hf_checkpoint, overfit_data, tmp_path, capsys):

@@ -15,9 +15,9 @@ from mlx_gemma.cache import GlobalCache, SlidingWindowCache
 from mlx_gemma.config import ModelConfig
 from mlx_gemma.errors import InputError
 from mlx_gemma.loading import load_model
-from mlx_gemma.memory import (DraftPlan, KVOptions, draft_plan, drafter_bytes, global_bytes_per_token,
-                              layer_activation_bytes, longest_context, make_plan, prefill_chunk, refusal, sliding_bytes,
-                              weight_bytes)
+from mlx_gemma.memory import (DraftPlan, KVOptions, draft_plan, drafter_bytes, global_bytes_per_token, human,
+                              layer_activation_bytes, longest_context, mac_budget, make_plan, prefill_chunk, refusal,
+                              sliding_bytes, weight_bytes)
 
 REPO = Path(__file__).resolve().parent.parent
 W = reference.WINDOW
@@ -168,12 +168,13 @@ def test_weight_bytes_are_what_a_run_holds(tmp_path, dtype):
 
 
 def test_12b_plan_holds_256k_on_a_16gb_mac():
-    """4-bit weights, 8-bit one-tensor global KV, a 16 GB Mac's default GPU budget (~10.7 GB)."""
+    """4-bit weights, 8-bit one-tensor global KV, a 16 GB Mac's default GPU budget (11.45 GB)."""
     from mlx_gemma.quantization import QuantSpec, quantized_size
 
     cfg = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
     weights = int(quantized_size(cfg, QuantSpec(), "default")["total_bytes"])
-    budget = int(10.7 * 2**30 * 0.93)  # 16 GiB x ~2/3 as macOS reports it, with margin
+    budget = mac_budget(16)
+    assert human(budget) == "11.45 GB"
     assert make_plan(cfg, weights, 262_144, budget, KVOptions(one_tensor=True, bits=8)).fits
     assert not make_plan(cfg, weights, 262_144, budget, KVOptions(one_tensor=False)).fits
 
@@ -190,6 +191,13 @@ def test_plan_output_parses(hf_checkpoint):
     assert rows["fits"] == "yes" and rows["context (tokens)"].replace(",", "").isdigit()
     assert {"weights", "sliding-window KV (bounded)", "global KV per token", "total", "budget"} <= rows.keys()
     assert "Prompt:" not in r.stdout  # nothing ran
+
+
+def test_plan_of_a_run_that_does_not_fit_exits_1(hf_checkpoint):
+    r = run_cli("--model", str(hf_checkpoint), "--prompt", "hi", "--plan", "--memory-limit", "1MB", "--no-quantize")
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", r.stdout, re.M))
+    assert r.returncode == 1 and rows["fits"] == "no" and rows["budget"] == "1.0 MB"
+    assert r.stderr.startswith("error: the weights alone need ") and r.stderr.count("\n") == 1
 
 
 def test_plan_cli_shows_the_drafter(hf_checkpoint, drafter_checkpoint):

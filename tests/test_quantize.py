@@ -322,6 +322,23 @@ def test_pull_estimate_is_the_size_of_the_copy(quant_source, quantized):
     assert q_config.quantization == {"group_size": 64, "bits": 4, "mode": "affine"}
 
 
+def test_plan_plans_the_copy_a_run_would_make_and_makes_none(quant_source, quantized, tmp_path):
+    from mlx_gemma.memory import human, weight_bytes
+
+    env = dict(os.environ, MLX_GEMMA_CACHE=str(tmp_path / "cache"))
+    args = ("--model", str(quant_source), "--prompt", "hi", "--max-tokens", "2", "--plan")
+    fits = run("mlx_gemma.generate", *args, "--memory-limit", "8MB", env=env)
+    assert fits.returncode == 0, fits.stderr
+    assert re.fullmatch(rf"{re.escape(str(quant_source))}: needs [\d.]+ MB unquantized, budget 8.0 MB; a run quantizes "
+                        r"it to 4-bit first, planned here from its config \(--no-quantize plans it as it is\)\n",
+                        fits.stderr)
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", fits.stdout, re.M))
+    assert rows["fits"] == "yes" and rows["weights"] == human(weight_bytes(quantized))  # the estimate is the copy
+    as_is = run("mlx_gemma.generate", *args, "--memory-limit", "8MB", "--no-quantize", env=env)
+    assert as_is.returncode == 1 and "| fits | no |" in as_is.stdout and as_is.stderr.startswith("error: ")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_generate_refuses_a_copy_that_would_not_fit_before_making_it(quant_source, tmp_path):
     env = dict(os.environ, MLX_GEMMA_CACHE=str(tmp_path / "cache"))
     args = ("--model", str(quant_source), "--prompt", "hi", "--max-tokens", "2", "--memory-limit", "2MB")

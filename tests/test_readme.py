@@ -146,7 +146,7 @@ def test_the_refusal_sample_is_what_the_planner_says():
     """The sample refusal for the real 12B on a 16 GB Mac (4-bit default weights, a 2/3 budget)."""
     from benchmarks.sizes import quantized_size
     from mlx_gemma.config import ModelConfig
-    from mlx_gemma.memory import KVOptions, make_plan, refusal
+    from mlx_gemma.memory import KVOptions, mac_budget, make_plan, refusal
     from mlx_gemma.quantization import QuantSpec
 
     text = (REPO / "README.md").read_text()
@@ -155,5 +155,5 @@ def test_the_refusal_sample_is_what_the_planner_says():
     config = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
     weights = int(quantized_size(config, QuantSpec(), "default")["total_bytes"])
     kv = KVOptions(one_tensor=False)
-    plan = make_plan(config, weights, int(sample.group(1)), int(16 * 2**30 * 2 / 3), kv)
+    plan = make_plan(config, weights, int(sample.group(1)), mac_budget(16), kv)
     assert f"error: {refusal(plan, config, kv)}" == sample.group(2)

@@ -34,6 +34,15 @@ def decoded_runs(processor, example):
     return [processor.decode(example.ids[r].tolist()) for r in runs]
 
 
+def test_control_tokens_written_in_the_data_are_tokens(processor, tmp_path):
+    """A thought channel written out in an assistant turn trains the channel's tokens, as mlx-lm
+    tokenizes it (a request's text is kept plain: test_media)."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<|channel>thought\nhm<channel|>hello"}]
+    (example,) = load_split(write(tmp_path, "train", {"messages": chat}), "train", processor)
+    assert example.ids.tolist() == processor.chat_inputs(chat, add_generation_prompt=False, raw_prompt=True).ids
+    assert processor.thought_start_id in example.ids and processor.thought_end_id in example.ids
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Media beside the data, named relative to it."""

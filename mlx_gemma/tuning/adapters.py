@@ -2,14 +2,13 @@
 or from a PEFT LoRA directory (trained with PEFT or Unsloth on transformers' Gemma 4).
 
 PEFT's names are transformers' module names, mapped by the one checkpoint renaming
-(`loading.sanitize`); its A [r, in] and B [out, r] are mlx-lm's lora_a and lora_b transposed,
+(`model.sanitize`); its A [r, in] and B [out, r] are mlx-lm's lora_a and lora_b transposed,
 its scale lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), per module where
 rank_pattern / alpha_pattern say so.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,8 +21,8 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters as load_mlx_lm_adapters
 
 from ..errors import CheckpointError
-from ..loading import sanitize
-from .checkpoints import ADAPTER_FILE, CONFIG_FILE, read_weights
+from ..model import sanitize
+from .checkpoints import ADAPTER_FILE, CONFIG_FILE, read_config, read_weights
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 # PEFT options whose non-default values change the computation in ways LoRALinear does not.
@@ -33,15 +32,7 @@ UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
     path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: cannot read it as JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file}: not a JSON object")
+    config = read_config(path)
     if "peft_type" in config:
         return load_peft(model, path, config)
     if not (path / ADAPTER_FILE).is_file():

@@ -7,7 +7,8 @@ metadata: a resumed run knows where it was, and its loss curve goes on from the 
 The folder is checked before the first step and carries checkpoint.py's manifest. A run's first
 save puts the whole folder in place at once (`output_folder`: a new folder, or with --force one
 mlx-gemma wrote), so a run that stops before it leaves nothing; a resumed run adds to the folder
-of the file it resumed from, if mlx-gemma wrote it and no checkpoint still to come is there."""
+of the file it resumed from, if mlx-gemma wrote it and no checkpoint still to come is there.
+adapter_config.json is read back here too: what adapters load with, and the base model they name."""
 
 from __future__ import annotations
 
@@ -101,6 +102,36 @@ def resume(model, resumed: Resumed) -> None:
         raise CheckpointError(f"{resumed.path}: does not fit these adapters ({', '.join(wrong[:3]) or 'no tensors'}; "
                               "same --num-layers, --rank and --fine-tune-type?)")
     model.load_weights(list(weights.items()), strict=False)
+
+
+def read_config(path: Path) -> dict:
+    """An adapter directory's adapter_config.json (mlx-lm's, ours or PEFT's)."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} (not an adapter directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: cannot read it as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a JSON object")
+    return config
+
+
+def resolve_base_model(model: Optional[str], adapter_path, default: str) -> str:
+    """The checkpoint a CLI loads: `model` when given; else the base model the adapters at
+    `adapter_path` were trained on, as their adapter_config.json records it (mlx-lm's and ours:
+    "model"; PEFT's: "base_model_name_or_path"); else `default`."""
+    if model is not None:
+        return model
+    if adapter_path is None:
+        return default
+    config = read_config(Path(adapter_path))
+    base = config.get("base_model_name_or_path" if "peft_type" in config else "model")
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{Path(adapter_path) / CONFIG_FILE}: names no base model ('model', or PEFT's "
+                              "'base_model_name_or_path'); give --model")
+    return base
 
 
 def _replace(path: Path, write) -> None:

@@ -160,7 +160,10 @@ def _example(record: dict, source: str, directory: Path, processor, mask_prompt:
         ids = _text_ids(record["text"], processor, mask_prompt)
         return Example(ids, _after_first(len(ids)), {}, source)
     messages, tools = _conversation(record, kind, directory)
-    inputs = processor.chat_inputs(messages, add_generation_prompt=False, options=options, tools=tools)
+    # The data is the trainer's own text: a thought channel or a tool call written out in it means
+    # those tokens, as mlx-lm tokenizes it (a request's text never does: Processor.chat_inputs).
+    inputs = processor.chat_inputs(messages, add_generation_prompt=False, options=options, tools=tools,
+                                   raw_prompt=True)
     ids = np.array(inputs.ids, np.int32)
     trained = _assistant_turns(inputs, tools, processor, options) if mask_prompt else _after_first(len(ids))
     return Example(ids, trained, inputs.arrays(), source)
@@ -230,7 +233,7 @@ def _assistant_turns(inputs: PromptInputs, tools: Optional[list], processor,
 
     def render(upto: int, add_generation_prompt: bool) -> list:
         return processor.chat_inputs(messages[:upto], add_generation_prompt=add_generation_prompt,
-                                     options=options, tools=tools).ids
+                                     options=options, tools=tools, raw_prompt=True).ids
 
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
