@@ -143,13 +143,14 @@ def test_every_example_block_is_run_or_sample_output():
 
 
 def test_the_refusal_sample_is_what_the_planner_says():
-    """The sample refusal for the real 12B on a 16 GB Mac (4-bit default weights, a 2/3 budget)."""
+    """The sample refusal in docs/memory.md for the real 12B on a 16 GB Mac (4-bit default weights,
+    a 2/3 budget)."""
     from benchmarks.sizes import quantized_size
     from mlx_gemma.config import ModelConfig
     from mlx_gemma.memory import KVOptions, mac_budget, make_plan, refusal
     from mlx_gemma.quantization import QuantSpec
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "memory.md").read_text()
     sample = re.search(r"\$ python -m mlx_gemma.generate --kv-two-tensor --max-kv-size (\d+) .*\n(error: .*)\n", text)
     assert sample
     config = ModelConfig.from_file(REPO / "tests" / "data" / "gemma-4-12B-it.config.json")
@@ -157,3 +158,25 @@ def test_the_refusal_sample_is_what_the_planner_says():
     kv = KVOptions(one_tensor=False)
     plan = make_plan(config, weights, int(sample.group(1)), mac_budget(16), kv)
     assert f"error: {refusal(plan, config, kv)}" == sample.group(2)
+
+
+def test_the_readme_links_resolve():
+    """Every link of the README and the docs pages to a file of the repository, and every link to
+    a heading of the README, points at something that exists."""
+    def anchor(heading: str) -> str:  # GitHub's: lower case, punctuation dropped, spaces to hyphens
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+    readme = (REPO / "README.md").read_text()
+    headings = {anchor(h) for h in re.findall(r"^#+ (.*)$", readme, re.M)}
+    docs_linked = set()
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, fragment = target.partition("#")
+            if not path:
+                assert page.name != "README.md" or fragment in headings, (page, target)
+                continue
+            assert (page.parent / path).is_file(), (page, target)
+            docs_linked.add((page.parent / path).resolve())
+    assert {p.resolve() for p in PAGES[1:]} <= docs_linked  # every docs page is reachable

@@ -144,7 +144,7 @@ class Engine:
 
         r = job.request
         if job.kind == "completion":
-            return PromptInputs(self.processor.encode(r.prompt))
+            return PromptInputs(self.processor.encode(r.prompt, split_special_tokens=not r.raw_prompt))
         options = MediaOptions(image_budget=r.image_budget, allow_long=self.args.allow_long_media)
         return self.processor.chat_inputs(r.messages, enable_thinking=r.thinking, options=options, tools=r.tools)
 

@@ -19,10 +19,12 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m mlx_gemma.server",
                        description="Serve Gemma 4 12B over HTTP: OpenAI Chat Completions and Responses, Anthropic "
                                    "Messages.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or Hugging Face repo id")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint directory or Hugging Face repo id (default: the base model --adapter-path's "
+                        f"config names, else {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model id in responses and /v1/models (default: the checkpoint's folder name, or the "
-                        "repo id); requests may name any model")
+                   help="the model id in responses and /v1/models (default: the adapters' folder name with "
+                        "--adapter-path, else the checkpoint's folder name or the repo id); requests may name any model")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
                    help="LoRA adapters to apply: mlx_gemma.lora's / mlx-lm's output, or a PEFT adapter directory "
                         "(default: none)")
@@ -73,7 +75,7 @@ def build_parser() -> ArgumentParser:
 def served_name(args) -> str:
     if args.served_model_name:
         return args.served_model_name
-    path = Path(args.model)
+    path = Path(args.adapter_path or args.model)
     return path.resolve().name if path.is_dir() else args.model
 
 
@@ -168,9 +170,10 @@ def serve(args, cluster) -> None:
     app = create_app(engine, args, served)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     ranks = f", {cluster.size} ranks, {mode} parallel" if cluster.size > 1 else ""
+    adapters = f" with the adapters in {args.adapter_path}" if args.adapter_path else ""
     logging.getLogger("mlx_gemma.server").info(
-        "serving %s as %r on http://%s:%d (context %d tokens, prefix cache %s%s)", args.model, served, args.host,
-        args.port, context, human(cache_bytes) if cache_bytes else "off", ranks)
+        "serving %s%s as %r on http://%s:%d (context %d tokens, prefix cache %s%s)", args.model, adapters, served,
+        args.host, args.port, context, human(cache_bytes) if cache_bytes else "off", ranks)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
@@ -183,6 +186,9 @@ def main(argv: Optional[list] = None) -> None:
     def work():
         check_flags(args)
         from ..cluster import join
+        from ..tuning.checkpoints import resolve_base_model
+
+        args.model = resolve_base_model(args.model, args.adapter_path, DEFAULT_MODEL)
 
         cluster = join()  # one rank of several under mlx.launch, else a single process
         with cluster.running():

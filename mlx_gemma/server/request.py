@@ -18,7 +18,8 @@ MAX_TOP_LOGPROBS = 20
 @dataclass
 class Request:
     messages: Optional[list] = None  # the library's chat messages (media decoded), or
-    prompt: Optional[str] = None  # a raw prompt (no chat template)
+    prompt: Optional[str] = None  # a prompt without the chat template: its text, or
+    raw_prompt: bool = False  # with control tokens where it spells them (`<|turn>`)
     tools: Optional[list] = None  # OpenAI-style function declarations, for the chat template
     parallel_tool_calls: bool = True  # False: the reply ends after its first call
     max_tokens: Optional[int] = None  # None: the server's --max-tokens

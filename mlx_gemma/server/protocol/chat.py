@@ -140,6 +140,7 @@ class CompletionRequest(OpenAISampling, Penalties):
     stream_options: Optional[StreamOptions] = None
     echo: Optional[Literal[False]] = None
     logprobs: Optional[Literal[0]] = None
+    raw_prompt: bool = False  # an extension: control-token strings in `prompt` act as control tokens
 
 
 def image_budget(given: Optional[int], budgets: set) -> Optional[int]:
@@ -241,7 +242,8 @@ def chat_request(body: ChatRequest, policy: MediaPolicy) -> Request:
 
 
 def completion_request(body: CompletionRequest) -> Request:
-    return body.sampled(prompt=body.prompt, max_tokens=body.max_tokens, **body.penalties())
+    return body.sampled(prompt=body.prompt, raw_prompt=body.raw_prompt, max_tokens=body.max_tokens,
+                        **body.penalties())
 
 
 FINISH = {"stop_sequence": "stop"}  # OpenAI says "stop" for an end of turn and a stop string alike
