@@ -111,7 +111,8 @@ def _block_safe_end(blocks: np.ndarray, start: int, end: int) -> int:
     return int(members[0]) if members[0] > start else int(members[-1]) + 1
 
 
-def _prompt_ids(model, prompt: Sequence[int]) -> np.ndarray:
+def checked_ids(model, prompt: Sequence[int]) -> np.ndarray:
+    """A prompt's token ids as int32, each checked to index the vocabulary."""
     try:
         ids = np.asarray(list(prompt), dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
@@ -198,7 +199,7 @@ def generate_step(model, prompt: Sequence[int], cache: list, *, sampler: Optiona
     after the loop the cache holds the prompt and every yielded token, except the last one
     when `max_tokens` was reached.
     """
-    ids = _prompt_ids(model, prompt)
+    ids = checked_ids(model, prompt)
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     logits_processors = logits_processors or []
     history = mx.array(ids)
@@ -249,7 +250,7 @@ def speculative_generate_step(model, drafter, prompt: Sequence[int], cache: list
     (token, logprobs, from_draft). `sampling` (temperature > 0) turns on speculative
     sampling; without it drafts are kept where `sampler` (default greedy) agrees."""
     check_num_draft_tokens(num_draft_tokens, cache)
-    ids = _prompt_ids(model, prompt)
+    ids = checked_ids(model, prompt)
     rest, soft = prefill(model, ids, cache, prefill_step_size, progress, soft_tokens)
     first = model(rest[None], cache=cache, logits_to_keep=1, soft_tokens=soft, return_hidden=True)
     for n, out in enumerate(speculative_decode(model, drafter, first, cache, num_draft_tokens=num_draft_tokens,
