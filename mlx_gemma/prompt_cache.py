@@ -106,6 +106,13 @@ class PromptCache:
         while self.nbytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
+    def give_back(self) -> bool:
+        """Drop the least recently used entry (memory a request waits for); False if empty."""
+        if not self._entries:
+            return False
+        self._drop(next(iter(self._entries)))
+        return True
+
     def _drop(self, stored: tuple) -> None:
         _, size = self._entries.pop(stored)
         self.nbytes -= size

@@ -35,17 +35,21 @@ def watch_running(server, stop: threading.Event, seen: list) -> None:
 
 
 @pytest.fixture(scope="module", params=[None, 8], ids=["full-kv", "8-bit-kv"])
-def batch_server(hf_checkpoint, tmp_path_factory, request):
-    """(server, its --kv-bits)."""
+def batch_server(request, tmp_path_factory):
+    """(server, its model and processor, its --kv-bits). 8-bit KV runs on the checkpoint whose
+    global head dim (64) the default KV group size divides."""
+    checkpoint = request.getfixturevalue("smooth_checkpoint" if request.param else "hf_checkpoint")
+    from mlx_gemma import load
+
     flags = ["--kv-bits", str(request.param)] if request.param else []
-    s = Server(hf_checkpoint, tmp_path_factory.mktemp("batch") / "log", "--temp", "0", "--max-tokens", "24",
+    s = Server(checkpoint, tmp_path_factory.mktemp("batch") / "log", "--temp", "0", "--max-tokens", "24",
                "--prompt-cache-bytes", "0", *flags)
-    yield s, request.param
+    yield s, load(checkpoint), request.param
     s.stop()
 
 
-def test_concurrent_greedy_requests_each_give_their_solo_answer(batch_server, model, processor, tmp_path):
-    batch_server, kv_bits = batch_server
+def test_concurrent_greedy_requests_each_give_their_solo_answer(batch_server, tmp_path):
+    batch_server, (model, processor), kv_bits = batch_server
     png = png_bytes(seed=5)
     (tmp_path / "p.png").write_bytes(png)
     chats = [[user(q)] for q in QUESTIONS[:6]] + [
@@ -72,10 +76,10 @@ def test_concurrent_greedy_requests_each_give_their_solo_answer(batch_server, mo
     assert metric(batch_server, "mlx_gemma_batch_size_count") > 0
 
 
-def test_joining_leaving_and_stopping_in_a_running_batch(batch_server, model, processor):
+def test_joining_leaving_and_stopping_in_a_running_batch(batch_server):
     """Long replies run; a newcomer joins mid-batch, a client hangs up, a stop string ends one:
     the others' answers are what they are alone."""
-    batch_server, kv_bits = batch_server
+    batch_server, (model, processor), kv_bits = batch_server
     cache = (lambda: model.make_cache(kv_bits=kv_bits))
     long_ones = [[user(q)] for q in QUESTIONS[:3]]
     expected = [reference(model, processor, m, 24, cache=cache()) for m in long_ones]

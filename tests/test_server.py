@@ -165,8 +165,11 @@ def wav_bytes(tmp_path, seconds=0.4) -> bytes:
 
 # --- behaviour ----------------------------------------------------------------------------------
 
+IDLE = {"status": "ok", "busy": False, "waiting": 0, "running": 0}
+
+
 def test_models_health_and_the_log_line(server, hf_checkpoint):
-    assert server.request("GET", "/health")[:2] == (200, {"status": "ok", "busy": False, "waiting": 0})
+    assert server.request("GET", "/health")[:2] == (200, IDLE)
     before = len(server.log_lines())
     models = server.client().models.list()
     assert [m.id for m in models.data] == [hf_checkpoint.name]  # the folder's name, not a path
@@ -549,7 +552,7 @@ def abandon_stream(port: int, max_tokens: int) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     body = json.dumps({"messages": [user("tell me a long story")], "max_tokens": max_tokens, "stream": True,
                        "temperature": 0}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     got = b""
     while b"data:" not in got:
@@ -571,7 +574,7 @@ def test_clients_that_hang_up_free_the_worker(server, model, processor):
     while time.monotonic() < deadline and server.request("GET", "/health")[1] != {"status": "ok", "busy": False,
                                                                                  "waiting": 0}:
         time.sleep(0.1)
-    assert server.request("GET", "/health")[1] == {"status": "ok", "busy": False, "waiting": 0}
+    assert server.request("GET", "/health")[1] == IDLE
     assert time.monotonic() - tic < 40
     assert stream_text(server, HELLO, 6) == reference(model, processor, HELLO, 6)
 
@@ -581,7 +584,7 @@ def abandon_waiting(port: int, max_tokens: int) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     body = json.dumps({"messages": [user("tell me a long story")], "max_tokens": max_tokens,
                        "temperature": 0}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     time.sleep(0.3)
     sock.close()
@@ -597,7 +600,7 @@ def test_waiting_clients_that_hang_up_stop_their_generation(server):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    idle = {"status": "ok", "busy": False, "waiting": 0}
+    idle = IDLE
     while time.monotonic() - tic < 60 and server.request("GET", "/health")[1] != idle:
         time.sleep(0.05)
     stopped = time.monotonic() - tic
@@ -628,7 +631,7 @@ def test_an_empty_api_key_is_refused_before_loading(tmp_path):
 
 
 def test_a_full_queue_answers_503_with_retry_after(hf_checkpoint, tmp_path):
-    s = Server(hf_checkpoint, tmp_path / "log", "--queue-size", "1")
+    s = Server(hf_checkpoint, tmp_path / "log", "--queue-size", "1", "--max-num-seqs", "1")
     try:
         body = {"messages": [user("a long one")], "max_tokens": 60, "temperature": 0}  # busy while the rest arrive
         with ThreadPoolExecutor(max_workers=6) as pool:
@@ -700,21 +703,21 @@ import mlx_gemma.generation as generation
 import mlx_gemma.server.engine as engine
 from mlx_gemma.server import main
 forced, state = json.loads(sys.argv.pop(1)), {"force": None}
-real_sampling, real_run = generation.make_sampling, engine.Engine._run
+real_sampling, real_start = generation.make_sampling, engine.Engine._start
 def make_sampling(processor, **kwargs):
     sampler, processors = real_sampling(processor, **kwargs)
     if state["force"] is None:
         return sampler, processors
     tokens, last = iter(state["force"]), state["force"][-1]
     return (lambda logprobs: mx.array([next(tokens, last)])), processors
-def run(self, job):
+def start(self, job, planned):
     r = job.request
     user_last = r.messages is not None and r.messages[-1]["role"] == "user"
     tool_last = r.messages is not None and r.messages[-1]["role"] == "tool"
     state["force"] = (forced["tools"] if r.tools and user_last else forced["thinking"] if r.thinking
                       else forced.get("after_tools") if tool_last else None)
-    return real_run(self, job)
-generation.make_sampling, engine.Engine._run = make_sampling, run
+    return real_start(self, job, planned)
+generation.make_sampling, engine.Engine._start = make_sampling, start
 main()
 """
 
@@ -874,11 +877,12 @@ def test_served_context_is_what_the_memory_plan_fits(hf_checkpoint):
     dtype_bytes = run_dtype_bytes(hf_checkpoint, config)
     weights = weight_bytes(hf_checkpoint, dtype_bytes)
     roomy = plan_server(hf_checkpoint, build_parser().parse_args(["--prompt-cache-bytes", "0"]))
-    assert roomy == (0, config.text_config.max_position_embeddings)
+    assert roomy[:2] == (0, config.text_config.max_position_embeddings)
     # A budget that holds the weights and a little KV: the context stops where the plan stops fitting.
     budget = make_plan(config, weights, 100, 0, KVOptions(), dtype_bytes).total
     args = build_parser().parse_args(["--prompt-cache-bytes", "1000", "--memory-limit", f"{budget + 1000}B"])
-    cache_bytes, context = plan_server(hf_checkpoint, args)
+    cache_bytes, context, plan = plan_server(hf_checkpoint, args)
+    assert plan.budget == budget + 1000 and plan.kv(context) > plan.kv(1) > 0
     assert cache_bytes == 1000 and 100 <= context < config.text_config.max_position_embeddings
     assert make_plan(config, weights, context, budget, KVOptions(), dtype_bytes).fits
     assert not make_plan(config, weights, context + 1, budget, KVOptions(), dtype_bytes).fits

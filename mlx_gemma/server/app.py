@@ -44,8 +44,8 @@ class Guard:
     preflight), or reach it by a DNS name rebound to 127.0.0.1: the Host and Origin checks and
     the JSON content type close both ways in."""
 
-    def __init__(self, app, api_key: Optional[str], host: str, origins: list):
-        self.app, self.api_key, self.origins = app, api_key, set(origins or [])
+    def __init__(self, app, api_key: Optional[str], host: str, origins: list, metrics=None):
+        self.app, self.api_key, self.origins, self.metrics = app, api_key, set(origins or []), metrics
         self.hosts = None if host in ANY_ADDRESS else LOOPBACK | {host_of(host)}
 
     async def __call__(self, scope, receive, send):
@@ -75,6 +75,8 @@ class Guard:
             elif not isinstance(e, OSError):
                 log.exception("error after the response started")
         finally:
+            if self.metrics is not None:
+                self.metrics.requests.labels(endpoint=ENDPOINTS.get(scope["path"], "other"), status=str(status[0])).inc()
             log.info("%s %s %d prompt=%s cached=%s generated=%s %.3fs", scope["method"], scope["path"], status[0],
                      usage.get("prompt", "-"), usage.get("cached", "-"), usage.get("generated", "-"),
                      time.perf_counter() - tic)
@@ -124,10 +126,12 @@ def streamed(generation, events, error) -> StreamingResponse:
 
 
 GONE = JSONResponse({}, status_code=499)  # the client hung up while its request waited
+ENDPOINTS = {p: p for p in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                            "/v1/messages/count_tokens", "/v1/models", "/health", "/metrics")}  # metric labels
 MEDIA_DECODERS = 2  # requests whose media are decoded at once
 
 
-def create_app(engine: Engine, args, served: str) -> FastAPI:
+def create_app(engine: Engine, args, served: str, metrics=None) -> FastAPI:
     app = FastAPI(title="mlx-gemma", docs_url=None, redoc_url=None, openapi_url=None)
     policy = MediaPolicy(args.allow_local_media, args.allow_remote_media, args.allow_long_media, args.max_body_bytes,
                          args.max_image_pixels)
@@ -137,7 +141,7 @@ def create_app(engine: Engine, args, served: str) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=args.cors_allow_origin, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(Guard, api_key=args.api_key, host=args.host, origins=args.cors_allow_origin)
+    app.add_middleware(Guard, api_key=args.api_key, host=args.host, origins=args.cors_allow_origin, metrics=metrics)
 
     async def read_json(request: HttpRequest) -> dict:
         declared = request.headers.get("content-length")
@@ -303,7 +307,15 @@ def create_app(engine: Engine, args, served: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "busy": engine.busy, "waiting": engine.queue.qsize()}
+        if not engine.thread.is_alive():  # a supervisor restarts a server that says so
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok", "busy": bool(engine.running), "waiting": engine.waiting, "running": len(engine.running)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from fastapi.responses import Response
+
+        return Response(metrics.text() if metrics is not None else b"", media_type="text/plain; version=0.0.4")
 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException

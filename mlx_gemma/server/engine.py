@@ -1,10 +1,17 @@
 """The worker that owns the model: a bounded queue of jobs, one thread that runs every MLX call
-(MLX is not thread-safe), and the prefix cache. Jobs run one at a time, in arrival order; each
-streams its events back to the event loop that queued it."""
+(MLX is not thread-safe), continuous batching, admission by the memory plan, and the prefix cache.
+
+Running sequences decode together, one forward per step over all of them (`Model.step_rows`:
+the weights are read once per step, each sequence attends over its own caches). A newcomer is
+admitted when the plan holds the running sequences' KV at their planned lengths (prompt +
+max_tokens) plus its own; its prompt is prefilled in chunks with one decode step of the others
+between two chunks, so a long prompt does not stall the streams; it then joins the batch.
+A sequence that finishes, or whose client went away, leaves at once."""
 
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -12,10 +19,13 @@ from ..errors import MlxGemmaError
 from .errors import ApiError, api_error, one_line
 from .media import remove_files
 from .request import Request
+from .sequence import Sequence
+
+STOP = object()  # queued by `close`
 
 
 class Cancelled(Exception):
-    """The client went away; raised inside the generation to stop it between steps."""
+    """The client went away; raised inside a prefill to stop it between chunks."""
 
 
 @dataclass
@@ -29,6 +39,7 @@ class Job:
     loop: Optional[asyncio.AbstractEventLoop] = None
     events: Optional[asyncio.Queue] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    inputs: object = None  # the prompt, read once (a job may wait for admission)
 
     def emit(self, *event) -> None:
         if self.loop is None:  # a follower rank's copy of the job: rank 0 answers
@@ -39,27 +50,49 @@ class Job:
             self.cancelled.set()
 
 
+@dataclass
+class ServingPlan:
+    """What the memory plan gives the sequences: `fixed` (weights and the peak activations of a
+    prefill chunk, one prefill at a time) and each sequence's KV at a length."""
+
+    budget: int
+    fixed: int
+    sliding: int  # one sequence's sliding-window caches (bounded)
+    global_per_token: float
+
+    def kv(self, tokens: int) -> int:
+        return self.sliding + int(self.global_per_token * tokens)
+
+    def max_num_seqs(self, free: int, tokens: int) -> int:
+        """How many sequences of `tokens` tokens `free` bytes hold (at least 1, at most 64)."""
+        return max(1, min(64, free // max(self.kv(tokens), 1)))
+
+
 class Engine:
     """Owns the model, the processor and the prefix cache; `submit` queues a job.
 
     The model is loaded on the worker thread too: MLX streams are per thread, and no other
     thread ever touches the model.
 
-    Under mlx.launch (`cluster` of several ranks) rank 0 reads each request's prompt and media
-    and shares them with the others (`follow`), and every rank runs the same steps: the same
-    prefix-cache decisions (entries weigh the same on every rank), the same sampling seed, and
-    one agreement per step on whether rank 0's client is still there."""
+    Under mlx.launch (`cluster` of several ranks) one sequence runs at a time: rank 0 reads
+    each request's prompt and media and shares them with the others (`follow`), and every rank
+    runs the same steps: the same prefix-cache decisions (entries weigh the same on every rank),
+    the same sampling seed, and one agreement per step on whether rank 0's client is still there."""
 
-    def __init__(self, load, args, prompt_cache_bytes: int, context: int, cluster=None):
+    def __init__(self, load, args, prompt_cache_bytes: int, context: int, plan: ServingPlan, cluster=None,
+                 metrics=None):
         from ..cluster import Cluster
         from ..prompt_cache import PromptCache, cache_bytes
 
-        self.args, self.context = args, context  # prompt + reply tokens a request may use
+        self.args, self.context, self.plan, self.metrics = args, context, plan, metrics
         self.cluster = cluster or Cluster()
         self.prompt_cache = (PromptCache(prompt_cache_bytes, lambda c: self.cluster.largest(cache_bytes(c)))
                              if prompt_cache_bytes > 0 else None)
+        self.max_num_seqs = 1 if self.cluster.size > 1 else args.max_num_seqs or plan.max_num_seqs(
+            plan.budget - plan.fixed - prompt_cache_bytes, min(context, 4096))
         self.queue: queue.Queue = queue.Queue(maxsize=args.queue_size)
-        self.busy = False
+        self.running: list = []
+        self.pending: Optional[Job] = None
         loaded: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, args=(load, loaded), name="mlx-gemma-engine", daemon=True)
         self.thread.start()
@@ -70,12 +103,21 @@ class Engine:
         self.vocab = self.processor.tokenizer.get_vocab()
         self.turn_id = self.vocab.get("<|turn>")
 
+    @property
+    def waiting(self) -> int:
+        return self.queue.qsize() + (self.pending is not None)
+
     def submit(self, job: Job) -> None:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise ApiError(503, f"the server is busy ({self.args.queue_size} requests waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+
+    def close(self) -> None:
+        """Stop the worker once what it runs is done (and, under mlx.launch, the other ranks)."""
+        self.queue.put(STOP)
+        self.thread.join()
 
     def _loop(self, load, loaded: queue.Queue) -> None:
         import mlx.core as mx
@@ -90,31 +132,19 @@ class Engine:
         if self.cluster.rank > 0:
             return self._follow()
         while True:
-            job = self.queue.get()
-            if job is None:  # the server is stopping: so do the other ranks
-                self.cluster.share(None)
-                return
-            if job.cancelled.is_set():
-                remove_files(job.request.temp_files)
-                continue
-            self.busy = True
-            try:
-                self._run(job)
-            except Cancelled:
-                job.emit("error", ApiError(499, "client closed the request"))
-            except Exception as e:  # a bad request must not end the worker
-                job.emit("error", api_error(e))
-                self._check_in_step(e)
-            finally:
-                self.busy = False
-                remove_files(job.request.temp_files)
-
-    def _check_in_step(self, e: Exception) -> None:
-        """A request's errors (ApiError, MlxGemmaError) arise alike on every rank; anything else
-        (out of memory, a bug) struck this rank alone, and the ranks no longer agree on what
-        runs next: they all stop, naming this one's cause."""
-        if self.cluster.size > 1 and not isinstance(e, (ApiError, MlxGemmaError)):
-            self.cluster.abort(f"the model failed on rank {self.cluster.rank}: {one_line(str(e)) or type(e).__name__}")
+            if self.pending is None:
+                try:
+                    self.pending = self.queue.get(block=not self.running)  # idle: wait for work
+                except queue.Empty:
+                    pass
+                if self.pending is STOP:
+                    self.cluster.share(None)
+                    return
+            if self.pending is not None:
+                self._admit()
+            if self.running:
+                self._step()
+            self._gauges()
 
     def _follow(self) -> None:
         """A rank other than 0: run every job rank 0 shares, until it shares None."""
@@ -123,21 +153,28 @@ class Engine:
             if shared is None:
                 return
             kind, request, inputs = shared
-            try:
-                self._answer(Job(kind, request), inputs)
-            except Cancelled:
-                pass
-            except Exception as e:  # rank 0 meets the same and answers it
-                self._check_in_step(e)
-
-    def close(self) -> None:
-        """Stop the worker once the queue is done (and, under mlx.launch, the other ranks)."""
-        self.queue.put(None)
-        self.thread.join()
+            job = Job(kind, request, inputs=inputs)
+            self._start(job, 0)
+            while self.running:
+                self._step()
 
     def stopped(self, job: Job) -> bool:
         """Whether to stop `job` before the next step: its client went away (on rank 0)."""
         return self.cluster.any(job.cancelled.is_set())
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        job.emit("error", ApiError(499, "client closed the request") if isinstance(e, Cancelled) else api_error(e))
+        if not isinstance(e, Cancelled):
+            self._check_in_step(e)
+
+    def _check_in_step(self, e: BaseException) -> None:
+        """A request's errors (ApiError, MlxGemmaError) arise alike on every rank; anything else
+        (out of memory, a bug) struck this rank alone, and the ranks no longer agree on what
+        runs next: they all stop, naming this one's cause."""
+        if self.cluster.size > 1 and not isinstance(e, (ApiError, MlxGemmaError)):
+            self.cluster.abort(f"the model failed on rank {self.cluster.rank}: {one_line(str(e)) or type(e).__name__}")
+
+    # --- admission ---------------------------------------------------------------------------
 
     def _inputs(self, job: Job):
         from ..prompt import MediaOptions, PromptInputs
@@ -148,15 +185,62 @@ class Engine:
         options = MediaOptions(image_budget=r.image_budget, allow_long=self.args.allow_long_media)
         return self.processor.chat_inputs(r.messages, enable_thinking=r.thinking, options=options, tools=r.tools)
 
-    def _run(self, job: Job) -> None:
-        inputs = self._inputs(job)
-        remove_files(job.request.temp_files)  # decoded: an uploaded video is not kept while it is answered
-        if job.kind == "count":
-            return job.emit("count", len(inputs.ids))
+    def _max_tokens(self, job: Job) -> int:
+        ids, r = job.inputs.ids, job.request
+        if len(ids) >= self.context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the served context is {self.context}",
+                           param="messages", code="context_length_exceeded")
+        if r.max_tokens is not None and len(ids) + r.max_tokens > self.context:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({r.max_tokens}) is over the "
+                                f"served context of {self.context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return r.max_tokens or min(self.args.max_tokens, self.context - len(ids))
+
+    def _room(self, need: int) -> bool:
+        """Whether `need` more bytes of KV fit beside what runs; the prefix cache gives back
+        its least recently used entries first."""
+        def free() -> int:
+            held = self.prompt_cache.nbytes if self.prompt_cache is not None else 0
+            return self.plan.budget - self.plan.fixed - held - sum(s.planned for s in self.running)
+
+        while need > free() and self.prompt_cache is not None and self.prompt_cache.give_back():
+            pass
+        return need <= free()
+
+    def _admit(self) -> None:
+        """Start the waiting job if the batch and the memory plan have room; else it waits."""
+        job = self.pending
+        if job.cancelled.is_set():
+            self.pending = None
+            return remove_files(job.request.temp_files)
+        if len(self.running) >= self.max_num_seqs:
+            return
+        try:
+            if job.inputs is None:
+                try:
+                    job.inputs = self._inputs(job)
+                finally:
+                    remove_files(job.request.temp_files)  # decoded: an upload is not kept while answered
+            if job.kind == "count":
+                self.pending = None
+                return job.emit("count", len(job.inputs.ids))
+            max_tokens = self._max_tokens(job)
+            need = self.plan.kv(len(job.inputs.ids) + max_tokens)
+            if not self._room(need):
+                if self.running:
+                    return  # it waits for a sequence to finish
+                raise ApiError(400, f"the prompt and max_tokens need {need / 1e9:.2f} GB of KV cache, more than the "
+                                    "memory plan leaves beside the weights", code="context_length_exceeded")
+        except Exception as e:
+            self.pending = None
+            return self._fail(job, e)
+        self.pending = None
         if self.cluster.size > 1:
-            request = replace(job.request, messages=None, temp_files=[])
-            self.cluster.share((job.kind, request, replace(inputs, messages=None)))
-        self._answer(job, inputs)
+            self.cluster.share((job.kind, replace(job.request, messages=None, temp_files=[]),
+                                replace(job.inputs, messages=None)))
+        self._start(job, need)
+
+    # --- prefill -----------------------------------------------------------------------------
 
     def _processors(self, r: Request):
         from mlx_lm.sample_utils import make_logits_processors
@@ -177,83 +261,131 @@ class Engine:
             processors.append(Guide(self.processor, r.constraint, thinking=r.thinking))
         return sampler, processors
 
-    def _answer(self, job: Job, inputs) -> None:
+    def _start(self, job: Job, planned: int) -> None:
+        """Prefill a job's prompt, one decode step of the running batch between two chunks, and
+        let it join the batch with its first token."""
         import mlx.core as mx
 
-        from ..generation import generate_step, stream_generate
+        from ..generation import DEFAULT_PREFILL_STEP, generate_step
         from ..prompt_cache import prompt_key
 
-        ids, r = inputs.ids, job.request
-        if len(ids) >= self.context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; the served context is {self.context}",
-                           param="messages", code="context_length_exceeded")
-        if r.max_tokens is not None and len(ids) + r.max_tokens > self.context:
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({r.max_tokens}) is over the "
-                                f"served context of {self.context} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        max_tokens = r.max_tokens or min(self.args.max_tokens, self.context - len(ids))
-        sampler, processors = self._processors(r)
-        sampled = []
-
-        def recording_sampler(logprobs):
-            token = sampler(logprobs)
-            sampled.append(token)
-            return token
-
-        def progress(done, total):
-            if self.stopped(job):
-                raise Cancelled()
-
-        if r.seed is not None:
-            mx.random.seed(r.seed)
-        config = self.model.config
-        key = prompt_key(inputs, config)
-        split = lambda n: inputs.split_point(n, config)  # noqa: E731
-        cache, cached = self.prompt_cache.fetch(key, split) if self.prompt_cache is not None else (None, 0)
-        if cache is None:
-            cache = self.model.make_cache(kv_bits=self.args.kv_bits)
-        job.emit("start", {"prompt_tokens": len(ids), "cached_tokens": cached})
-        if self.prompt_cache is not None and job.kind == "chat":
-            # An exact snapshot where the last user turn starts: the next request that shares
-            # everything before it (system prompt, tools, earlier turns) reuses it without a trim.
-            turn = self._last_turn_start(ids)
-            if turn > cached and split(turn) == turn:
-                part = _head(inputs, turn, config).tail(cached, config)
-                soft = self.model.embed_media(**part.arrays()) if part.has_media else None
-                for _ in generate_step(self.model, part.ids, cache, max_tokens=1, soft_tokens=soft,
-                                       progress=progress):
-                    pass
-                self.prompt_cache.insert(key[:turn], cache, copy_cache=True)
-                cached = turn
-        pieces = stream_generate(self.model, self.processor, inputs.tail(cached, config) if cached else inputs,
-                                 cache=cache, max_tokens=max_tokens, sampler=recording_sampler,
-                                 logits_processors=processors, progress=progress)
-        finish, generated, thought, consistent = "length", 0, 0, False
-        markers = self.processor.eos_token_ids | {self.processor.thought_start_id, self.processor.thought_end_id}
+        inputs, r = job.inputs, job.request
         try:
-            for piece in pieces:
+            max_tokens = self._max_tokens(job)
+            sampler, processors = self._processors(r)
+            if r.seed is not None:
+                mx.random.seed(r.seed)
+            config = self.model.config
+            key = prompt_key(inputs, config)
+            split = lambda n: inputs.split_point(n, config)  # noqa: E731
+            cache, cached = self.prompt_cache.fetch(key, split) if self.prompt_cache is not None else (None, 0)
+            if cache is None:
+                cache = self.model.make_cache(kv_bits=self.args.kv_bits)
+            elif self.metrics:
+                self.metrics.prefix_hits.inc()
+            job.emit("start", {"prompt_tokens": len(inputs.ids), "cached_tokens": cached})
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(len(inputs.ids))
+                self.metrics.cached_tokens.inc(cached)
+
+            def between_chunks(done, total):
                 if self.stopped(job):
                     raise Cancelled()
-                generated = piece.generation_tokens
-                thought += piece.thinking
-                entry = None
-                if r.top_logprobs is not None and not piece.thinking and piece.token not in markers:
-                    entry = self._logprob_entry(piece.token, piece.logprobs, r.top_logprobs)
-                if piece.text or entry:
-                    job.emit("text", piece.text, piece.thinking, generated, entry)
-                if piece.finish_reason:
-                    finish = piece.finish_reason
-            consistent = True
-        except Cancelled:  # between two steps: the cache holds what it says it holds
-            consistent = True
-            raise
-        finally:
-            pieces.close()
-            if self.prompt_cache is not None and consistent:
-                held = cache[0].offset
-                tokens = [int(t.item()) for t in sampled[:max(held - len(ids), 0)]]
-                self.prompt_cache.insert((key + tokens)[:held], cache)
-        job.emit("done", finish, generated, thought)
+                if self.running:
+                    self._step()
+
+            if self.prompt_cache is not None and job.kind == "chat":
+                # An exact snapshot where the last user turn starts: the next request that shares
+                # everything before it (system prompt, tools, earlier turns) reuses it without a trim.
+                turn = self._last_turn_start(inputs.ids)
+                if turn > cached and split(turn) == turn:
+                    part = _head(inputs, turn, config).tail(cached, config)
+                    soft = self.model.embed_media(**part.arrays()) if part.has_media else None
+                    for _ in generate_step(self.model, part.ids, cache, max_tokens=1, soft_tokens=soft,
+                                           progress=between_chunks):
+                        pass
+                    self.prompt_cache.insert(key[:turn], cache, copy_cache=True)
+                    cached = turn
+            seq = Sequence(job, self.processor, cache, key, len(inputs.ids), cached, max_tokens, sampler, processors,
+                           planned)
+            seq.prefill(self.model, inputs.tail(cached, config) if cached else inputs, DEFAULT_PREFILL_STEP,
+                        between_chunks)
+            if self.stopped(job):
+                raise Cancelled()
+            done = seq.take(r.top_logprobs, self._logprob_entry)
+        except Exception as e:
+            return self._fail(job, e)
+        if self.metrics:
+            self.metrics.ttft.observe(time.perf_counter() - seq.started)
+            self.metrics.generated_tokens.inc()
+        if done:
+            self._finish(seq)
+        else:
+            self.running.append(seq)
+
+    # --- decode ------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One token for every running sequence, in one forward pass. A failure inside the step
+        (out of memory, say) fails that step's requests with a 5xx; the server goes on."""
+        import mlx.core as mx
+
+        seqs = list(self.running)
+        try:
+            logits = self.model.step_rows(mx.array([[s.last] for s in seqs]), [s.cache for s in seqs])[:, -1]
+            mx.eval([s.sample(logits[b:b + 1]) for b, s in enumerate(seqs)])
+        except Exception as e:
+            for s in seqs:
+                self.running.remove(s)
+                s.job.emit("error", ApiError(500, f"the model failed in this step ({one_line(e)[:200] or type(e).__name__}"
+                                                  "); the server goes on", type="server_error", code="step_failed"))
+            if self.metrics:
+                self.metrics.step_failures.inc()
+            mx.clear_cache()
+            return self._check_in_step(e)
+        if self.metrics:
+            self.metrics.batch.observe(len(seqs))
+        for s in seqs:
+            if self.stopped(s.job):  # the client went away, or a stop string ended the reply
+                self.running.remove(s)
+                self._keep(s)
+                continue
+            before = s.last_time
+            try:
+                done = s.take(s.job.request.top_logprobs, self._logprob_entry)
+            except Exception as e:  # one sequence's processors (a constraint): that request alone
+                self.running.remove(s)
+                self._fail(s.job, e)
+                continue
+            if self.metrics:
+                self.metrics.generated_tokens.inc()
+                self.metrics.token_latency.observe(s.last_time - before)
+            if done:
+                self.running.remove(s)
+                self._finish(s)
+
+    def _keep(self, seq: Sequence) -> None:
+        """The sequence's cache into the prefix cache (it holds what `held_key` says)."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.insert(seq.held_key(), seq.cache)
+
+    def _finish(self, seq: Sequence) -> None:
+        self._keep(seq)
+        seq.job.emit("done", seq.finish, len(seq.sampled), seq.thought)
+
+    def _gauges(self) -> None:
+        import mlx.core as mx
+
+        if self.metrics is None:
+            return
+        m = self.metrics
+        held = self.prompt_cache.nbytes if self.prompt_cache is not None else 0
+        m.running.set(len(self.running))
+        m.waiting.set(self.waiting)
+        m.prefix_bytes.set(held)
+        m.planned_bytes.set(self.plan.fixed + held + sum(s.planned for s in self.running))
+        m.budget_bytes.set(self.plan.budget)
+        m.peak_bytes.set(mx.get_peak_memory())
 
     def _logprob_entry(self, token: int, logprobs, top: int) -> dict:
         """OpenAI's per-token logprobs (after the checkpoint's suppressed tokens are masked)."""

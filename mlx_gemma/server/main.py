@@ -64,7 +64,10 @@ def build_parser() -> ArgumentParser:
                    help="largest image (width x height) a request may send; refused before it is decoded")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body")
     p.add_argument("--queue-size", type=int, default=32,
-                   help="requests waiting for the model; more are refused with 503")
+                   help="requests waiting for admission; more are refused with 503")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="sequences decoded together (default: what the memory plan holds at 4,096 tokens each, "
+                        "at most 64; 1 under mlx.launch); a request also waits until the plan holds its KV")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "
                         "and contexts) instead of splitting every layer's heads (tensor parallel, faster decode); "
@@ -95,11 +98,14 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
 
 
-def plan_server(path: Path, args, cluster=None) -> tuple[int, int]:
-    """(prefix-cache bytes, context) within the memory budget: by default a quarter of what the
-    weights leave goes to the prefix cache; a request may use the longest context whose plan
-    fits in the rest (the model's maximum where memory allows). Under mlx.launch each rank
-    plans its own part and all serve what the tightest one fits."""
+def plan_server(path: Path, args, cluster=None):
+    """(prefix-cache bytes, context, engine.ServingPlan) within the memory budget: by default a
+    quarter of what the weights leave goes to the prefix cache; a request may use the longest
+    context whose plan fits in the rest (the model's maximum where memory allows); the sequences
+    decoded together share what the weights and the peak activations leave. Under mlx.launch
+    each rank plans its own part and all serve what the tightest one fits."""
+    from .engine import ServingPlan
+
     from ..cluster import Cluster
     from ..config import ModelConfig
     from ..memory import KVOptions, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes, weight_bytes
@@ -118,11 +124,16 @@ def plan_server(path: Path, args, cluster=None) -> tuple[int, int]:
             raise InputError(f"{path}: {where}{refusal(plan, view, kv, dtype_bytes)} (the prefix cache holds "
                              f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
     context = min(longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) for view, weights in shares)
-    return cache_bytes, context
+    view, weights = shares[0]
+    plan = make_plan(view, weights, context, budget - cache_bytes, kv, dtype_bytes)
+    return cache_bytes, context, ServingPlan(budget, plan.weights + plan.activations, plan.sliding,
+                                             plan.global_per_token)
 
 
 def check_flags(args) -> None:
     """Flags first, before the seconds of importing MLX and the minutes of loading."""
+    if args.max_num_seqs is not None and args.max_num_seqs <= 0:
+        raise InputError(f"--max-num-seqs: must be a positive number, got {args.max_num_seqs}")
     for name in ("max_tokens", "queue_size", "max_body_bytes", "responses_store_count", "responses_store_bytes"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}")
@@ -156,24 +167,28 @@ def serve(args, cluster) -> None:
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p)
     path = resolve_model_path(args.model)
     cluster.check_same_checkpoint(path)
-    cache_bytes, context = plan_server(path, args, cluster)
+    cache_bytes, context, plan = plan_server(path, args, cluster)
     cluster.seed(None)
     mode = "pipeline" if args.pipeline else "tensor"
+    from .metrics import Metrics
+
+    metrics = Metrics()
     engine = Engine(lambda: load(path, group=cluster.group, parallel=mode, adapter_path=args.adapter_path), args,
-                    cache_bytes, context, cluster)
+                    cache_bytes, context, plan, cluster, metrics)
     if cluster.rank > 0:
         # Ctrl-C in the terminal reaches every rank: rank 0 stops serving and then stops this one.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         engine.thread.join()
         return
     served = served_name(args)
-    app = create_app(engine, args, served)
+    app = create_app(engine, args, served, metrics)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     ranks = f", {cluster.size} ranks, {mode} parallel" if cluster.size > 1 else ""
     adapters = f" with the adapters in {args.adapter_path}" if args.adapter_path else ""
     logging.getLogger("mlx_gemma.server").info(
-        "serving %s%s as %r on http://%s:%d (context %d tokens, prefix cache %s%s)", args.model, adapters, served,
-        args.host, args.port, context, human(cache_bytes) if cache_bytes else "off", ranks)
+        "serving %s%s as %r on http://%s:%d (context %d tokens, up to %d sequences at once, prefix cache %s%s)",
+        args.model, adapters, served, args.host, args.port, context, engine.max_num_seqs,
+        human(cache_bytes) if cache_bytes else "off", ranks)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
