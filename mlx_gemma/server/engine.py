@@ -332,7 +332,11 @@ class Engine:
 
         seqs = list(self.running)
         try:
-            logits = self.model.step_rows(mx.array([[s.last] for s in seqs]), [s.cache for s in seqs])[:, -1]
+            ids = mx.array([[s.last] for s in seqs])
+            # One sequence goes the model's own way (under mlx.launch a pipeline stage hands its
+            # activations on there), several as rows of one batch.
+            logits = (self.model(ids, cache=seqs[0].cache) if len(seqs) == 1 else
+                      self.model.step_rows(ids, [s.cache for s in seqs]))[:, -1]
             mx.eval([s.sample(logits[b:b + 1]) for b, s in enumerate(seqs)])
         except Exception as e:
             for s in seqs:
