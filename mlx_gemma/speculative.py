@@ -308,6 +308,21 @@ def _log_normalize(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def draft(model, drafter: Drafter, cache: list, y: mx.array, h: mx.array, k: int, propose: Callable) -> list:
+    """`k` drafts after the token `y` (not yet in `cache`), as one lazy graph: each drafter step reads
+    the target's K/V and the last hidden state (`h`, then its own); `propose(y_d, drafts so far)`
+    picks a draft from the drafter's output."""
+    embed = model.language_model.model.embed
+    kv, position = model.shared_kv(cache), cache[0].offset
+    drafts, tok = [], y.reshape(1, 1)
+    for _ in range(k):
+        e = embed(tok)
+        y_d, h = drafter.hidden(mx.concatenate([e, h.astype(e.dtype)], axis=-1), kv, position)
+        tok = propose(y_d, drafts).reshape(1, 1)
+        drafts.append(tok.reshape(1))
+    return drafts
+
+
 def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, num_draft_tokens: int,
                        history: list, max_tokens: int, sampler: Optional[Callable] = None,
                        sampling=None, logits_processors: Sequence = (),
@@ -326,7 +341,6 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
     stats = {} if stats is None else stats
     stats.setdefault("drafted", 0)
     stats.setdefault("accepted", 0)
-    embed = model.language_model.model.embed
     past = mx.array(history, dtype=mx.int32)  # what the logits processors see
     guided = any(getattr(p, "guides_drafts", False) for p in logits_processors)  # reading each draft pays
 
@@ -347,22 +361,20 @@ def speculative_decode(model, drafter: Drafter, first: tuple, cache: list, *, nu
         while yielded < max_tokens:
             past = mx.concatenate([past, y])
             k = min(num_draft_tokens, max_tokens - yielded - 1)
-            kv, position = model.shared_kv(cache), cache[0].offset
-            drafts, draft_lp, tok = [], [], y[None]
-            for _ in range(k):  # one lazy graph: nothing is read back until the verify pass
-                e = embed(tok)
-                y_d, h = drafter.hidden(mx.concatenate([e, h.astype(e.dtype)], axis=-1), kv, position)
+            draft_lp = []
+
+            def propose(y_d: mx.array, drafts: list) -> mx.array:
                 if sampling is None and not guided:
-                    tok = drafter.greedy(y_d)
-                elif sampling is None:  # a constraint masks the drafts too, so none is wasted on a masked token
-                    tok = mx.argmax(process(mx.concatenate([past] + drafts), drafter.logits(y_d)[:, -1]), axis=-1)[None]
-                else:
-                    # Any proposal keeps the output exact, as long as q is what drafts are drawn from.
-                    q = sampling.logprobs(process(mx.concatenate([past] + drafts),
-                                                  drafter.logits(y_d)[:, -1].astype(mx.float32)))
-                    draft_lp.append(q)
-                    tok = mx.random.categorical(q)[None]
-                drafts.append(tok.reshape(1))
+                    return drafter.greedy(y_d)
+                if sampling is None:  # a constraint masks the drafts too, so none is wasted on a masked token
+                    return mx.argmax(process(mx.concatenate([past] + drafts), drafter.logits(y_d)[:, -1]), axis=-1)
+                # Any proposal keeps the output exact, as long as q is what drafts are drawn from.
+                q = sampling.logprobs(process(mx.concatenate([past] + drafts),
+                                              drafter.logits(y_d)[:, -1].astype(mx.float32)))
+                draft_lp.append(q)
+                return mx.random.categorical(q)
+
+            drafts = draft(model, drafter, cache, y, h, k, propose)
             block = mx.concatenate([y] + drafts)
             logits, hidden = model(block[None], cache=cache, mm_token_type_ids=mx.zeros((1, k + 1), mx.int32),
                                    return_hidden=True)

@@ -157,13 +157,15 @@ FAILING_BOOT = """
 import sys
 import mlx_gemma.model as model
 from mlx_gemma.server import main
-calls, real = [0], model.Model.step_rows
-def step_rows(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 3:  # as Metal says when an allocation fails
-        raise RuntimeError("[metal::malloc] Attempting to allocate 9999999999 bytes which is greater than the maximum")
-    return real(self, *args, **kwargs)
-model.Model.step_rows = step_rows
+calls, real = [0], model.Model.__call__
+def call(self, input_ids=None, *args, **kwargs):
+    if input_ids is not None and input_ids.shape[1] == 1:  # a decode step (the third one)
+        calls[0] += 1
+        if calls[0] == 3:  # as Metal says when an allocation fails
+            raise RuntimeError("[metal::malloc] Attempting to allocate 9999999999 bytes which is greater than the "
+                               "maximum")
+    return real(self, input_ids, *args, **kwargs)
+model.Model.__call__ = call
 main()
 """
 
@@ -206,5 +208,36 @@ def test_health_says_not_ready_when_the_engine_is_gone(hf_checkpoint, tmp_path):
         while s.request("GET", "/health")[0] == 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert s.request("GET", "/health")[:2] == (503, {"status": "engine stopped"})
+    finally:
+        s.stop()
+
+
+def test_drafting_in_the_batch_keeps_every_greedy_answer(hf_checkpoint, drafter_checkpoint, tmp_path, model,
+                                                         processor):
+    """Every sequence drafts and verifies within the shared step, its own accepted run kept and
+    its caches trimmed alone: each answer is the undrafted greedy one, and usage and /metrics
+    say how many drafts were kept."""
+    from mlx_gemma.server.main import DEFAULT_NUM_DRAFT_TOKENS
+    from mlx_gemma.speculative import DEFAULT_NUM_DRAFT_TOKENS as LIBRARY_DEFAULT
+
+    assert DEFAULT_NUM_DRAFT_TOKENS == LIBRARY_DEFAULT
+    s = Server(hf_checkpoint, tmp_path / "log", "--temp", "0", "--draft-model", str(drafter_checkpoint),
+               "--num-draft-tokens", "3", "--prompt-cache-bytes", "0")
+    try:
+        chats = [[user(q)] for q in QUESTIONS[:4]]
+        lengths = [20, 9, 16, 20]
+        client = s.client()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            replies = list(pool.map(lambda a: client.chat.completions.create(model="m", messages=a[0],
+                                                                             max_tokens=a[1]), zip(chats, lengths)))
+        assert [r.choices[0].message.content for r in replies] == \
+            [reference(model, processor, c, n) for c, n in zip(chats, lengths)]
+        details = [r.usage.completion_tokens_details for r in replies]
+        kept = sum(d.accepted_prediction_tokens for d in details)
+        proposed = kept + sum(d.rejected_prediction_tokens for d in details)
+        assert proposed > 0 and metric(s, "mlx_gemma_drafts_proposed_total") == proposed
+        assert metric(s, "mlx_gemma_drafts_accepted_total") == kept
+        stream = stream_text(s, chats[0], 20)  # streamed, drafted: the same text
+        assert stream == replies[0].choices[0].message.content
     finally:
         s.stop()

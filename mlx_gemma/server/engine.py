@@ -32,7 +32,8 @@ class Cancelled(Exception):
 class Job:
     """`kind`: "chat" (messages through the template), "completion" (a raw prompt) or "count"
     (the prompt's tokens only). Events: ("start", info), ("text", text, thinking, generated,
-    logprob entry), ("done", finish, generated, thought tokens), ("count", n), ("error", ApiError)."""
+    logprob entry), ("done", finish, generated, thought tokens, drafted, accepted), ("count", n),
+    ("error", ApiError)."""
 
     kind: str
     request: Request
@@ -80,7 +81,7 @@ class Engine:
     the same sampling seed, and one agreement per step on whether rank 0's client is still there."""
 
     def __init__(self, load, args, prompt_cache_bytes: int, context: int, plan: ServingPlan, cluster=None,
-                 metrics=None):
+                 metrics=None, load_drafter=None):
         from ..cluster import Cluster
         from ..prompt_cache import PromptCache, cache_bytes
 
@@ -93,6 +94,7 @@ class Engine:
         self.queue: queue.Queue = queue.Queue(maxsize=args.queue_size)
         self.running: list = []
         self.pending: Optional[Job] = None
+        self.load_drafter, self.drafter = load_drafter, None
         loaded: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, args=(load, loaded), name="mlx-gemma-engine", daemon=True)
         self.thread.start()
@@ -125,6 +127,8 @@ class Engine:
         mx.set_default_stream(mx.new_stream(mx.default_device()))
         try:
             self.model, self.processor = load()
+            if self.load_drafter is not None:
+                self.drafter = self.load_drafter(self.model)
         except BaseException as e:
             loaded.put(e)
             return
@@ -331,22 +335,24 @@ class Engine:
         import mlx.core as mx
 
         seqs = list(self.running)
+        if self.drafter is not None:
+            k = min(self.args.num_draft_tokens, *(s.max_tokens - len(s.sampled) - 1 for s in seqs))
+            if k > 0:  # every row verifies k drafts: a round never runs past a reply's max_tokens
+                return self._draft_step(seqs, k)
         try:
             ids = mx.array([[s.last] for s in seqs])
             # One sequence goes the model's own way (under mlx.launch a pipeline stage hands its
-            # activations on there), several as rows of one batch.
-            logits = (self.model(ids, cache=seqs[0].cache) if len(seqs) == 1 else
-                      self.model.step_rows(ids, [s.cache for s in seqs]))[:, -1]
+            # activations on there), several as rows of one batch. The drafter reads the hidden state.
+            hidden = self.drafter is not None
+            out = (self.model(ids, cache=seqs[0].cache, return_hidden=hidden) if len(seqs) == 1 else
+                   self.model.step_rows(ids, [s.cache for s in seqs], return_hidden=hidden))
+            logits = (out[0] if hidden else out)[:, -1]
+            if hidden:
+                for b, s in enumerate(seqs):
+                    s.h = out[1][b:b + 1, -1:]
             mx.eval([s.sample(logits[b:b + 1]) for b, s in enumerate(seqs)])
         except Exception as e:
-            for s in seqs:
-                self.running.remove(s)
-                s.job.emit("error", ApiError(500, f"the model failed in this step ({one_line(e)[:200] or type(e).__name__}"
-                                                  "); the server goes on", type="server_error", code="step_failed"))
-            if self.metrics:
-                self.metrics.step_failures.inc()
-            mx.clear_cache()
-            return self._check_in_step(e)
+            return self._failed_step(seqs, e)
         if self.metrics:
             self.metrics.batch.observe(len(seqs))
         for s in seqs:
@@ -368,6 +374,71 @@ class Engine:
                 self.running.remove(s)
                 self._finish(s)
 
+    def _draft_step(self, seqs: list, k: int) -> None:
+        """One MTP round for every running sequence: each drafts k tokens from its own caches,
+        all blocks [last token, drafts] are verified in one forward pass, and each sequence keeps
+        its own accepted run, its caches trimmed back to it (spec 8)."""
+        import mlx.core as mx
+
+        from ..speculative import draft
+
+        for s in [s for s in seqs if self.stopped(s.job)]:
+            seqs.remove(s)
+            self.running.remove(s)
+            self._keep(s)
+        if not seqs:
+            return
+        try:
+            blocks = []
+            for s in seqs:
+                guided = any(getattr(p, "guides_drafts", False) for p in s.processors)
+
+                def propose(y_d, drafts, s=s, guided=guided):
+                    if not guided:
+                        return self.drafter.greedy(y_d)
+                    history = mx.concatenate([s.history, *drafts]) if drafts else s.history
+                    return mx.argmax(s.process(history, self.drafter.logits(y_d)[:, -1]), axis=-1)
+
+                last = mx.array([s.last], dtype=mx.int32)
+                blocks.append(mx.concatenate([last, *draft(self.model, self.drafter, s.cache, last, s.h, k, propose)]))
+            block = mx.stack(blocks)
+            logits, hidden = self.model.step_rows(block, [s.cache for s in seqs], return_hidden=True)
+            drafts = block[:, 1:].tolist()
+            verified = [s.verify(logits[b], drafts[b]) for b, s in enumerate(seqs)]
+        except Exception as e:
+            return self._failed_step(seqs, e)
+        for b, (s, out) in enumerate(zip(seqs, verified)):
+            s.h = hidden[b:b + 1, len(out) - 1:len(out)]
+            s.drafted, s.accepted = s.drafted + k, s.accepted + len(out) - 1
+            if self.metrics:
+                self.metrics.drafts_proposed.inc(k)
+                self.metrics.drafts_accepted.inc(len(out) - 1)
+            taken, done = 0, False
+            for token, logprobs in out:
+                taken += 1
+                done = s.accept(token, logprobs, s.job.request.top_logprobs, self._logprob_entry)
+                if self.metrics:
+                    self.metrics.generated_tokens.inc()
+                if done:
+                    break
+            for c in s.cache:  # the rejected drafts, and accepted ones past the end of the reply
+                c.trim(k + 1 - taken)
+            if done:
+                self.running.remove(s)
+                self._finish(s)
+
+    def _failed_step(self, seqs: list, e: Exception) -> None:
+        import mlx.core as mx
+
+        for s in seqs:
+            self.running.remove(s)
+            s.job.emit("error", ApiError(500, f"the model failed in this step ({one_line(e)[:200] or type(e).__name__}"
+                                              "); the server goes on", type="server_error", code="step_failed"))
+        if self.metrics:
+            self.metrics.step_failures.inc()
+        mx.clear_cache()
+        self._check_in_step(e)
+
     def _keep(self, seq: Sequence) -> None:
         """The sequence's cache into the prefix cache (it holds what `held_key` says)."""
         if self.prompt_cache is not None:
@@ -375,7 +446,7 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self._keep(seq)
-        seq.job.emit("done", seq.finish, len(seq.sampled), seq.thought)
+        seq.job.emit("done", seq.finish, len(seq.sampled), seq.thought, seq.drafted, seq.accepted)
 
     def _gauges(self) -> None:
         import mlx.core as mx

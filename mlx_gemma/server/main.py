@@ -11,6 +11,7 @@ from typing import Optional
 from ..errors import ArgumentParser, InputError, run_cli
 
 DEFAULT_MODEL = "google/gemma-4-12B-it"
+DEFAULT_NUM_DRAFT_TOKENS = 3  # speculative.DEFAULT_NUM_DRAFT_TOKENS (not imported: flags come before MLX)
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BODY = 64 * 2**20
 
@@ -68,6 +69,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
                    help="sequences decoded together (default: what the memory plan holds at 4,096 tokens each, "
                         "at most 64; 1 under mlx.launch); a request also waits until the plan holds its KV")
+    p.add_argument("--draft-model", default=None, metavar="PATH_OR_REPO",
+                   help="an MTP drafter (gemma4_unified_assistant) every sequence drafts with: the same tokens when "
+                        "greedy, the same distribution when sampling (default: none)")
+    p.add_argument("--num-draft-tokens", type=int, default=DEFAULT_NUM_DRAFT_TOKENS, metavar="K",
+                   help="drafts per round")
     p.add_argument("--pipeline", action="store_true",
                    help="under mlx.launch with several ranks: split the layers between them (fits bigger weights "
                         "and contexts) instead of splitting every layer's heads (tensor parallel, faster decode); "
@@ -108,7 +114,9 @@ def plan_server(path: Path, args, cluster=None):
 
     from ..cluster import Cluster
     from ..config import ModelConfig
-    from ..memory import KVOptions, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes, weight_bytes
+    from ..loading import resolve_model_path
+    from ..memory import (KVOptions, draft_plan, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes,
+                          weight_bytes)
 
     cluster = cluster or Cluster()
     config = ModelConfig.from_file(path / "config.json")
@@ -125,9 +133,10 @@ def plan_server(path: Path, args, cluster=None):
                              f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
     context = min(longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) for view, weights in shares)
     view, weights = shares[0]
-    plan = make_plan(view, weights, context, budget - cache_bytes, kv, dtype_bytes)
-    return cache_bytes, context, ServingPlan(budget, plan.weights + plan.activations, plan.sliding,
-                                             plan.global_per_token)
+    draft = draft_plan(resolve_model_path(args.draft_model), args.num_draft_tokens) if args.draft_model else None
+    plan = make_plan(view, weights, context, budget - cache_bytes, kv, dtype_bytes, draft=draft)
+    fixed = plan.weights + plan.activations + plan.drafter_weights + plan.draft_activations
+    return cache_bytes, context, ServingPlan(budget, fixed, plan.sliding, plan.global_per_token)
 
 
 def check_flags(args) -> None:
@@ -173,8 +182,18 @@ def serve(args, cluster) -> None:
     from .metrics import Metrics
 
     metrics = Metrics()
+    if args.draft_model is not None and cluster.size > 1:
+        raise InputError("--draft-model: not supported under mlx.launch yet (one process drafts)")
+    drafter = None
+    if args.draft_model is not None:
+        from ..speculative import check_num_draft_tokens, load_drafter
+
+        check_num_draft_tokens(args.num_draft_tokens)
+
+        drafter_path = resolve_model_path(args.draft_model)
+        drafter = lambda model: load_drafter(drafter_path, target=model)  # noqa: E731
     engine = Engine(lambda: load(path, group=cluster.group, parallel=mode, adapter_path=args.adapter_path), args,
-                    cache_bytes, context, plan, cluster, metrics)
+                    cache_bytes, context, plan, cluster, metrics, drafter)
     if cluster.rank > 0:
         # Ctrl-C in the terminal reaches every rank: rank 0 stops serving and then stops this one.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -22,6 +22,8 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("mlx_gemma_batch_size", "sequences decoded per step", buckets=BATCH_BUCKETS,
                                registry=r)
+        self.drafts_proposed = Counter("mlx_gemma_drafts_proposed", "MTP drafts verified", registry=r)
+        self.drafts_accepted = Counter("mlx_gemma_drafts_accepted", "MTP drafts accepted", registry=r)
         self.step_failures = Counter("mlx_gemma_step_failures", "decode steps that failed (their requests "
                                                                 "answered 5xx)", registry=r)
         self.running = Gauge("mlx_gemma_running_sequences", "sequences being generated", registry=r)

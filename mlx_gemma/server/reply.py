@@ -99,7 +99,7 @@ class Generation:
             while True:
                 event = await self._next()
                 if event[0] == "done":
-                    _, reply.finish, reply.generated, reply.reasoning_tokens = event
+                    _, reply.finish, reply.generated, reply.reasoning_tokens, reply.drafted, reply.accepted = event
                     text = held + stops.flush()
                     if text:  # an unfinished call is text after all
                         reply.text += text

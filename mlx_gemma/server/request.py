@@ -51,6 +51,8 @@ class Reply:
     cached_tokens: int = 0
     generated: int = 0
     reasoning_tokens: int = 0
+    drafted: int = 0  # MTP drafts verified, and accepted
+    accepted: int = 0
 
 
 def plain(items: list):

@@ -22,6 +22,8 @@ class Sequence:
         self.history = None  # what the logits processors read: the fed prompt, then each token
         self.sampled: list = []
         self.thought, self.finish, self.pending = 0, None, None
+        self.h = None  # the last hidden state, what an MTP drafter reads (when the engine drafts)
+        self.drafted = self.accepted = 0
         self.started, self.last_time = time.perf_counter(), None
 
     @property
@@ -35,24 +37,48 @@ class Sequence:
         ids = checked_ids(model, inputs.ids)
         rest, soft = prefill(model, ids, self.cache, step, progress, embed_prompt_media(model, inputs))
         self.history = mx.array(ids)
-        self.sample(model(rest[None], cache=self.cache, logits_to_keep=1, soft_tokens=soft)[:, -1])
+        logits, self.h = model(rest[None], cache=self.cache, logits_to_keep=1, soft_tokens=soft, return_hidden=True)
+        self.sample(logits[:, -1])
 
-    def sample(self, logits):
-        """This sequence's next token from its row of logits [1, vocab] (lazy)."""
+    def process(self, history, logits):
+        """Logprobs [1, vocab] of one row of logits, after this sequence's processors."""
         import mlx.core as mx
 
         for process in self.processors:
-            logits = process(self.history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            logits = process(history, logits)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def sample(self, logits):
+        """This sequence's next token from its row of logits [1, vocab] (lazy)."""
+        logprobs = self.process(self.history, logits)
         self.pending = (self.sampler(logprobs), logprobs[0])
         return self.pending[0]
 
-    def take(self, top_logprobs: Optional[int], entry: Callable) -> bool:
-        """Read the sampled token, stream its text; True when the reply is over."""
+    def verify(self, logits, drafts: list) -> list:
+        """[(token, logprobs)] of a verified block: `logits` [k + 1, vocab] for the last token and the
+        k drafts after it. Each row is sampled (argmax when greedy) with the drafts before it in its
+        history; drafts are kept while they equal those samples, then the first sample that differs
+        (or the one after the last draft) comes. Each kept token is a sample of its row, so the
+        output is what decoding without drafts gives when greedy, and distributed as it when not."""
         import mlx.core as mx
 
+        rows = [self.process(mx.concatenate([self.history, mx.array(drafts[:i], dtype=self.history.dtype)]),
+                             logits[i:i + 1]) for i in range(len(drafts) + 1)]
+        samples = self.sampler(mx.concatenate(rows)).tolist()
+        n = 0
+        while n < len(drafts) and samples[n] == drafts[n]:
+            n += 1
+        return [(samples[i], rows[i][0]) for i in range(n + 1)]
+
+    def take(self, top_logprobs: Optional[int], entry: Callable) -> bool:
+        """Read the sampled token, stream its text; True when the reply is over."""
         y, logprobs = self.pending
-        token = int(y.item())
+        return self.accept(int(y.item()), logprobs, top_logprobs, entry)
+
+    def accept(self, token: int, logprobs, top_logprobs: Optional[int], entry: Callable) -> bool:
+        """Add `token` to the reply and stream its text; True when the reply is over."""
+        import mlx.core as mx
+
         self.sampled.append(token)
         if self.processors:
             self.history = mx.concatenate([self.history, mx.array([token], dtype=self.history.dtype)])

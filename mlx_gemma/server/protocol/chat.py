@@ -253,7 +253,10 @@ def usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.generated,
             "total_tokens": reply.prompt_tokens + reply.generated,
             "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens}}
+            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens,
+                                          # OpenAI's names for predicted tokens kept and thrown away
+                                          "accepted_prediction_tokens": reply.accepted,
+                                          "rejected_prediction_tokens": reply.drafted - reply.accepted}}
 
 
 def openai_calls(calls: list) -> list:
