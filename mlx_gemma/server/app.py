@@ -188,9 +188,10 @@ def create_app(engine: Engine, args, served: str, metrics=None) -> FastAPI:
         if body.stream:
             return streamed(generation, out.stream(generation), out.error)
         try:
-            return out.response(await generation.collect())
+            await generation.collect()
         except Cancelled:
             return GONE
+        return out.response(generation.replies)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
@@ -202,9 +203,10 @@ def create_app(engine: Engine, args, served: str, metrics=None) -> FastAPI:
         if body.stream:
             return streamed(generation, out.stream(generation), out.error)
         try:
-            return out.response(await generation.collect())
+            await generation.collect()
         except Cancelled:
             return GONE
+        return out.response(generation.replies)
 
     @app.post("/v1/messages")
     async def create_message(request: HttpRequest):

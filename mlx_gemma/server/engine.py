@@ -6,9 +6,14 @@ the weights are read once per step, each sequence attends over its own caches). 
 admitted when the plan holds the running sequences' KV at their planned lengths (prompt +
 max_tokens) plus its own; its prompt is prefilled in chunks with one decode step of the others
 between two chunks, so a long prompt does not stall the streams; it then joins the batch.
-A sequence that finishes, or whose client went away, leaves at once."""
+A sequence that finishes, or whose client went away, leaves at once.
+
+A request for n replies (Chat Completions' `n`) is n sequences: its prompt is prefilled once,
+the other n - 1 take copies of that cache and draw their first tokens from the same logits, each
+with its own sampler and processors; admission plans KV (and batch rows) for all n."""
 
 import asyncio
+import copy
 import queue
 import threading
 import time
@@ -31,9 +36,10 @@ class Cancelled(Exception):
 @dataclass
 class Job:
     """`kind`: "chat" (messages through the template), "completion" (a raw prompt) or "count"
-    (the prompt's tokens only). Events: ("start", info), ("text", text, thinking, generated,
-    logprob entry), ("done", finish, generated, thought tokens, drafted, accepted), ("count", n),
-    ("error", ApiError)."""
+    (the prompt's tokens only). Events: ("start", info), ("text", index, text, thinking, generated,
+    logprob entry), ("done", index, finish, generated, thought tokens, drafted, accepted), ("count",
+    n), ("error", ApiError); `index` is the reply's, 0 to request.n - 1. `cancelled` stops them all,
+    `ended[i]` reply i alone (a stop string ended it)."""
 
     kind: str
     request: Request
@@ -41,6 +47,10 @@ class Job:
     events: Optional[asyncio.Queue] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     inputs: object = None  # the prompt, read once (a job may wait for admission)
+    ended: list = field(init=False)
+
+    def __post_init__(self):
+        self.ended = [threading.Event() for _ in range(self.request.n)]
 
     def emit(self, *event) -> None:
         if self.loop is None:  # a follower rank's copy of the job: rank 0 answers
@@ -162,9 +172,10 @@ class Engine:
             while self.running:
                 self._step()
 
-    def stopped(self, job: Job) -> bool:
-        """Whether to stop `job` before the next step: its client went away (on rank 0)."""
-        return self.cluster.any(job.cancelled.is_set())
+    def stopped(self, job: Job, index: Optional[int] = None) -> bool:
+        """Whether to stop `job` (its reply `index` alone, if given) before the next step: its
+        client went away, or that reply ended (on rank 0)."""
+        return self.cluster.any(job.cancelled.is_set() or (index is not None and job.ended[index].is_set()))
 
     def _fail(self, job: Job, e: BaseException) -> None:
         job.emit("error", ApiError(499, "client closed the request") if isinstance(e, Cancelled) else api_error(e))
@@ -217,9 +228,13 @@ class Engine:
         if job.cancelled.is_set():
             self.pending = None
             return remove_files(job.request.temp_files)
-        if len(self.running) >= self.max_num_seqs:
-            return
+        n = job.request.n
+        if len(self.running) + n > self.max_num_seqs and n <= self.max_num_seqs:
+            return  # it waits for rows in the batch
         try:
+            if n > self.max_num_seqs:
+                raise ApiError(400, f"n: {n} replies run as {n} sequences at once, more than this server runs "
+                                    f"together ({self.max_num_seqs}, --max-num-seqs)", param="n")
             if job.inputs is None:
                 try:
                     job.inputs = self._inputs(job)
@@ -229,12 +244,13 @@ class Engine:
                 self.pending = None
                 return job.emit("count", len(job.inputs.ids))
             max_tokens = self._max_tokens(job)
-            need = self.plan.kv(len(job.inputs.ids) + max_tokens)
-            if not self._room(need):
+            each = self.plan.kv(len(job.inputs.ids) + max_tokens)  # every reply holds its own copy
+            if not self._room(n * each):
                 if self.running:
                     return  # it waits for a sequence to finish
-                raise ApiError(400, f"the prompt and max_tokens need {need / 1e9:.2f} GB of KV cache, more than the "
-                                    "memory plan leaves beside the weights", code="context_length_exceeded")
+                what = "the prompt and max_tokens" if n == 1 else f"{n} replies (n) of the prompt and max_tokens"
+                raise ApiError(400, f"{what} need {n * each / 1e9:.2f} GB of KV cache, more than the memory plan "
+                                    "leaves beside the weights", code="context_length_exceeded")
         except Exception as e:
             self.pending = None
             return self._fail(job, e)
@@ -242,7 +258,7 @@ class Engine:
         if self.cluster.size > 1:
             self.cluster.share((job.kind, replace(job.request, messages=None, temp_files=[]),
                                 replace(job.inputs, messages=None)))
-        self._start(job, need)
+        self._start(job, each)
 
     # --- prefill -----------------------------------------------------------------------------
 
@@ -267,7 +283,8 @@ class Engine:
 
     def _start(self, job: Job, planned: int) -> None:
         """Prefill a job's prompt, one decode step of the running batch between two chunks, and
-        let it join the batch with its first token."""
+        let its sequence (its n sequences: copies of the prefilled cache) join the batch with its
+        first token. `planned`: each sequence's KV at its planned length."""
         import mlx.core as mx
 
         from ..generation import DEFAULT_PREFILL_STEP, generate_step
@@ -312,20 +329,30 @@ class Engine:
                     cached = turn
             seq = Sequence(job, self.processor, cache, key, len(inputs.ids), cached, max_tokens, sampler, processors,
                            planned)
-            seq.prefill(self.model, inputs.tail(cached, config) if cached else inputs, DEFAULT_PREFILL_STEP,
-                        between_chunks)
+            logits = seq.prefill(self.model, inputs.tail(cached, config) if cached else inputs,
+                                 DEFAULT_PREFILL_STEP, between_chunks)
             if self.stopped(job):
                 raise Cancelled()
-            done = seq.take(r.top_logprobs, self._logprob_entry)
+            seqs = [seq]
+            if r.n > 1:
+                mx.eval(logits, [c.state for c in cache])  # the copies start from computed arrays
+            for index in range(1, r.n):  # the other replies: the same prompt, their own draws
+                other = Sequence(job, self.processor, copy.deepcopy(cache), key, len(inputs.ids), cached, max_tokens,
+                                 *self._processors(r), planned, index=index)
+                other.history, other.h = seq.history, seq.h
+                other.sample(logits)
+                seqs.append(other)
+            done = [s.take(r.top_logprobs, self._logprob_entry) for s in seqs]
         except Exception as e:
             return self._fail(job, e)
         if self.metrics:
             self.metrics.ttft.observe(time.perf_counter() - seq.started)
-            self.metrics.generated_tokens.inc()
-        if done:
-            self._finish(seq)
-        else:
-            self.running.append(seq)
+            self.metrics.generated_tokens.inc(len(seqs))
+        for s, over in zip(seqs, done):
+            if over:
+                self._finish(s)
+            else:
+                self.running.append(s)
 
     # --- decode ------------------------------------------------------------------------------
 
@@ -356,7 +383,7 @@ class Engine:
         if self.metrics:
             self.metrics.batch.observe(len(seqs))
         for s in seqs:
-            if self.stopped(s.job):  # the client went away, or a stop string ended the reply
+            if self.stopped(s.job, s.index):  # the client went away, or a stop string ended the reply
                 self.running.remove(s)
                 self._keep(s)
                 continue
@@ -382,7 +409,7 @@ class Engine:
 
         from ..speculative import draft
 
-        for s in [s for s in seqs if self.stopped(s.job)]:
+        for s in [s for s in seqs if self.stopped(s.job, s.index)]:
             seqs.remove(s)
             self.running.remove(s)
             self._keep(s)
@@ -446,7 +473,7 @@ class Engine:
 
     def _finish(self, seq: Sequence) -> None:
         self._keep(seq)
-        seq.job.emit("done", seq.finish, len(seq.sampled), seq.thought, seq.drafted, seq.accepted)
+        seq.job.emit("done", seq.index, seq.finish, len(seq.sampled), seq.thought, seq.drafted, seq.accepted)
 
     def _gauges(self) -> None:
         import mlx.core as mx

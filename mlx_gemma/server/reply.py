@@ -1,6 +1,8 @@
 """The one generation path every protocol shares: a `Request` goes to the engine, and its
 events come back as the protocols need them: thought text, answer text cut at stop strings,
-whole tool calls parsed out of the text, logprobs, and at the end the `Reply` with its usage."""
+whole tool calls parsed out of the text, logprobs, and at the end the `Reply` with its usage.
+A request for n replies (Chat Completions' `n`) comes back as n such streams, told apart by
+their index."""
 
 import asyncio
 import time
@@ -39,10 +41,59 @@ class StopMatcher:
         return held
 
 
+class Choice:
+    """One reply as its engine events arrive: its stop strings, the text held back while a tool
+    call may be starting, and its `Reply`. `over` once the reply has ended."""
+
+    def __init__(self, request: Request, reply: Reply):
+        self.request, self.reply = request, reply
+        self.stops, self.held, self.over = StopMatcher(request.stop), "", False
+
+    def feed(self, event: tuple) -> list:
+        """[(kind, value)] that one "text" or "done" event gives (see `Generation.events`)."""
+        r, reply, out = self.request, self.reply, []
+        if event[0] == "done":
+            _, _, reply.finish, reply.generated, reply.reasoning_tokens, reply.drafted, reply.accepted = event
+            text = self.held + self.stops.flush()
+            if text:  # an unfinished call is text after all
+                reply.text += text
+                out.append(("text", text))
+            return self._end(out)
+        _, _, text, thinking, reply.generated, entry = event
+        if entry is not None:
+            reply.logprobs.append(entry)
+            out.append(("logprob", entry))
+        if thinking:
+            reply.reasoning += text
+            out.append(("reasoning", text))
+            return out
+        text, calls = self.stops.feed(text), []
+        if r.tools:  # a call goes out whole, once its end marker has arrived
+            text, calls, self.held = take_calls(self.held + text)
+        if text:
+            reply.text += text
+            out.append(("text", text))
+        for call in calls[:1] if not r.parallel_tool_calls else calls:
+            reply.calls.append(call)
+            out.append(("call", call))
+        if self.stops.stopped or (reply.calls and not r.parallel_tool_calls):
+            reply.finish, reply.stop_sequence = ("stop_sequence", self.stops.stopped) if self.stops.stopped \
+                else ("stop", None)
+            return self._end(out)
+        return out
+
+    def _end(self, out: list) -> list:
+        if self.reply.calls:
+            self.reply.finish = "tool_calls"
+        self.over = True
+        return out
+
+
 class Generation:
     """One request's run. `start()` queues it and waits for its prompt to be read (so errors in
-    the prompt come before any response is sent); then either `events()` streams it or
-    `collect()` gathers it. `usage` (the request's log line) is filled in as it goes.
+    the prompt come before any response is sent); then either `events()` streams it (`choices()`
+    when it has several replies) or `collect()` gathers it. `usage` (the request's log line) is
+    filled in as it goes.
 
     A client that goes away stops the run within a step: a streamed reply is cancelled by the
     server itself, a waiting one is noticed by polling `is_disconnected`."""
@@ -53,7 +104,8 @@ class Generation:
         self.is_disconnected = is_disconnected
         self.job = Job(kind, request, asyncio.get_running_loop(), asyncio.Queue())
         self.streaming, self.polled = False, time.monotonic()
-        self.reply = Reply()
+        self.replies = [Reply() for _ in range(request.n)]  # one per choice (`n`)
+        self.reply = self.replies[0]
 
     async def _next(self):
         while True:
@@ -85,55 +137,47 @@ class Generation:
         if event[0] == "count":
             self.reply.prompt_tokens = event[1]
             return self.reply
-        self.reply.prompt_tokens, self.reply.cached_tokens = event[1]["prompt_tokens"], event[1]["cached_tokens"]
+        for reply in self.replies:  # the prompt, prefilled once, is every choice's
+            reply.prompt_tokens, reply.cached_tokens = event[1]["prompt_tokens"], event[1]["cached_tokens"]
         self.usage.update(prompt=self.reply.prompt_tokens, cached=self.reply.cached_tokens)
         return self.reply
 
-    async def events(self) -> AsyncIterator[tuple]:
-        """("reasoning", text), ("text", text), ("call", call), ("logprob", entry) until the
-        reply ends; the finished `Reply` is then in `self.reply`. The run stops when this
-        generator is closed."""
-        r, reply = self.request, self.reply
-        stops, held = StopMatcher(r.stop), ""
+    async def choices(self) -> AsyncIterator[tuple]:
+        """(index, kind, value) of every reply, the kinds as `events` gives them, then (index,
+        "end", its finished `Reply`) once that reply is over; until every reply is. A reply that
+        ends (a stop string) stops its sequence alone; the run stops when this generator is closed."""
+        choices = [Choice(self.request, reply) for reply in self.replies]
         try:
-            while True:
+            while not all(c.over for c in choices):
                 event = await self._next()
-                if event[0] == "done":
-                    _, reply.finish, reply.generated, reply.reasoning_tokens, reply.drafted, reply.accepted = event
-                    text = held + stops.flush()
-                    if text:  # an unfinished call is text after all
-                        reply.text += text
-                        yield ("text", text)
-                    break
-                _, text, thinking, reply.generated, entry = event
-                if entry is not None:
-                    reply.logprobs.append(entry)
-                    yield ("logprob", entry)
-                if thinking:
-                    reply.reasoning += text
-                    yield ("reasoning", text)
+                index = event[1]
+                choice = choices[index]
+                if choice.over:  # what the engine sent before it saw this reply end
                     continue
-                text, calls = stops.feed(text), []
-                if r.tools:  # a call goes out whole, once its end marker has arrived
-                    text, calls, held = take_calls(held + text)
-                if text:
-                    reply.text += text
-                    yield ("text", text)
-                for call in calls[:1] if not r.parallel_tool_calls else calls:
-                    reply.calls.append(call)
-                    yield ("call", call)
-                if stops.stopped or (reply.calls and not r.parallel_tool_calls):
-                    reply.finish, reply.stop_sequence = ("stop_sequence", stops.stopped) if stops.stopped \
-                        else ("stop", None)
-                    break
-            if reply.calls:
-                reply.finish = "tool_calls"
-            self.usage["generated"] = reply.generated
+                for kind, value in choice.feed(event):
+                    yield index, kind, value
+                if choice.over:
+                    self.job.ended[index].set()
+                    yield index, "end", choice.reply
+            self.usage["generated"] = sum(reply.generated for reply in self.replies)
         finally:
             self.job.cancelled.set()  # the reply is over or the client is gone: free the worker
 
+    async def events(self) -> AsyncIterator[tuple]:
+        """("reasoning", text), ("text", text), ("call", call), ("logprob", entry) until the
+        reply ends; the finished `Reply` is then in `self.reply`. For requests of one reply
+        (what Responses and Messages send). The run stops when this generator is closed."""
+        inner = self.choices()
+        try:
+            async for _, kind, value in inner:
+                if kind != "end":
+                    yield kind, value
+        finally:
+            await inner.aclose()
+
     async def collect(self) -> Reply:
-        async for _ in self.events():
+        """Every reply, gathered: the first is returned, all are in `self.replies`."""
+        async for _ in self.choices():
             pass
         return self.reply
 

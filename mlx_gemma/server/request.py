@@ -13,6 +13,7 @@ from .errors import ApiError
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 1000
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16  # Chat Completions' `n`: sequences that share one prompt's prefill
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Request:
     top_logprobs: Optional[int] = None  # None: no logprobs; else alternatives per token
     constraint: Optional[Constraint] = None  # the grammar the reply follows (after any thoughts)
     forbid_tool_calls: bool = False  # tool_choice "none": the call's start token never comes
+    n: int = 1  # replies sampled from the one prompt (Chat Completions' choices)
     temp_files: list = field(default_factory=list)  # uploads to remove once read
 
 

@@ -11,8 +11,8 @@ from ..generation import TextStream, checked_ids, embed_prompt_media, prefill
 
 class Sequence:
     def __init__(self, job, processor, cache: list, key: list, prompt_tokens: int, cached: int, max_tokens: int,
-                 sampler: Callable, processors: list, planned: int):
-        self.job, self.cache, self.key = job, cache, key
+                 sampler: Callable, processors: list, planned: int, index: int = 0):
+        self.job, self.cache, self.key, self.index = job, cache, key, index  # index: which of the job's replies
         self.sampler, self.processors = sampler, processors
         self.prompt_tokens, self.cached, self.max_tokens = prompt_tokens, cached, max_tokens
         self.planned = planned  # KV bytes held at its planned length (admission counts them)
@@ -30,8 +30,9 @@ class Sequence:
     def last(self) -> int:
         return self.sampled[-1]
 
-    def prefill(self, model, inputs, step: Callable[[int], int], progress: Callable) -> None:
-        """Feed the uncached prompt (in chunks, `progress` between them) and sample the first token."""
+    def prefill(self, model, inputs, step: Callable[[int], int], progress: Callable):
+        """Feed the uncached prompt (in chunks, `progress` between them) and sample the first token;
+        the last position's logits [1, vocab] (lazy), for the other replies to sample too."""
         import mlx.core as mx
 
         ids = checked_ids(model, inputs.ids)
@@ -39,6 +40,7 @@ class Sequence:
         self.history = mx.array(ids)
         logits, self.h = model(rest[None], cache=self.cache, logits_to_keep=1, soft_tokens=soft, return_hidden=True)
         self.sample(logits[:, -1])
+        return logits[:, -1]
 
     def process(self, history, logits):
         """Logprobs [1, vocab] of one row of logits, after this sequence's processors."""
@@ -89,7 +91,7 @@ class Sequence:
         logprob = entry(token, logprobs, top_logprobs) \
             if top_logprobs is not None and not thinking and token not in self.markers else None
         if text or logprob:
-            self.job.emit("text", text, thinking, n, logprob)
+            self.job.emit("text", self.index, text, thinking, n, logprob)
         self.last_time = time.perf_counter()
         return self.finish is not None
 

@@ -4,13 +4,13 @@ wire format, translated to and from the internal `Request` / `Reply`."""
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field
 
 from ..errors import ApiError, not_supported
 from ..media import MediaPolicy, audio_item, detail_budget, image_item, one_budget, video_item
-from ..request import MAX_TOP_LOGPROBS, Reply, Request, thinking_for_effort, tool_constraint
+from ..request import MAX_CHOICES, MAX_TOP_LOGPROBS, Reply, Request, thinking_for_effort, tool_constraint
 from ..tools import call_for_template, function
 from .base import Body, tagged
 from .common import (Count, Effort, JsonObjectFormat, OpenAISampling, Penalties, SchemaSpec, StructuredOutputs,
@@ -115,11 +115,14 @@ class TemplateKwargs(Body):
     enable_thinking: bool = False
 
 
+Choices = Optional[Annotated[int, Field(ge=1, le=MAX_CHOICES)]]  # `n`: replies to one prompt
+
+
 class ChatRequest(OpenAISampling, Penalties):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Count = None
     max_completion_tokens: Count = None
-    n: Optional[Literal[1]] = None
+    n: Choices = None
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
@@ -136,7 +139,7 @@ class ChatRequest(OpenAISampling, Penalties):
 class CompletionRequest(OpenAISampling, Penalties):
     prompt: str = Field(min_length=1)
     max_tokens: Count = None
-    n: Optional[Literal[1]] = None
+    n: Choices = None
     stream_options: Optional[StreamOptions] = None
     echo: Optional[Literal[False]] = None
     logprobs: Optional[Literal[0]] = None
@@ -228,7 +231,7 @@ def chat_request(body: ChatRequest, policy: MediaPolicy) -> Request:
     request = body.sampled(
         max_tokens=body.max_completion_tokens or body.max_tokens, thinking=thinking, tools=tools,
         parallel_tool_calls=parallel, constraint=constraint, forbid_tool_calls=forbid,
-        top_logprobs=(top or 0) if body.logprobs else None, **body.penalties())
+        top_logprobs=(top or 0) if body.logprobs else None, n=body.n or 1, **body.penalties())
     budgets: set = set()
     try:
         request.messages = messages(body.messages, policy, request.temp_files, budgets)
@@ -243,20 +246,23 @@ def chat_request(body: ChatRequest, policy: MediaPolicy) -> Request:
 
 def completion_request(body: CompletionRequest) -> Request:
     return body.sampled(prompt=body.prompt, raw_prompt=body.raw_prompt, max_tokens=body.max_tokens,
-                        **body.penalties())
+                        n=body.n or 1, **body.penalties())
 
 
 FINISH = {"stop_sequence": "stop"}  # OpenAI says "stop" for an end of turn and a stop string alike
 
 
-def usage(reply: Reply) -> dict:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.generated,
-            "total_tokens": reply.prompt_tokens + reply.generated,
-            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens,
+def usage(replies: list) -> dict:
+    """The prompt once (it was prefilled once), the completion tokens of every choice, as OpenAI counts them."""
+    prompt, cached = replies[0].prompt_tokens, replies[0].cached_tokens
+    generated = sum(r.generated for r in replies)
+    drafted, accepted = sum(r.drafted for r in replies), sum(r.accepted for r in replies)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": sum(r.reasoning_tokens for r in replies),
                                           # OpenAI's names for predicted tokens kept and thrown away
-                                          "accepted_prediction_tokens": reply.accepted,
-                                          "rejected_prediction_tokens": reply.drafted - reply.accepted}}
+                                          "accepted_prediction_tokens": accepted,
+                                          "rejected_prediction_tokens": drafted - accepted}}
 
 
 def openai_calls(calls: list) -> list:
@@ -265,7 +271,7 @@ def openai_calls(calls: list) -> list:
 
 
 class Chat:
-    """Renders one reply as Chat Completions (`chat`) or Completions."""
+    """Renders a request's replies (`n` of them, the choices) as Chat Completions (`chat`) or Completions."""
 
     def __init__(self, served: str, chat: bool, logprobs: bool = False, include_usage: bool = False):
         self.served, self.chat, self.logprobs, self.include_usage = served, chat, logprobs, include_usage
@@ -278,49 +284,54 @@ class Chat:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.served, "choices": choices,
                 **extra}
 
-    def response(self, reply: Reply) -> dict:
+    def _choice(self, index: int, reply: Reply) -> dict:
         finish = FINISH.get(reply.finish, reply.finish)
         if not self.chat:
-            return self._body([{"index": 0, "text": reply.text, "finish_reason": finish, "logprobs": None}],
-                              usage=usage(reply))
+            return {"index": index, "text": reply.text, "finish_reason": finish, "logprobs": None}
         message: dict[str, Any] = {"role": "assistant", "content": reply.text or (None if reply.calls else "")}
         if reply.reasoning:
             message["reasoning"] = reply.reasoning
         if reply.calls:
             message["tool_calls"] = openai_calls(reply.calls)
         logprobs = {"content": reply.logprobs} if self.logprobs else None
-        return self._body([{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
-                          usage=usage(reply))
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+
+    def response(self, replies: list) -> dict:
+        return self._body([self._choice(i, reply) for i, reply in enumerate(replies)], usage=usage(replies))
 
     async def stream(self, generation):
-        pending: list = []  # logprobs ride with the next chunk
+        """Each choice's chunks carry its index; a choice's finish chunk comes when it ends."""
+        replies = generation.replies
+        pending: list = [[] for _ in replies]  # a choice's logprobs ride with its next chunk
+        calls = [0] * len(replies)
 
-        def chunk(fields: dict, finish=None) -> str:
+        def chunk(index: int, fields: dict, finish=None) -> str:
             if not self.chat:
-                choice = {"index": 0, "text": fields.get("content", ""), "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": fields.get("content", ""), "finish_reason": finish,
+                          "logprobs": None}
                 return sse(self._body([choice]))
-            logprobs = {"content": pending[:]} if pending else None
-            pending.clear()
-            return sse(self._body([{"index": 0, "delta": fields, "finish_reason": finish, "logprobs": logprobs}],
-                                  chunk=True))
+            logprobs = {"content": pending[index][:]} if pending[index] else None
+            pending[index].clear()
+            return sse(self._body([{"index": index, "delta": fields, "finish_reason": finish,
+                                    "logprobs": logprobs}], chunk=True))
 
         if self.chat:
-            yield chunk({"role": "assistant", "content": ""})
-        calls = 0
-        async for kind, value in generation.events():
+            for index in range(len(replies)):
+                yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, kind, value in generation.choices():
             if kind == "logprob":
-                pending.append(value)
+                pending[index].append(value)
             elif kind == "reasoning":
-                yield chunk({"reasoning": value})
+                yield chunk(index, {"reasoning": value})
             elif kind == "text":
-                yield chunk({"content": value})
-            else:
-                yield chunk({"tool_calls": [dict(openai_calls([value])[0], index=calls)]})
-                calls += 1
-        reply = generation.reply
-        yield chunk({}, FINISH.get(reply.finish, reply.finish))
+                yield chunk(index, {"content": value})
+            elif kind == "call":
+                yield chunk(index, {"tool_calls": [dict(openai_calls([value])[0], index=calls[index])]})
+                calls[index] += 1
+            else:  # "end": the choice's reply is over
+                yield chunk(index, {}, FINISH.get(value.finish, value.finish))
         if self.include_usage:
-            yield sse(self._body([], usage=usage(reply), chunk=True))
+            yield sse(self._body([], usage=usage(replies), chunk=True))
         yield "data: [DONE]\n\n"
 
     @staticmethod
