@@ -177,51 +177,40 @@ def create_app(engine: Engine, args, served: str, metrics=None) -> FastAPI:
         async with decoding:
             return await run_in_threadpool(translate, *args)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HttpRequest):
-        body = parse(chat.ChatRequest, await read_json(request))
-        generation = await run(engine, "chat", await translated(chat.chat_request, body, policy), request, body.stream)
+    async def answer(request: HttpRequest, kind: str, internal: Request, stream: bool, out, whole):
+        """Run a request, answered in `out`'s protocol: its event stream, or `whole(generation)`."""
+        generation = await run(engine, kind, internal, request, stream)
         if generation is None:
             return GONE
-        out = chat.Chat(served, chat=True, logprobs=bool(body.logprobs),
-                        include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        if body.stream:
+        if stream:
             return streamed(generation, out.stream(generation), out.error)
         try:
             await generation.collect()
         except Cancelled:
             return GONE
-        return out.response(generation.replies)
+        return whole(generation)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        body = parse(chat.ChatRequest, await read_json(request))
+        out = chat.Chat(served, chat=True, logprobs=bool(body.logprobs),
+                        include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        return await answer(request, "chat", await translated(chat.chat_request, body, policy), body.stream, out,
+                            lambda generation: out.response(generation.replies))
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         body = parse(chat.CompletionRequest, await read_json(request))
-        generation = await run(engine, "completion", chat.completion_request(body), request, body.stream)
-        if generation is None:
-            return GONE
         out = chat.Chat(served, chat=False)
-        if body.stream:
-            return streamed(generation, out.stream(generation), out.error)
-        try:
-            await generation.collect()
-        except Cancelled:
-            return GONE
-        return out.response(generation.replies)
+        return await answer(request, "completion", chat.completion_request(body), body.stream, out,
+                            lambda generation: out.response(generation.replies))
 
     @app.post("/v1/messages")
     async def create_message(request: HttpRequest):
         body = parse(messages.MessagesRequest, await read_json(request))
-        generation = await run(engine, "chat", await translated(messages.messages_request, body, policy), request,
-                               body.stream)
-        if generation is None:
-            return GONE
         out = messages.Messages(served, body)
-        if body.stream:
-            return streamed(generation, out.stream(generation), out.error)
-        try:
-            return out.response(await generation.collect())
-        except Cancelled:
-            return GONE
+        return await answer(request, "chat", await translated(messages.messages_request, body, policy), body.stream,
+                            out, lambda generation: out.response(generation.reply))
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: HttpRequest):
