@@ -70,9 +70,18 @@ class ServingPlan:
     fixed: int
     sliding: int  # one sequence's sliding-window caches (bounded)
     global_per_token: float
+    hidden: int = 0  # for what a prompt's media hold while it is prefilled
+    dtype_bytes: int = 2
 
     def kv(self, tokens: int) -> int:
         return self.sliding + int(self.global_per_token * tokens)
+
+    def media(self, inputs) -> int:
+        """What a prompt's decoded media hold until its prefill is done (memory.media_bytes)."""
+        from ..generation import DEFAULT_PREFILL_STEP
+        from ..memory import media_bytes
+
+        return media_bytes(inputs, self.hidden, self.dtype_bytes, DEFAULT_PREFILL_STEP) if inputs.has_media else 0
 
     def max_num_seqs(self, free: int, tokens: int) -> int:
         """How many sequences of `tokens` tokens `free` bytes hold (at least 1, at most 64)."""
@@ -245,12 +254,13 @@ class Engine:
                 return job.emit("count", len(job.inputs.ids))
             max_tokens = self._max_tokens(job)
             each = self.plan.kv(len(job.inputs.ids) + max_tokens)  # every reply holds its own copy
-            if not self._room(n * each):
+            need = n * each + self.plan.media(job.inputs)  # the media only until the prefill is done
+            if not self._room(need):
                 if self.running:
                     return  # it waits for a sequence to finish
                 what = "the prompt and max_tokens" if n == 1 else f"{n} replies (n) of the prompt and max_tokens"
-                raise ApiError(400, f"{what} need {n * each / 1e9:.2f} GB of KV cache, more than the memory plan "
-                                    "leaves beside the weights", code="context_length_exceeded")
+                raise ApiError(400, f"{what} need {need / 1e9:.2f} GB of KV cache and media, more than the memory "
+                                    "plan leaves beside the weights", code="context_length_exceeded")
         except Exception as e:
             self.pending = None
             return self._fail(job, e)

@@ -136,7 +136,8 @@ def plan_server(path: Path, args, cluster=None):
     draft = draft_plan(resolve_model_path(args.draft_model), args.num_draft_tokens) if args.draft_model else None
     plan = make_plan(view, weights, context, budget - cache_bytes, kv, dtype_bytes, draft=draft)
     fixed = plan.weights + plan.activations + plan.drafter_weights + plan.draft_activations
-    return cache_bytes, context, ServingPlan(budget, fixed, plan.sliding, plan.global_per_token)
+    return cache_bytes, context, ServingPlan(budget, fixed, plan.sliding, plan.global_per_token,
+                                             config.text_config.hidden_size, dtype_bytes)
 
 
 def check_flags(args) -> None:
