@@ -12,6 +12,10 @@ tokens costs the bytes of one step) and the drafter's K times: its layers and pr
 ordered head's centroids and the table rows of the top centroids only, and the K/V of the two
 target layers it attends to. (Exporting the one-tensor global keys to it, 1 KiB per token each
 way once per round, is left out: ~0.1% of a round at 32K.)
+
+Serving B streams at once (issue 30), a step decodes one token of each: it reads the weights
+once and each stream's own KV, so B streams' aggregate ceiling is B x bandwidth / (weights +
+B x KV), nearly B times one stream's while the KV is small beside the weights.
 """
 
 from __future__ import annotations
@@ -159,4 +163,26 @@ def mtp_chip_table(target: float, drafter: float, k: int, acceptances) -> str:
     best = [max(range(1, 9), key=lambda kk: gain(a, kk)) for a in acceptances]
     lines.append("| best K | | | " + " | ".join(f"K={kk}: {gain(a, kk):.2f}x" for a, kk in zip(acceptances, best))
                  + " |")
+    return "\n".join(lines)
+
+
+def batch_step_bytes(weights: float, kv_per_stream: float, streams: int) -> float:
+    """Bytes one decode step of `streams` sequences reads: the weights once, each one's KV."""
+    return weights + streams * kv_per_stream
+
+
+def batch_chip_table(weights: float, kv_per_stream: dict, batches=(1, 8)) -> str:
+    """Markdown: each chip's aggregate decode ceiling (B x bandwidth / bytes of a B-stream step)
+    for each batch B and each context (`kv_per_stream`: context -> one stream's KV bytes per step).
+    The header gives the largest batch's gain over one stream at each context: the same on every chip."""
+    cells = []
+    for context, kv in kv_per_stream.items():
+        for b in batches:
+            gain = b * batch_step_bytes(weights, kv, 1) / batch_step_bytes(weights, kv, b)
+            cells.append(f"B={b} at {context} tokens" + (f": {gain:.2f}x" if b != batches[0] else "") + " (tok/s)")
+    lines = ["| chip | bandwidth GB/s | " + " | ".join(cells) + " |", "|---|---|" + "---|" * len(cells)]
+    for chip, bw in CHIPS.items():
+        row = [f"{b * bw * 1e9 / batch_step_bytes(weights, kv, b):.1f}"
+               for kv in kv_per_stream.values() for b in batches]
+        lines.append(f"| {chip} | {bw:g} | " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -212,3 +212,26 @@ def test_decode_attention_reads_what_the_roofline_counts():
         assert r["after"]["fused_read_over_stored"] == pytest.approx(1, rel=0.01), kind
         if kv.bits and not kv.one_tensor:  # mlx-lm's quantized attention holds the cache broadcast over 16 heads
             assert r["after"]["peak_bytes"] < r["mlx-lm"]["peak_bytes"] / 4, kind
+
+
+def test_batch_step_bytes_and_the_prefill_stall():
+    """A step of B streams reads the weights once and B streams' KV; the stall is the longest gap
+    between two chunks of a running stream that overlaps the join, beside the median before it."""
+    from benchmarks.server_throughput import percentile, stall
+
+    assert roofline.batch_step_bytes(6e9, 0.25e9, 8) == 8e9
+    table = roofline.batch_chip_table(6e9, {4096: 0.25e9}, (1, 8))
+    # M1: 68.25 GB/s / 6.25 GB one stream; 8 x 68.25 / 8 GB; the gain 8 x 6.25 / 8 on every chip.
+    assert "B=8 at 4096 tokens: 6.25x (tok/s)" in table and "| M1 | 68.25 | 10.9 | 68.2 |" in table
+    # Two streams, a chunk every 0.1 s; the join is sent at 1.05 and its first token comes at 2.0.
+    # The first stream is stalled from 1.2 to 1.7 (a chunk's prefill), the second never.
+    steady = [round(0.1 * i, 2) for i in range(13)]
+    first = steady + [1.7, 1.8, 1.9, 2.1, 2.2]
+    second = [round(0.1 * i + 0.05, 2) for i in range(25)]
+    r = stall([first, second], baseline_from=0.3, join_sent=1.05, join_first=2.0)
+    assert r["median_gap_before_s"] == pytest.approx(0.1)
+    assert r["longest_gap_during_s"] == pytest.approx(0.5) and r["longest_over_median"] == pytest.approx(5)
+    assert r["join_s"] == pytest.approx(0.95)
+    assert [s["chunks_during_join"] for s in r["streams"]] == [5, 9]  # 1.1, 1.2, 1.7, 1.8, 1.9 | 1.15 ... 1.95
+    assert r["streams"][1]["longest_gap_during_s"] == pytest.approx(0.1)
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 95) is None
