@@ -104,7 +104,8 @@ def peft_export(model, base: str) -> tuple[dict, dict]:
 def run(args) -> list:
     import mlx.core as mx
 
-    from .checkpoint import check_destination, output_folder, quantize_checkpoint, save_safetensors
+    from .checkpoint import quantize_checkpoint
+    from .outputs import check_destination, output_folder, save_safetensors
     from .loading import load_model, resolve_model_path
 
     if not args.save_path and not args.export_peft:

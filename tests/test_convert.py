@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from drafting import draft_step
-from mlx_gemma.checkpoint import MARKER
+from mlx_gemma.outputs import MARKER
 from mlx_gemma.checkpoint import convert
 from mlx_gemma.errors import CheckpointError, InputError
 from mlx_gemma.loading import load, load_weights

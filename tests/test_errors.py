@@ -420,7 +420,7 @@ def _taken(ws, subs):
 
 
 def _ours_plus_a_user_file(ws, subs):
-    from mlx_gemma.checkpoint import MARKER
+    from mlx_gemma.outputs import MARKER
 
     (ws / "out").mkdir()
     (ws / "out" / "config.json").write_text("{}")
@@ -641,7 +641,7 @@ def _peft_adapter(ws, subs):
 
 def _foreign_adapters(ws, subs):
     """Adapters as mlx-lm writes them: no manifest of ours."""
-    from mlx_gemma.checkpoint import MARKER
+    from mlx_gemma.outputs import MARKER
 
     _adapter_copy(ws, subs)
     (ws / "ad" / MARKER).unlink()

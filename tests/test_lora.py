@@ -209,7 +209,7 @@ def test_resume_continues_from_the_saved_iteration(trained, hf_checkpoint, overf
 
 def test_resume_in_place_adds_to_the_folder_and_force_replaces_it(trained, hf_checkpoint, overfit_data, capsys,
                                                                    tmp_path):
-    from mlx_gemma.checkpoint import MARKER, not_ours
+    from mlx_gemma.outputs import MARKER, not_ours
 
     out, _ = trained
     data, _ = overfit_data
@@ -380,7 +380,7 @@ def test_adapter_trained_here_exports_to_peft_with_the_same_logits(trained, hf_c
 
 def test_export_force_replaces_our_export_and_a_failed_fuse_leaves_none(trained, hf_checkpoint, tmp_path,
                                                                           tiny_tmpfs, capsys):
-    from mlx_gemma.checkpoint import MARKER
+    from mlx_gemma.outputs import MARKER
 
     out, _ = trained
     run_fuse("--model", hf_checkpoint, "--adapter-path", out, "--export-peft", tmp_path / "peft")

@@ -23,8 +23,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..checkpoint import (cannot_write, check_destination, not_ours, output_folder, record_written,
-                          save_safetensors)
+from ..outputs import (cannot_write, check_destination, not_ours, output_folder, record_written,
+                       save_safetensors)
 from ..errors import CheckpointError, InputError
 from .curve import loss_curve
 
