@@ -2,7 +2,6 @@
 plan, a failed step, /metrics and /health. Every expected text is our own `generate`, alone:
 batching must not change a greedy answer."""
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_server import (CHAT, KEY, Server, abandon_stream, data_url, png_bytes, reference, stream_text,
+from test_server import (CHAT, Server, abandon_stream, data_url, png_bytes, reference, stream_text,
                          user)
 
 QUESTIONS = [f"question {i}: " + "tell me more " * (i * 3) for i in range(8)]

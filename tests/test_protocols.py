@@ -12,7 +12,7 @@ import pytest
 
 from mlx_gemma.constrain import Constraint
 from mlx_gemma.generation import generate, stream_generate
-from test_server import (CALLS, KEY, TOOLS, Server, data_url, forced_ids, forced_server, png_bytes,  # noqa: F401
+from test_server import (KEY, TOOLS, Server, data_url, forced_ids, forced_server, png_bytes,  # noqa: F401
                          tool_checkpoint, user)
 
 SYSTEM = "you are a terse assistant."

@@ -5,7 +5,6 @@ strings and numbers, so a constrained random model must finish them."""
 
 import json
 
-import anthropic
 import jsonschema
 import openai
 import pytest

@@ -8,7 +8,7 @@ from pydantic import Field
 from ...constrain import Constraint
 
 from ..request import Request, constrained, penalty, sampling, stops
-from .base import Body, tagged
+from .base import Body
 
 Count = Optional[Annotated[int, Field(ge=1)]]  # a token count: at least 1
 Effort = Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]]
