@@ -13,7 +13,8 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .engine import Cancelled, Engine
+from .engine import Engine
+from .job import Cancelled
 from .errors import ApiError, api_error, log, one_line, protocol_of
 from .media import MediaPolicy
 from .protocol import chat, messages, responses

@@ -12,80 +12,22 @@ A request for n replies (Chat Completions' `n`) is n sequences: its prompt is pr
 the other n - 1 take copies of that cache and draw their first tokens from the same logits, each
 with its own sampler and processors; admission plans KV (and batch rows) for all n."""
 
-import asyncio
 import copy
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Optional
 
 from ..errors import MlxGemmaError
 from .errors import ApiError, api_error, one_line
+from .job import STOP, Cancelled, Job
 from .media import remove_files
+from .plan import ServingPlan
 from .request import Request
 from .sequence import Sequence
 
-STOP = object()  # queued by `close`
-
-
-class Cancelled(Exception):
-    """The client went away; raised inside a prefill to stop it between chunks."""
-
-
-@dataclass
-class Job:
-    """`kind`: "chat" (messages through the template), "completion" (a raw prompt) or "count"
-    (the prompt's tokens only). Events: ("start", info), ("text", index, text, thinking, generated,
-    logprob entry), ("done", index, finish, generated, thought tokens, drafted, accepted), ("count",
-    n), ("error", ApiError); `index` is the reply's, 0 to request.n - 1. `cancelled` stops them all,
-    `ended[i]` reply i alone (a stop string ended it)."""
-
-    kind: str
-    request: Request
-    loop: Optional[asyncio.AbstractEventLoop] = None
-    events: Optional[asyncio.Queue] = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    inputs: object = None  # the prompt, read once (a job may wait for admission)
-    ended: list = field(init=False)
-
-    def __post_init__(self):
-        self.ended = [threading.Event() for _ in range(self.request.n)]
-
-    def emit(self, *event) -> None:
-        if self.loop is None:  # a follower rank's copy of the job: rank 0 answers
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed: the server is stopping
-            self.cancelled.set()
-
-
-@dataclass
-class ServingPlan:
-    """What the memory plan gives the sequences: `fixed` (weights and the peak activations of a
-    prefill chunk, one prefill at a time) and each sequence's KV at a length."""
-
-    budget: int
-    fixed: int
-    sliding: int  # one sequence's sliding-window caches (bounded)
-    global_per_token: float
-    hidden: int = 0  # for what a prompt's media hold while it is prefilled
-    dtype_bytes: int = 2
-
-    def kv(self, tokens: int) -> int:
-        return self.sliding + int(self.global_per_token * tokens)
-
-    def media(self, inputs) -> int:
-        """What a prompt's decoded media hold until its prefill is done (memory.media_bytes)."""
-        from ..generation import DEFAULT_PREFILL_STEP
-        from ..memory import media_bytes
-
-        return media_bytes(inputs, self.hidden, self.dtype_bytes, DEFAULT_PREFILL_STEP) if inputs.has_media else 0
-
-    def max_num_seqs(self, free: int, tokens: int) -> int:
-        """How many sequences of `tokens` tokens `free` bytes hold (at least 1, at most 64)."""
-        return max(1, min(64, free // max(self.kv(tokens), 1)))
+STOPPED = ApiError(503, "the server's engine has stopped; retry once it is restarted", code="engine_stopped")
 
 
 class Engine:
@@ -114,6 +56,7 @@ class Engine:
         self.running: list = []
         self.pending: Optional[Job] = None
         self.load_drafter, self.drafter = load_drafter, None
+        self.stopped_serving = False
         loaded: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, args=(load, loaded), name="mlx-gemma-engine", daemon=True)
         self.thread.start()
@@ -129,11 +72,15 @@ class Engine:
         return self.queue.qsize() + (self.pending is not None)
 
     def submit(self, job: Job) -> None:
+        if self.stopped_serving:
+            raise STOPPED
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise ApiError(503, f"the server is busy ({self.args.queue_size} requests waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        if self.stopped_serving:  # the worker ended while this was queued: nobody else will answer it
+            self._abandon()
 
     def close(self) -> None:
         """Stop the worker once what it runs is done (and, under mlx.launch, the other ranks)."""
@@ -154,6 +101,13 @@ class Engine:
         loaded.put(None)
         if self.cluster.rank > 0:
             return self._follow()
+        try:
+            self._serve()
+        finally:  # stopped, or died of what no request's handler caught: answer whoever still waits
+            self.stopped_serving = True
+            self._abandon()
+
+    def _serve(self) -> None:
         while True:
             if self.pending is None:
                 try:
@@ -168,6 +122,17 @@ class Engine:
             if self.running:
                 self._step()
             self._gauges()
+
+    def _abandon(self) -> None:
+        jobs = [s.job for s in self.running] + ([self.pending] if isinstance(self.pending, Job) else [])
+        self.running, self.pending = [], None
+        while True:
+            try:
+                jobs.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in {id(j): j for j in jobs if isinstance(j, Job)}.values():  # n replies: one job
+            job.emit("error", STOPPED)
 
     def _follow(self) -> None:
         """A rank other than 0: run every job rank 0 shares, until it shares None."""

@@ -104,42 +104,6 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"--port {port}: cannot listen on {host} ({e.strerror})") from None
 
 
-def plan_server(path: Path, args, cluster=None):
-    """(prefix-cache bytes, context, engine.ServingPlan) within the memory budget: by default a
-    quarter of what the weights leave goes to the prefix cache; a request may use the longest
-    context whose plan fits in the rest (the model's maximum where memory allows); the sequences
-    decoded together share what the weights and the peak activations leave. Under mlx.launch
-    each rank plans its own part and all serve what the tightest one fits."""
-    from .engine import ServingPlan
-
-    from ..cluster import Cluster
-    from ..config import ModelConfig
-    from ..loading import resolve_model_path
-    from ..memory import (KVOptions, draft_plan, longest_context, make_plan, memory_budget, refusal, run_dtype_bytes,
-                          weight_bytes)
-
-    cluster = cluster or Cluster()
-    config = ModelConfig.from_file(path / "config.json")
-    budget, kv = cluster.smallest(memory_budget(args.memory_limit)), KVOptions(bits=args.kv_bits)
-    dtype_bytes = run_dtype_bytes(path, config)
-    shares = cluster.shares(config, weight_bytes(path, dtype_bytes), args.pipeline)
-    cache_bytes = (args.prompt_cache_bytes if args.prompt_cache_bytes is not None
-                   else min(max(0, (budget - weights) // 4) for _, weights in shares))
-    for rank, (view, weights) in enumerate(shares):
-        if longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) == 0:
-            plan = make_plan(view, weights, 1, budget - cache_bytes, kv, dtype_bytes)
-            where = f"rank {rank}: " if cluster.size > 1 else ""
-            raise InputError(f"{path}: {where}{refusal(plan, view, kv, dtype_bytes)} (the prefix cache holds "
-                             f"{cache_bytes} bytes of the budget; --prompt-cache-bytes sets it)")
-    context = min(longest_context(view, weights, budget - cache_bytes, kv, dtype_bytes) for view, weights in shares)
-    view, weights = shares[0]
-    draft = draft_plan(resolve_model_path(args.draft_model), args.num_draft_tokens) if args.draft_model else None
-    plan = make_plan(view, weights, context, budget - cache_bytes, kv, dtype_bytes, draft=draft)
-    fixed = plan.weights + plan.activations + plan.drafter_weights + plan.draft_activations
-    return cache_bytes, context, ServingPlan(budget, fixed, plan.sliding, plan.global_per_token,
-                                             config.text_config.hidden_size, dtype_bytes)
-
-
 def check_flags(args) -> None:
     """Flags first, before the seconds of importing MLX and the minutes of loading."""
     if args.max_num_seqs is not None and args.max_num_seqs <= 0:
@@ -177,6 +141,8 @@ def serve(args, cluster) -> None:
     check_sampling(args.temp, args.top_p, args.top_k, args.min_p)
     path = resolve_model_path(args.model)
     cluster.check_same_checkpoint(path)
+    from .plan import plan_server
+
     cache_bytes, context, plan = plan_server(path, args, cluster)
     cluster.seed(None)
     mode = "pipeline" if args.pipeline else "tensor"

@@ -8,7 +8,8 @@ import asyncio
 import time
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
-from .engine import Cancelled, Engine, Job
+from .engine import Engine
+from .job import Cancelled, Job
 from .media import remove_files
 from .request import Reply, Request
 from .tools import take_calls

@@ -1,10 +1,13 @@
 """The training memory plan: weights + adapters + optimizer state + activations for one step,
 counted from the config and the safetensors headers before anything is loaded.
 
-Activations are what the backward pass keeps, per token and layer, counted from the layer's
-ops (model.DecoderLayer, trainer.loss): every array an op needs for its gradient. With
-gradient checkpointing a layer keeps only its input, and one layer at a time recomputes the
-rest. The loss adds its LOSS_ROWS-row pieces of float32 logits (trainer.head_loss).
+Activations are what the backward pass keeps, per token and adapted layer, counted from the
+layer's ops (model.DecoderLayer, mlx-lm's LoRALinear): every array an op needs for its
+gradient. With gradient checkpointing a layer keeps only its input, and one layer at a time
+recomputes the rest. On top of what is kept comes the larger of one layer's backward (fitted to
+measured peaks: BACKWARD) and the loss's LOSS_ROWS-row pieces of float32 logits
+(trainer.head_loss), which run one after the other, never together. tests/test_lora.py holds a
+whole step's peak to the plan within 5%.
 """
 
 from __future__ import annotations
@@ -16,25 +19,68 @@ from ..config import ModelConfig, TextConfig
 from ..memory import human, memory_budget, run_dtype_bytes, upcast_scales_bytes, weight_bytes
 from .trainer import LOSS_ROWS
 
-# Arrays of each width a layer keeps per token for its backward (model.py, spec 2):
-#   hidden: the two norms' inputs and outputs of each block, the residual sums, the layer scalar's
-#     input and output, o_proj's and down_proj's outputs;
-#   intermediate: gate and up outputs, gelu_approx's tanh-form temporaries (x^3, its argument,
-#     tanh, 1 + tanh), their product (down_proj's input);
-#   query width (heads * head_dim): q, q_norm's output, the roped q, attention's output and its
-#     [B, L, heads * d] transposed copy (o_proj's input);
-#   kv width: k and v before and after their norms and the roped k.
-KEPT = {"hidden": 10, "intermediate": 7, "query": 5, "kv": 5}
-# A layer's backward holds, beside what it keeps, gradients of about this many hidden-wide and
-# intermediate-wide arrays at once.
-BACKWARD = {"hidden": 4, "intermediate": 3}
-# Attention's backward forms one layer's [B, heads, L, L] scores at a time: the scores, the
-# probabilities and their gradient (float32).
-SCORE_COPIES = 3
-# head_loss's piece: its [LOSS_ROWS, vocab] float32 logits and the copies its backward makes
-# (softcap's tanh and derivative, softmax, the one-hot difference, the cast): measured 7 on the
-# CPU backend (262K vocab, one 256-row piece: 1.97 GB).
-LOGIT_COPIES = 7
+# What an adapted layer keeps for its backward, in bytes per token and unit of width, counted
+# from its ops (model.DecoderLayer, mlx-lm's LoRALinear, mx.fast.scaled_dot_product_attention's
+# unfused form, which MLX runs for training on the CPU and on Metal alike). Within 0.5% of what
+# `mx.get_active_memory()` holds after a layer's forward, for float32 and bfloat16 activations.
+#   hidden: float32 arrays. Each RMSNorm casts its input to float32 and keeps that (the layer's
+#     input, o_proj's and down_proj's outputs, the residual sum); each adapted projection casts
+#     its input to float32 for its float32 A (the adapters' dtype) and keeps its own copy: the
+#     normed input three times (q, k, v; twice on k_eq_v layers), the MLP's twice (gate, up).
+#     With float32 activations the casts are the arrays themselves: one each.
+#   intermediate: gelu_approx's input, tanh, 0.5 x and 1 + tanh, its output and up's
+#     (activation dtype); down_proj's input in float32.
+#   query: q_norm's float32 input, the scaled query the scores keep (activation dtype), o_proj's
+#     float32 input.
+#   kv: k_norm's and v_norm's float32 inputs (one array on a k_eq_v layer in float32), the roped
+#     keys and normed values (activation dtype).
+#   head dim: RoPE's cos and sin, for q and k, as the CPU backend keeps them (Metal's RoPE is a
+#     kernel: not measured).
+#   rank: each adapter's [tokens, rank] float32 product x A.
+# And per sequence: the softmax's probabilities [heads, L, L] (activation dtype) and the causal
+# mask [L, L] (bool).
+def kept_per_token(text: TextConfig, spec, dtype_bytes: int, rank: int) -> int:
+    f32 = dtype_bytes == 4
+    adapted_inputs = 2 if f32 else (2 if spec.k_eq_v else 3) + 2
+    hidden = 4 * (4 + adapted_inputs)
+    intermediate = 6 * dtype_bytes + 4
+    query = 8 + dtype_bytes
+    kv = 4 * (1 if spec.k_eq_v and f32 else 2) + 2 * dtype_bytes
+    projections = 6 if spec.k_eq_v else 7
+    return (hidden * text.hidden_size + intermediate * text.intermediate_size
+            + query * text.num_attention_heads * spec.head_dim + kv * spec.num_kv_heads * spec.head_dim
+            + 2 * dtype_bytes * spec.head_dim + 4 * rank * projections)
+
+
+def kept_per_sequence(text: TextConfig, seq_length: int, dtype_bytes: int) -> int:
+    return (text.num_attention_heads * dtype_bytes + 1) * seq_length ** 2
+
+
+# Beyond what the layers keep, the most one layer's backward holds at once (what a checkpointed
+# layer's recomputation keeps is counted with kept_per_token), in bytes per token and unit of
+# width: the larger of two moments. Fitted to the peaks of whole steps over hidden, MLP, head and
+# sequence widths, by activation bytes and checkpointing; the terms are read from which widths
+# move the peak, not counted op by op: MLX's evaluation order decides which gradients coexist,
+# and it moves with the number of adapted layers (with 2 or 3 of them the moments measured up
+# to 8% off these), so the fit is on 6-layer models, the 12B's period of 5 sliding + 1 global
+# layer. With bfloat16 activations: the checkpointed MLP moment holds more float32 gradients of
+# hidden width; without checkpointing float32's bytes measured 0.98-0.99x of the step; attention's
+# moment is float32's bytes, an upper bound (measured 0.67x of it, checkpointed).
+#   mlp: the MLP's backward, gradients of hidden and intermediate width (the final norm's and
+#     the head's arrays included).
+#   attention: attention's backward, with part of the MLP's kept arrays freed by then (the
+#     negative term): gradients of each width, and "scores" bytes per element of [heads, L, L].
+_ATTENTION = {False: {"hidden": 13.6, "query": 44.0, "kv": 35.3, "intermediate": -21.9, "scores": 7.8},
+              True: {"hidden": 16.8, "query": 43.5, "kv": 47.5, "intermediate": -23.1, "scores": 12.3}}
+BACKWARD = {(4, False): {"mlp": {"hidden": 43.3, "intermediate": 12.8}, "attention": _ATTENTION[False]},
+            (4, True): {"mlp": {"hidden": 50.3, "intermediate": 18.6}, "attention": _ATTENTION[True]},
+            (2, True): {"mlp": {"hidden": 73.3, "intermediate": 17.0}, "attention": _ATTENTION[True]}}
+BACKWARD[2, False] = BACKWARD[4, False]
+# head_loss's pieces: [LOSS_ROWS, vocab] float32 logits and the copies forward and backward make
+# (softcap's tanh and derivative, logsumexp, the one-hot difference): 7 for one piece alone, 13
+# once there are two, as the next piece starts before the last one's are freed. Inside whole
+# steps where the loss set the peak (a 16K vocabulary on small layers) it held 11-14.
+LOGIT_COPIES = 13
 # Adam: the adapter, its gradient and two moments, float32.
 ADAPTER_STATE = 4
 
@@ -44,15 +90,16 @@ class TrainingPlan:
     weights: int
     adapters: int  # parameters
     optimizer: int  # bytes: adapters, gradients, optimizer state
-    activations: int
-    loss: int
+    activations: int  # held through the step
+    backward: int  # one layer's backward (and its recomputation), at its peak
+    loss: int  # the loss's pieces, at their peak (not at the same time as a layer's backward)
     budget: int
     tokens: int
     checkpointing: bool
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.activations + self.loss
+        return self.weights + self.optimizer + self.activations + max(self.backward, self.loss)
 
     @property
     def fits(self) -> bool:
@@ -64,7 +111,8 @@ class TrainingPlan:
                 ("adapter parameters", f"{self.adapters / 1e6:.2f}M"),
                 ("adapters + gradients + Adam state", human(self.optimizer)),
                 (f"activations ({'checkpointed' if self.checkpointing else 'kept'} layers)", human(self.activations)),
-                (f"loss ({LOSS_ROWS}-row logits)", human(self.loss)),
+                (f"one layer's backward{' (recomputed)' if self.checkpointing else ''}", human(self.backward)),
+                (f"or the loss ({LOSS_ROWS}-row logits)", human(self.loss)),
                 ("total", human(self.total)),
                 ("budget", human(self.budget)),
                 ("fits", "yes" if self.fits else "no")]
@@ -82,7 +130,7 @@ def lora_keys(lora_parameters: dict) -> set:
 def adapter_parameters(text: TextConfig, num_layers: int, lora_parameters: dict) -> int:
     """rank * (in + out) per adapted projection of the last `num_layers` layers (-1: all)."""
     r, h, i, keys = lora_parameters["rank"], text.hidden_size, text.intermediate_size, lora_keys(lora_parameters)
-    layers = text.layers if num_layers < 0 else text.layers[-num_layers:]
+    layers = adapted_layers(text, num_layers)
     n = 0
     for s in layers:
         q, kv = text.num_attention_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -93,34 +141,37 @@ def adapter_parameters(text: TextConfig, num_layers: int, lora_parameters: dict)
     return n
 
 
-def layer_bytes(text: TextConfig, spec, tokens: int, dtype_bytes: int) -> int:
-    """What one layer keeps for its backward over `tokens` tokens."""
+def adapted_layers(text: TextConfig, num_layers: int) -> list:
+    return text.layers[-max(num_layers, 0):]  # mlx-lm's linear_to_lora_layers: -1 (and 0) all
+
+
+def backward_bytes(text: TextConfig, spec, batch_size: int, seq_length: int, dtype_bytes: int,
+                   checkpointing: bool) -> int:
     widths = {"hidden": text.hidden_size, "intermediate": text.intermediate_size,
-              "query": text.num_attention_heads * spec.head_dim, "kv": spec.num_kv_heads * spec.head_dim}
-    return tokens * dtype_bytes * sum(KEPT[k] * w for k, w in widths.items())
-
-
-def backward_bytes(text: TextConfig, tokens: int, dtype_bytes: int) -> int:
-    return tokens * dtype_bytes * (BACKWARD["hidden"] * text.hidden_size
-                                   + BACKWARD["intermediate"] * text.intermediate_size)
+              "query": text.num_attention_heads * spec.head_dim, "kv": spec.num_kv_heads * spec.head_dim,
+              "scores": text.num_attention_heads * seq_length}
+    return int(batch_size * seq_length * max(sum(c * widths[k] for k, c in moment.items())
+                                             for moment in BACKWARD[dtype_bytes, checkpointing].values()))
 
 
 def make_training_plan(config: ModelConfig, weights: int, budget: int, *, batch_size: int, seq_length: int,
                        num_layers: int, lora_parameters: dict, checkpointing: bool,
                        dtype_bytes: int) -> TrainingPlan:
+    """Layers below the adapted ones keep nothing: no gradient flows through them."""
     text, tokens = config.text_config, batch_size * seq_length
-    adapters = adapter_parameters(text, num_layers, lora_parameters)
-    per_layer = [layer_bytes(text, s, tokens, dtype_bytes) for s in text.layers]
-    stream = tokens * text.hidden_size * dtype_bytes  # a layer's input (and the embeddings)
-    if checkpointing:
-        activations = (len(per_layer) + 1) * stream + max(per_layer)
+    layers, adapters = adapted_layers(text, num_layers), adapter_parameters(text, num_layers, lora_parameters)
+    kept = [tokens * kept_per_token(text, s, dtype_bytes, lora_parameters["rank"])
+            + batch_size * kept_per_sequence(text, seq_length, dtype_bytes) for s in layers]
+    backward = [backward_bytes(text, s, batch_size, seq_length, dtype_bytes, checkpointing) for s in layers]
+    stream = tokens * text.hidden_size * dtype_bytes  # a checkpointed layer's input
+    if checkpointing:  # one layer at a time recomputes what it keeps
+        activations, backward = len(layers) * stream, max(k + b for k, b in zip(kept, backward))
     else:
-        activations = stream + sum(per_layer)
-    activations += backward_bytes(text, tokens, dtype_bytes)
-    activations += SCORE_COPIES * batch_size * text.num_attention_heads * seq_length ** 2 * 4
+        activations, backward = sum(kept), max(backward)
     loss = LOGIT_COPIES * min(LOSS_ROWS, tokens) * text.vocab_size * 4
-    return TrainingPlan(weights=weights + upcast_scales_bytes(config, dtype_bytes), adapters=adapters,
-                        optimizer=ADAPTER_STATE * 4 * adapters, activations=activations, loss=loss,
+    return TrainingPlan(weights=weights + upcast_scales_bytes(config, dtype_bytes),
+                        adapters=adapters, optimizer=ADAPTER_STATE * 4 * adapters,
+                        activations=activations, backward=backward, loss=loss,
                         budget=budget, tokens=tokens, checkpointing=checkpointing)
 
 
