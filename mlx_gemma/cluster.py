@@ -150,12 +150,14 @@ class Cluster:
         """The largest `value` of any rank (the bytes of a cache whose layers the ranks split)."""
         return value if self.size == 1 else max(self._everyone(value))
 
-    def seed(self, seed: Optional[int]) -> None:
-        """One sampling seed on every rank: each samples the same token from the same logits."""
+    def seed(self, seed: Optional[int]) -> Optional[int]:
+        """One sampling seed on every rank: each samples the same token from the same logits.
+        Seeds this thread (MLX's generator is per thread) and returns the seed for others."""
         if seed is None and self.size > 1:
             seed = self.gather([random.getrandbits(31)])[0][0]
         if seed is not None:
             mx.random.seed(seed)
+        return seed
 
     def check_same_checkpoint(self, path: Path) -> None:
         if self.size == 1:

@@ -309,17 +309,31 @@ class Sampling:
     min_p: float = 0.0
     top_k: int = 0
 
-    def sampler(self) -> Callable:
-        return make_sampler(temp=self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+    def sampler(self, key: Optional[mx.array] = None) -> Callable:
+        """With `key`, the sampler draws from that key alone, as mlx-lm's draws after
+        `mx.random.seed` (split the key, draw with the second half): a seeded request's samples
+        then do not depend on what else draws from MLX's shared generator (the server's batch)."""
+        if key is None or self.temp == 0:
+            return make_sampler(temp=self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        state = [key]
 
-    def logprobs(self, logprobs: mx.array) -> mx.array:
+        def sample(logprobs: mx.array) -> mx.array:
+            state[0], draw = mx.random.split(state[0])
+            return mx.random.categorical(self.filtered(logprobs) * (1 / self.temp), key=draw)
+
+        return sample
+
+    def filtered(self, logprobs: mx.array) -> mx.array:
         if 0 < self.top_p < 1:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p:
             logprobs = apply_min_p(logprobs, self.min_p)
         if self.top_k > 0:
             logprobs = apply_top_k(logprobs, self.top_k)
-        scaled = logprobs * (1 / self.temp)
+        return logprobs
+
+    def logprobs(self, logprobs: mx.array) -> mx.array:
+        scaled = self.filtered(logprobs) * (1 / self.temp)
         return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
 
 
@@ -334,9 +348,10 @@ def resolve_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None) -
                     top_k=0 if top_k >= processor.config.text_config.vocab_size else top_k)
 
 
-def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None):
-    """mlx-lm's sampler and logits processors; unset values come from generation_config.json."""
-    sampler = resolve_sampling(processor, temp, top_p, top_k, min_p).sampler()
+def make_sampling(processor, temp=None, top_p=None, top_k=None, min_p=None, key=None):
+    """mlx-lm's sampler (drawing from `key` alone, if given: `Sampling.sampler`) and logits
+    processors; unset values come from generation_config.json."""
+    sampler = resolve_sampling(processor, temp, top_p, top_k, min_p).sampler(key)
     bias = {t: -float("inf") for t in processor.defaults.suppress_tokens}
     return sampler, make_logits_processors(logit_bias=bias or None)
 

@@ -74,6 +74,24 @@ def test_seeded_n_repeats_with_its_seed_and_its_samples_differ(server):
     assert texts(chat(server, **dict(fields, seed=8))) != first
 
 
+def test_a_seeded_request_draws_the_same_whatever_runs_beside_it(server, model, processor):
+    """Its draws come from its own key: alone, beside three sampled requests that join and leave
+    at other steps, and as the library's `generate` draws after `mx.random.seed`."""
+    import mlx.core as mx
+
+    from mlx_gemma.generation import generate
+
+    fields = {"max_tokens": 12, "temperature": 1.0, "seed": 11}
+    alone = texts(chat(server, **fields))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        others = [pool.submit(chat, server, max_tokens=n, temperature=1.0) for n in (5, 9, 16)]
+        beside = pool.submit(chat, server, **fields)
+        assert texts(beside.result()) == alone
+        assert all(len(o.result()["choices"]) == 1 for o in others)
+    mx.random.seed(11)
+    assert alone == [generate(model, processor, MESSAGES, temp=1.0, max_tokens=12)]
+
+
 def test_each_choice_has_its_own_constraint_and_stop(server, model, processor):
     body = chat(server, n=3, temperature=1.0, seed=3, structured_outputs={"regex": "[0-9]{4}"})
     assert all(re.fullmatch(r"[0-9]{4}", t) for t in texts(body)), texts(body)

@@ -198,7 +198,7 @@ def test_resume_continues_from_the_saved_iteration(trained, hf_checkpoint, overf
     log = run_lora(capsys, "--model", str(hf_checkpoint), "--train", "--data", str(data), "--iters", "25",
                    "--batch-size", "1", "--num-layers", "-1", "--rank", "8", "--steps-per-report", "5",
                    "--resume-adapter-file", str(out / "0000020_adapters.safetensors"), "--adapter-path", str(tmp_path))
-    assert f"at iteration 20: --iters 25 is the total, so iterations 21 to 25 follow (mlx-lm's --iters" in log
+    assert "at iteration 20: --iters 25 is the total, so iterations 21 to 25 follow (mlx-lm's --iters" in log
     assert [it for it, _ in train_losses(log)] == [25]
     assert (tmp_path / "0000025_adapters.safetensors").exists()
     # The loss history goes on from the first run's, up to the iteration resumed from.

@@ -27,7 +27,8 @@ from .plan import ServingPlan
 from .request import Request
 from .sequence import Sequence
 
-STOPPED = ApiError(503, "the server's engine has stopped; retry once it is restarted", code="engine_stopped")
+def engine_stopped() -> ApiError:
+    return ApiError(503, "the server's engine has stopped; retry once it is restarted", code="engine_stopped")
 
 
 class Engine:
@@ -42,7 +43,7 @@ class Engine:
     the same sampling seed, and one agreement per step on whether rank 0's client is still there."""
 
     def __init__(self, load, args, prompt_cache_bytes: int, context: int, plan: ServingPlan, cluster=None,
-                 metrics=None, load_drafter=None):
+                 metrics=None, load_drafter=None, seed=None):
         from ..cluster import Cluster
         from ..prompt_cache import PromptCache, cache_bytes
 
@@ -56,7 +57,8 @@ class Engine:
         self.running: list = []
         self.pending: Optional[Job] = None
         self.load_drafter, self.drafter = load_drafter, None
-        self.stopped_serving = False
+        self.stopped_serving, self.seed = False, seed
+        self.live: list = []  # jobs taken from the queue and not yet answered
         loaded: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, args=(load, loaded), name="mlx-gemma-engine", daemon=True)
         self.thread.start()
@@ -73,17 +75,18 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         if self.stopped_serving:
-            raise STOPPED
+            raise engine_stopped()
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise ApiError(503, f"the server is busy ({self.args.queue_size} requests waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         if self.stopped_serving:  # the worker ended while this was queued: nobody else will answer it
-            self._abandon()
+            self._abandon([])
 
     def close(self) -> None:
-        """Stop the worker once what it runs is done (and, under mlx.launch, the other ranks)."""
+        """Stop the worker (and, under mlx.launch, the other ranks); what still runs or waits is
+        answered 503."""
         self.queue.put(STOP)
         self.thread.join()
 
@@ -91,6 +94,8 @@ class Engine:
         import mlx.core as mx
 
         mx.set_default_stream(mx.new_stream(mx.default_device()))
+        if self.seed is not None:
+            mx.random.seed(self.seed)
         try:
             self.model, self.processor = load()
             if self.load_drafter is not None:
@@ -105,10 +110,11 @@ class Engine:
             self._serve()
         finally:  # stopped, or died of what no request's handler caught: answer whoever still waits
             self.stopped_serving = True
-            self._abandon()
+            self._abandon(self.live)
 
     def _serve(self) -> None:
         while True:
+            self.live = [job for job in self.live if not job.answered]
             if self.pending is None:
                 try:
                     self.pending = self.queue.get(block=not self.running)  # idle: wait for work
@@ -117,22 +123,25 @@ class Engine:
                 if self.pending is STOP:
                     self.cluster.share(None)
                     return
+                if self.pending is not None:
+                    self.live.append(self.pending)
             if self.pending is not None:
                 self._admit()
             if self.running:
                 self._step()
             self._gauges()
 
-    def _abandon(self) -> None:
-        jobs = [s.job for s in self.running] + ([self.pending] if isinstance(self.pending, Job) else [])
-        self.running, self.pending = [], None
+    def _abandon(self, jobs: list) -> None:
+        """Answer `jobs` and every queued one, unless answered already: the engine has stopped."""
         while True:
             try:
                 jobs.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        for job in {id(j): j for j in jobs if isinstance(j, Job)}.values():  # n replies: one job
-            job.emit("error", STOPPED)
+        for job in jobs:
+            if isinstance(job, Job) and not job.answered:
+                remove_files(job.request.temp_files)
+                job.emit("error", engine_stopped())
 
     def _follow(self) -> None:
         """A rank other than 0: run every job rank 0 shares, until it shares None."""
@@ -237,7 +246,11 @@ class Engine:
 
     # --- prefill -----------------------------------------------------------------------------
 
-    def _processors(self, r: Request):
+    def _processors(self, r: Request, index: int):
+        """Reply `index`'s sampler and logits processors. With a seed, each reply draws from its
+        own key: the first from the seed's (what `generate --seed` draws), the others from keys
+        folded from it, so a seeded request repeats whatever else the batch runs."""
+        import mlx.core as mx
         from mlx_lm.sample_utils import make_logits_processors
 
         from ..constrain import TOOL_CALL, Guide
@@ -245,7 +258,9 @@ class Engine:
 
         sampling = {"temp": self.args.temp, "top_p": self.args.top_p, "top_k": self.args.top_k,
                     "min_p": self.args.min_p, **r.sampling}
-        sampler, processors = make_sampling(self.processor, **sampling)
+        key = None if r.seed is None else mx.random.key(r.seed) if index == 0 else \
+            mx.random.split(mx.random.key(r.seed + index), 3)[2]
+        sampler, processors = make_sampling(self.processor, **sampling, key=key)
         if r.presence_penalty or r.frequency_penalty:
             processors.append(completion_penalties(r.presence_penalty, r.frequency_penalty))
         if r.thinking and r.thinking_budget is not None:
@@ -268,9 +283,7 @@ class Engine:
         inputs, r = job.inputs, job.request
         try:
             max_tokens = self._max_tokens(job)
-            sampler, processors = self._processors(r)
-            if r.seed is not None:
-                mx.random.seed(r.seed)
+            sampler, processors = self._processors(r, 0)
             config = self.model.config
             key = prompt_key(inputs, config)
             split = lambda n: inputs.split_point(n, config)  # noqa: E731
@@ -313,7 +326,7 @@ class Engine:
                 mx.eval(logits, [c.state for c in cache])  # the copies start from computed arrays
             for index in range(1, r.n):  # the other replies: the same prompt, their own draws
                 other = Sequence(job, self.processor, copy.deepcopy(cache), key, len(inputs.ids), cached, max_tokens,
-                                 *self._processors(r), planned, index=index)
+                                 *self._processors(r, index), planned, index=index)
                 other.history, other.h = seq.history, seq.h
                 other.sample(logits)
                 seqs.append(other)

@@ -20,7 +20,7 @@ class Job:
     (the prompt's tokens only). Events: ("start", info), ("text", index, text, thinking, generated,
     logprob entry), ("done", index, finish, generated, thought tokens, drafted, accepted), ("count",
     n), ("error", ApiError); `index` is the reply's, 0 to request.n - 1. `cancelled` stops them all,
-    `ended[i]` reply i alone (a stop string ended it)."""
+    `ended[i]` reply i alone (a stop string ended it). `answered`: its last event was sent."""
 
     kind: str
     request: Request
@@ -29,11 +29,15 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     inputs: object = None  # the prompt, read once (a job may wait for admission)
     ended: list = field(init=False)
+    answered: bool = field(init=False, default=False)
+    replies_done: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.ended = [threading.Event() for _ in range(self.request.n)]
 
     def emit(self, *event) -> None:
+        self.replies_done += event[0] == "done"
+        self.answered |= event[0] in ("error", "count") or self.replies_done == self.request.n
         if self.loop is None:  # a follower rank's copy of the job: rank 0 answers
             return
         try:

@@ -144,7 +144,7 @@ def serve(args, cluster) -> None:
     from .plan import plan_server
 
     cache_bytes, context, plan = plan_server(path, args, cluster)
-    cluster.seed(None)
+    seed = cluster.seed(None)  # the engine thread's generator, alike on every rank
     mode = "pipeline" if args.pipeline else "tensor"
     from .metrics import Metrics
 
@@ -160,7 +160,7 @@ def serve(args, cluster) -> None:
         drafter_path = resolve_model_path(args.draft_model)
         drafter = lambda model: load_drafter(drafter_path, target=model)  # noqa: E731
     engine = Engine(lambda: load(path, group=cluster.group, parallel=mode, adapter_path=args.adapter_path), args,
-                    cache_bytes, context, plan, cluster, metrics, drafter)
+                    cache_bytes, context, plan, cluster, metrics, drafter, seed)
     if cluster.rank > 0:
         # Ctrl-C in the terminal reaches every rank: rank 0 stops serving and then stops this one.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,7 +35,7 @@ class ServingPlan:
 
 
 def plan_server(path: Path, args, cluster=None):
-    """(prefix-cache bytes, context, engine.ServingPlan) within the memory budget: by default a
+    """(prefix-cache bytes, context, ServingPlan) within the memory budget: by default a
     quarter of what the weights leave goes to the prefix cache; a request may use the longest
     context whose plan fits in the rest (the model's maximum where memory allows); the sequences
     decoded together share what the weights and the peak activations leave. Under mlx.launch
