@@ -76,7 +76,7 @@ def ours(model: Path, data: Path, seq: int, iters: int, checkpoint: bool, tmp: P
     cmd = [sys.executable, "-m", "mlx_gemma.lora", "--model", str(model), "--train", "--data", str(data), "--dtype", dtype,
            "--iters", str(iters), "--batch-size", "1", "--num-layers", "-1", "--rank", "8",
            "--max-seq-length", str(seq), "--steps-per-report", "1", "--steps-per-eval", str(10 * iters),
-           "--save-every", str(10 * iters), "--adapter-path", str(tmp / "ours")]
+           "--save-every", str(10 * iters), "--adapter-path", str(tmp / "ours"), "--force"]
     out = _run(cmd + (["--grad-checkpoint"] if checkpoint else []))
     last = [line for line in out.splitlines() if "Train loss" in line][-1]
     return {"tokens_per_second": float(re.search(r"Tokens/sec ([0-9.]+)", last).group(1)),

@@ -235,3 +235,25 @@ def test_batch_step_bytes_and_the_prefill_stall():
     assert [s["chunks_during_join"] for s in r["streams"]] == [5, 9]  # 1.1, 1.2, 1.7, 1.8, 1.9 | 1.15 ... 1.95
     assert r["streams"][1]["longest_gap_during_s"] == pytest.approx(0.1)
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 95) is None
+
+
+def test_batch_step_times_every_batch_and_counts_the_bytes_it_reads(hf_checkpoint, tmp_path):
+    """One row per batch size; each step reads the weights once and every row's KV."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.batch_step", "--model", str(hf_checkpoint), "--batches",
+                           "1,3", "--context", "8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "batch_step.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    one, three = rows
+    assert all(r["step_s"] > 0 and r["aggregate_tok_s"] == pytest.approx(r["batch"] / r["step_s"]) for r in rows)
+    from mlx_gemma.loading import load
+
+    model, _ = load(hf_checkpoint)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    kv = one["bytes"] - weights  # the weights once in both, and each row's KV (8 tokens each)
+    assert kv > 0 and three["bytes"] == weights + 3 * kv
+    assert "| 3 |" in (out / "batch_step.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.batch_step", "--model", str(hf_checkpoint), "--batches",
+                          "0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "error: --batches: positive batch sizes, got [0]"
