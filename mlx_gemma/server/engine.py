@@ -246,7 +246,7 @@ class Engine:
 
     # --- prefill -----------------------------------------------------------------------------
 
-    def _processors(self, r: Request, index: int):
+    def _processors(self, r: Request, index: int = 0):
         """Reply `index`'s sampler and logits processors. With a seed, each reply draws from its
         own key: the first from the seed's (what `generate --seed` draws), the others from keys
         folded from it, so a seeded request repeats whatever else the batch runs."""
@@ -283,7 +283,7 @@ class Engine:
         inputs, r = job.inputs, job.request
         try:
             max_tokens = self._max_tokens(job)
-            sampler, processors = self._processors(r, 0)
+            sampler, processors = self._processors(r)
             config = self.model.config
             key = prompt_key(inputs, config)
             split = lambda n: inputs.split_point(n, config)  # noqa: E731
