@@ -11,8 +11,12 @@ For each sequence length and with / without gradient checkpointing, each trainer
 no validation) and its own last report gives tokens/s and peak memory (mx.get_peak_memory,
 weights included). Our memory planner's prediction for the same run stands beside our peak.
 
+The heads keep the 12B's (16 of 256, global 512) unless `--heads N --head-dim D` narrows them
+with its proportions: N heads of D, N / 2 key-value heads, global heads of 2D with one
+key-value head; `--hidden 256 --heads 4 --head-dim 64` is the 12B's shape at 1/15 of its width.
+
     python -m benchmarks.lora [--layers 2] [--hidden 512] [--intermediate 2048] [--vocab 16384]
-                              [--seq 256 1024] [--iters 3] [--out benchmarks/results]
+                              [--heads N --head-dim D] [--seq 256 1024] [--iters 3] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -114,15 +118,21 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: the 12B's)")
+    ap.add_argument("--head-dim", type=int, default=None, help="with --heads: their dimension")
     ap.add_argument("--seq", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    if (args.heads is None) != (args.head_dim is None) or (args.heads is not None and args.heads < 2):
+        ap.error("--heads N (at least 2) and --head-dim D go together")
+    heads = {} if args.heads is None else dict(num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
+                                                head_dim=args.head_dim, global_head_dim=2 * args.head_dim)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = stand_in(tmp / "stand-in", args.layers, hidden_size=args.hidden,
-                         intermediate_size=args.intermediate, vocab_size=args.vocab)
+                         intermediate_size=args.intermediate, vocab_size=args.vocab, **heads)
         _, processor = load(model, lazy=True)
         for seq in args.seq:
             data = write_data(tmp / f"data-{seq}", processor, seq)
@@ -144,14 +154,17 @@ def main() -> None:
     meta = {"backend": "gpu" if mx.metal.is_available() or mx.cuda.is_available() else "cpu",
             "machine": f"{platform.machine()} {platform.system()}, {platform.processor() or ''}".strip(", "),
             "mlx": mx.__version__, "layers": args.layers, "hidden": args.hidden,
-            "intermediate": args.intermediate, "vocab": args.vocab, "iters": args.iters,
+            "intermediate": args.intermediate, "vocab": args.vocab, "heads": args.heads, "head_dim": args.head_dim,
+            "iters": args.iters,
             "dtypes": "same dtype: bfloat16 activations for both (mlx-vlm's, as stored); ours at defaults: "
                       "float32 activations on the CPU backend for a quantized model"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"LoRA training, batch 1, rank 8 on every projection; {args.layers}-layer stand-in "
-             f"(hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}), 4-bit; {meta['backend']}, "
+             f"(hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}"
+             + (f", {args.heads} heads of {args.head_dim}" if args.heads else ", the 12B's heads")
+             + f"), 4-bit; {meta['backend']}, "
              f"MLX {meta['mlx']}; {meta['dtypes']}", "",
              "| seq | checkpointing | ours tok/s | mlx-vlm tok/s | speed | ours peak | mlx-vlm peak | memory | "
              "planned | plan error | ours at defaults: tok/s, speed, peak, plan error |",
