@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from .run import commit, machine, provenance
+from .server_throughput import chosen_model, model_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 3
@@ -78,10 +79,7 @@ def main(argv: Optional[list] = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.batch_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="a checkpoint directory")
-    which.add_argument("--synthetic", type=int, metavar="LAYERS", default=2,
-                       help="the real-width stand-in with LAYERS layers (default 2; built once, cached)")
+    model_flags(p, "a checkpoint directory")
     p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8, 16],
                    help="batch sizes, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--context", type=int, default=32, help="tokens each row's caches hold (default 32)")
@@ -89,20 +87,13 @@ def main(argv: Optional[list] = None) -> None:
     args = p.parse_args(argv)
 
     def work():
-        from mlx_gemma.backend import on_cpu
         from mlx_gemma.loading import load
-
-        from .server_throughput import serving_checkpoint
 
         if not args.batches or min(args.batches) < 1:
             raise InputError(f"--batches: positive batch sizes, got {args.batches}")
         if args.context < 1:
             raise InputError(f"--context: at least 1, got {args.context}")
-        if args.model:
-            path, name = Path(args.model).expanduser(), args.model
-        else:
-            path = serving_checkpoint(args.synthetic, "float32" if on_cpu() else "bfloat16")
-            name = f"synthetic 12B widths, {args.synthetic} layers"
+        path, name, _ = chosen_model(args)
         model, _ = load(path)
         report = {"meta": {"model": name, "checkpoint": str(path), "context": args.context, "machine": machine(),
                            "commit": commit(), "command": "python -m benchmarks.batch_step "

@@ -120,6 +120,28 @@ def serving_checkpoint(layers: int, dtype: str) -> Path:
                                 desc=f"Writing the served {layers}-layer stand-in ({dtype})")
 
 
+def model_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--model PATH or --synthetic LAYERS (the default): what `chosen_model` reads."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help=model_help)
+    which.add_argument("--synthetic", type=int, metavar="LAYERS", default=2,
+                       help="the real-width stand-in with LAYERS layers (default 2; built once, cached)")
+
+
+def chosen_model(args) -> tuple:
+    """(checkpoint, name, dtype served) of `model_flags`' choice."""
+    from mlx_gemma.backend import on_cpu
+    from mlx_gemma.errors import InputError
+
+    if args.model:
+        model = Path(args.model).expanduser()
+        if not (model / "config.json").is_file():
+            raise InputError(f"--model: {model} is not a checkpoint directory (no config.json)")
+        return model, args.model, "as stored"
+    dtype = "float32" if on_cpu() else "bfloat16"
+    return serving_checkpoint(args.synthetic, dtype), f"synthetic 12B widths, {args.synthetic} layers", dtype
+
+
 def write_processor(out: Path, config) -> None:
     """Tokenizer (the real vocabulary's size), chat template, processor and generation config."""
     from transformers import GenerationConfig, PreTrainedTokenizerFast
@@ -535,15 +557,11 @@ def render(report: dict) -> str:
 
 
 def main(argv: Optional[list] = None) -> None:
-    from mlx_gemma.backend import on_cpu
     from mlx_gemma.errors import InputError, run_cli
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.server_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="a checkpoint directory with a tokenizer and chat template (as is)")
-    which.add_argument("--synthetic", type=int, metavar="LAYERS", default=2,
-                       help="the real-width stand-in with LAYERS layers (default 2; built once, cached)")
+    model_flags(p, "a checkpoint directory with a tokenizer and chat template (as is)")
     p.add_argument("--quick", action="store_true",
                    help="1 and 2 streams, one 4-token reply each, 16-token prompts, a 600-token join beside 2 streams")
     p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=None,
@@ -571,14 +589,7 @@ def main(argv: Optional[list] = None) -> None:
             raise InputError(f"--levels: positive stream counts, got {args.levels}")
         if args.join_tokens < 0:
             raise InputError(f"--join-tokens: 0 (skip) or more, got {args.join_tokens}")
-        if args.model:
-            model, name, dtype = Path(args.model).expanduser(), args.model, "as stored"
-            if not (model / "config.json").is_file():
-                raise InputError(f"--model: {model} is not a checkpoint directory (no config.json)")
-        else:
-            dtype = "float32" if on_cpu() else "bfloat16"
-            model = serving_checkpoint(args.synthetic, dtype)
-            name = f"synthetic 12B widths, {args.synthetic} layers"
+        model, name, dtype = chosen_model(args)
         offsets = token_counter(model)
         runs = {}
         with tempfile.TemporaryDirectory() as tmp:

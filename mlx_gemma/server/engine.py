@@ -248,8 +248,9 @@ class Engine:
 
     def _processors(self, r: Request, index: int = 0):
         """Reply `index`'s sampler and logits processors. With a seed, each reply draws from its
-        own key: the first from the seed's (what `generate --seed` draws), the others from keys
-        folded from it, so a seeded request repeats whatever else the batch runs."""
+        own key, so a seeded request repeats whatever else the batch runs: the first reply from
+        the seed's (what `generate --seed` draws), reply i from a key split off seed + i's (not
+        one that seed + i's own first reply draws with)."""
         import mlx.core as mx
         from mlx_lm.sample_utils import make_logits_processors
 
