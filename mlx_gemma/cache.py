@@ -67,7 +67,7 @@ def window_mask(L: int, offset: int, key_start: int, n_keys: int, window: Option
 
 class WholeSequence:
     """No cache: one call sees the whole sequence (training, scoring). Keys and values pass
-    through untouched, so gradients and recomputation (mx.checkpoint) see a pure function."""
+    through untouched, so gradients and recomputation (mx.vjp) see a pure function."""
 
     offset = 0
     one_tensor = False

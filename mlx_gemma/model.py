@@ -282,16 +282,21 @@ class TextModel(nn.Module):
         """`blocks`: vision block ids of the new tokens. With vision_mask "generate" (the
         intended semantics, spec 3) only sliding layers see a whole block, clipped by the
         window; with "forward" (transformers' forward()) every layer does, unclipped."""
-        L = h.shape[1]
-        forward = vision_mask == "forward"
-        masks = {}
-        for (layer, spec), c in zip(self.held, cache):
-            # Layers of one type share offset and window, hence one mask per type.
-            if spec.layer_type not in masks:
-                overlay = blocks if (spec.is_sliding or forward) else None
-                masks[spec.layer_type] = c.make_mask(L, overlay, unclipped=forward)
-            h = layer(h, masks[spec.layer_type], c)
+        for (layer, _), mask, c in zip(self.held, self.masks(h.shape[1], cache, blocks, vision_mask), cache):
+            h = layer(h, mask, c)
         return h
+
+    def masks(self, L: int, cache: list, blocks: Optional[np.ndarray] = None, vision_mask: str = "generate") -> list:
+        """The attention mask of each held layer for L new tokens (run_layers' `blocks` and
+        `vision_mask`)."""
+        forward = vision_mask == "forward"
+        by_type = {}
+        for (_, spec), c in zip(self.held, cache):
+            # Layers of one type share offset and window, hence one mask per type.
+            if spec.layer_type not in by_type:
+                overlay = blocks if (spec.is_sliding or forward) else None
+                by_type[spec.layer_type] = c.make_mask(L, overlay, unclipped=forward)
+        return [by_type[spec.layer_type] for _, spec in self.held]
 
 
     def run_rows(self, h: mx.array, caches: list) -> mx.array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backend import default_splits
 from ..config import ModelConfig, TextConfig
 from ..memory import human, memory_budget, run_dtype_bytes, upcast_scales_bytes, weight_bytes
 from .trainer import LOSS_ROWS
@@ -58,29 +59,36 @@ def kept_per_sequence(text: TextConfig, seq_length: int, dtype_bytes: int) -> in
 
 # Beyond what the layers keep, the most one layer's backward holds at once (what a checkpointed
 # layer's recomputation keeps is counted with kept_per_token), in bytes per token and unit of
-# width: the larger of two moments. Fitted to the peaks of whole steps over hidden, MLP, head and
-# sequence widths, by activation bytes and checkpointing; the terms are read from which widths
-# move the peak, not counted op by op: MLX's evaluation order decides which gradients coexist,
-# and it moves with the number of adapted layers (with 2 or 3 of them the moments measured up
-# to 8% off these), so the fit is on 6-layer models, the 12B's period of 5 sliding + 1 global
-# layer. With bfloat16 activations: the checkpointed MLP moment holds more float32 gradients of
-# hidden width; without checkpointing float32's bytes measured 0.98-0.99x of the step; attention's
-# moment is float32's bytes, an upper bound (measured 0.67x of it, checkpointed).
+# width: the larger of two moments, read from measured peaks, not counted op by op: MLX's
+# scheduler runs ahead of the ops it has finished, so which arrays coexist depends on the graph.
 #   mlp: the MLP's backward, gradients of hidden and intermediate width (the final norm's and
 #     the head's arrays included).
 #   attention: attention's backward, with part of the MLP's kept arrays freed by then (the
 #     negative term): gradients of each width, and "scores" bytes per element of [heads, L, L].
+# Without checkpointing the step is one graph (nn.value_and_grad), fitted to whole steps' peaks
+# over hidden, MLP, head and sequence widths on 6-layer models, the 12B's period of 5 sliding +
+# 1 global layer (float32's bytes measured 0.98-0.99x of bfloat16 steps). With checkpointing
+# each layer's recomputation and backward is evaluated alone (trainer.checkpointed_value_and_grad),
+# fitted on the 12B's proportions at 1/15 of its width (hidden 256, MLP 1024, 4 heads of 64,
+# `python -m benchmarks.lora --layers 6 --hidden 256 --intermediate 1024 --heads 4 --head-dim 64`)
+# at 128 to 1024 tokens: the MLP moment sets the peak, its float32 bytes 1.7x the widths' fit
+# without checkpointing; the scores add about a byte per element beyond the probabilities kept.
 _ATTENTION = {False: {"hidden": 13.6, "query": 44.0, "kv": 35.3, "intermediate": -21.9, "scores": 7.8},
-              True: {"hidden": 16.8, "query": 43.5, "kv": 47.5, "intermediate": -23.1, "scores": 12.3}}
+              True: {"hidden": 16.8, "query": 43.5, "kv": 47.5, "intermediate": -23.1, "scores": 1.0}}
 BACKWARD = {(4, False): {"mlp": {"hidden": 43.3, "intermediate": 12.8}, "attention": _ATTENTION[False]},
-            (4, True): {"mlp": {"hidden": 50.3, "intermediate": 18.6}, "attention": _ATTENTION[True]},
+            (4, True): {"mlp": {"hidden": 85.1, "intermediate": 31.5}, "attention": _ATTENTION[True]},
             (2, True): {"mlp": {"hidden": 73.3, "intermediate": 17.0}, "attention": _ATTENTION[True]}}
 BACKWARD[2, False] = BACKWARD[4, False]
-# head_loss's pieces: [LOSS_ROWS, vocab] float32 logits and the copies forward and backward make
-# (softcap's tanh and derivative, logsumexp, the one-hot difference): 7 for one piece alone, 13
-# once there are two, as the next piece starts before the last one's are freed. Inside whole
-# steps where the loss set the peak (a 16K vocabulary on small layers) it held 11-14.
-LOGIT_COPIES = 13
+# The loss's pieces: [LOSS_ROWS, vocab] float32 logits and the copies forward and backward make
+# (softcap's tanh and derivative, logsumexp, the one-hot difference), by activation bytes,
+# checkpointing and whether the head's matmul is split (backend.split_matmuls: the CPU backend,
+# its halves and their concatenation on top). Checkpointed, one piece is evaluated at a time:
+# 6.1-6.3 pieces' bytes measured unsplit, 7.1-7.2 split with bfloat16 activations, 8.3 with
+# float32. Without, one graph, MLX runs the next piece before the last one's arrays are freed,
+# by as much as its scheduler runs ahead: 10.0-13.4 measured (a 16K vocabulary on the small
+# layers above, where the loss sets the peak), whatever the split; the plan takes the middle.
+LOGIT_COPIES = {(2, False): 6.2, (4, False): 6.2, (2, True): 7.2, (4, True): 8.3}  # by (bytes, split)
+ONE_GRAPH_LOGIT_COPIES = 11.5
 # Adam: the adapter, its gradient and two moments, float32.
 ADAPTER_STATE = 4
 
@@ -156,8 +164,9 @@ def backward_bytes(text: TextConfig, spec, batch_size: int, seq_length: int, dty
 
 def make_training_plan(config: ModelConfig, weights: int, budget: int, *, batch_size: int, seq_length: int,
                        num_layers: int, lora_parameters: dict, checkpointing: bool,
-                       dtype_bytes: int) -> TrainingPlan:
-    """Layers below the adapted ones keep nothing: no gradient flows through them."""
+                       dtype_bytes: int, split_head: bool = False) -> TrainingPlan:
+    """Layers below the adapted ones keep nothing: no gradient flows through them. `split_head`:
+    the head's matmul runs split (backend.split_matmuls)."""
     text, tokens = config.text_config, batch_size * seq_length
     layers, adapters = adapted_layers(text, num_layers), adapter_parameters(text, num_layers, lora_parameters)
     kept = [tokens * kept_per_token(text, s, dtype_bytes, lora_parameters["rank"])
@@ -168,7 +177,8 @@ def make_training_plan(config: ModelConfig, weights: int, budget: int, *, batch_
         activations, backward = len(layers) * stream, max(k + b for k, b in zip(kept, backward))
     else:
         activations, backward = sum(kept), max(backward)
-    loss = LOGIT_COPIES * min(LOSS_ROWS, tokens) * text.vocab_size * 4
+    copies = LOGIT_COPIES[dtype_bytes, split_head] if checkpointing else ONE_GRAPH_LOGIT_COPIES
+    loss = int(copies * min(LOSS_ROWS, tokens) * text.vocab_size * 4)
     return TrainingPlan(weights=weights + upcast_scales_bytes(config, dtype_bytes),
                         adapters=adapters, optimizer=ADAPTER_STATE * 4 * adapters,
                         activations=activations, backward=backward, loss=loss,
@@ -178,11 +188,20 @@ def make_training_plan(config: ModelConfig, weights: int, budget: int, *, batch_
 def training_plan(path: Path, args) -> TrainingPlan:
     """The plan of a `python -m mlx_gemma.lora` run (its parsed args) on the checkpoint at `path`."""
     config = ModelConfig.from_file(path / "config.json")
-    return make_training_plan(config, weight_bytes(path), memory_budget(args.memory_limit),
+    dtype_bytes = run_dtype_bytes(path, config, args.dtype)
+    return make_training_plan(config, weight_bytes(path, dtype_bytes), memory_budget(args.memory_limit),
                               batch_size=args.batch_size, seq_length=args.max_seq_length,
                               num_layers=args.num_layers, lora_parameters=args.lora_parameters,
                               checkpointing=bool(args.grad_checkpoint),
-                              dtype_bytes=run_dtype_bytes(path, config, args.dtype))
+                              dtype_bytes=dtype_bytes, split_head=head_split(config))
+
+
+def head_split(config: ModelConfig) -> bool:
+    """Whether load() splits the head's matmul on this backend (backend.split_matmuls' rule)."""
+    from ..quantization import EMBEDDING
+
+    q, n = config.quantization, default_splits()
+    return bool(q) and q.get(EMBEDDING, q) is not False and n > 1 and config.text_config.vocab_size >= n * 64
 
 
 def refusal(plan: TrainingPlan) -> str:

@@ -17,12 +17,11 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import TrainingArgs
 
 from ..cache import WholeSequence, vision_blocks
 from ..errors import InputError
-from ..model import DecoderLayer
 from ..prompt import token_types
 from .checkpoints import kept, non_finite
 
@@ -67,22 +66,8 @@ def make_batch(model, examples: list) -> Batch:
     return Batch(embeds, vision_blocks(token_types(ids, cfg)), mx.array(b * L + i), mx.array(ids[b, i + 1]))
 
 
-class CheckpointedLayer(DecoderLayer):
-    """A decoder layer that keeps only its input for the backward pass and recomputes the rest.
-    Set per instance (`layer.__class__`), so other models in the process are untouched."""
-
-    def __call__(self, h, mask, cache):
-        def run(params, h):
-            self.update(params)
-            return DecoderLayer.__call__(self, h, mask, cache)
-
-        return mx.checkpoint(run)(self.trainable_parameters(), h)
-
-
-def checkpoint_layers(model, enable: bool = True) -> None:
-    for layer in model.layers:
-        if layer is not None:
-            layer.__class__ = CheckpointedLayer if enable else DecoderLayer
+def piece_loss(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
+    return nn.losses.cross_entropy(head(h).astype(mx.float32), targets, reduction="sum")
 
 
 def head_loss(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
@@ -91,15 +76,12 @@ def head_loss(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     sequence ([tokens, 262K] float32, several copies in the backward) would not fit a 16 GB Mac.
     mx.depends chains the pieces, or the graph would hold all of them at once."""
 
-    def piece(x, t):
-        return nn.losses.cross_entropy(head(x).astype(mx.float32), t, reduction="sum")
-
     @mx.custom_function
     def summed(h, targets):
         total = mx.array(0.0, mx.float32)
         for start in range(0, targets.size, LOSS_ROWS):
             x = mx.depends(h[start:start + LOSS_ROWS], total)
-            total = total + piece(x, targets[start:start + LOSS_ROWS])
+            total = total + piece_loss(head, x, targets[start:start + LOSS_ROWS])
         return total
 
     @summed.vjp
@@ -111,7 +93,7 @@ def head_loss(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
             if grads:
                 x = mx.depends(x, grads[-1])
             t = targets[start:start + LOSS_ROWS]
-            grads.append(mx.vjp(lambda x: piece(x, t), [x], [cotangent])[1][0])
+            grads.append(mx.vjp(lambda x: piece_loss(head, x, t), [x], [cotangent])[1][0])
         return mx.concatenate(grads) if grads else mx.zeros_like(h), mx.zeros_like(targets)
 
     return summed(h, targets)
@@ -124,6 +106,73 @@ def loss(model, batch: Batch) -> tuple[mx.array, int]:
     h = lm.model(batch.embeds, cache, batch.blocks, model.vision_mask)
     h = h.reshape(-1, h.shape[-1])[batch.rows]
     return head_loss(lm.head, h, batch.targets) / max(batch.tokens, 1), batch.tokens
+
+
+def value_and_grad(model, batch: Batch, checkpointing: bool = False) -> tuple[mx.array, int, dict]:
+    """The mean loss over the trained tokens, their number and the gradients of the model's
+    trainable parameters (a tree like model.trainable_parameters())."""
+    if checkpointing:
+        return checkpointed_value_and_grad(model, batch)
+    (value, count), grads = nn.value_and_grad(model, loss)(model, batch)
+    return value, count, grads
+
+
+def checkpointed_value_and_grad(model, batch: Batch) -> tuple[mx.array, int, dict]:
+    """Gradient checkpointing by hand, evaluated one piece at a time: the forward keeps each
+    layer's input; the loss and its gradient at the last layer's output follow, LOSS_ROWS rows
+    at a time; then each layer, the last first, runs again from its input under mx.vjp. As one
+    lazy graph (mx.checkpoint), MLX's scheduler ran ahead of the ops it had finished, so the arrays of
+    several loss pieces or of a layer and the loss were held at once, a peak that moved with
+    the graph's shape (8 to 15 pieces' worth); evaluated piece by piece, a step holds one
+    layer's recomputation and backward, or one piece of the loss, which the plan counts
+    (tuning/budget.py). The same compute: one forward, one recomputation, one backward."""
+    lm = model.language_model
+    held = lm.model.held
+    caches = [WholeSequence(spec.window) for _, spec in held]
+    masks = lm.model.masks(batch.embeds.shape[1], caches, batch.blocks, model.vision_mask)
+    h, inputs = batch.embeds, []
+    for (layer, _), mask, c in zip(held, masks, caches):
+        inputs.append(h)
+        h = layer(h, mask, c)
+        mx.eval(h)
+    shape = h.shape
+    h = h.reshape(-1, shape[-1])
+    x, scale = h[batch.rows], mx.array(1 / max(batch.tokens, 1), mx.float32)
+    total, dx = mx.array(0.0, mx.float32), []
+    for start in range(0, batch.tokens, LOSS_ROWS):
+        t = batch.targets[start:start + LOSS_ROWS]
+        (value,), (g,) = mx.vjp(lambda x: piece_loss(lm.head, lm.model.norm(x), t), [x[start:start + LOSS_ROWS]],
+                                [scale])
+        total = total + value
+        mx.eval(total, g)
+        dx.append(g)
+    dh = mx.zeros_like(h).at[batch.rows].add(mx.concatenate(dx).astype(h.dtype)).reshape(shape) if dx else \
+        mx.zeros(shape, h.dtype)
+    del h, x, dx
+    grads = model.trainable_parameters()
+    layer_grads = grads["language_model"]["model"]["layers"]
+    outside = [k for k, _ in tree_flatten(grads) if not k.startswith("language_model.model.layers.")]
+    if outside:
+        raise ValueError(f"gradient checkpointing trains the decoder layers' parameters only, not {outside[0]}")
+    index = [j for j, layer in enumerate(lm.model.layers) if layer is not None]  # of each held layer
+    # Below the lowest adapted layer no gradient is needed.
+    lowest = min((i for i, (layer, _) in enumerate(held) if tree_flatten(layer.trainable_parameters())),
+                 default=len(held))
+    for i in reversed(range(lowest, len(held))):
+        layer = held[i][0]
+        flat = tree_flatten(layer.trainable_parameters())
+        keys, values = [k for k, _ in flat], [v for _, v in flat]
+
+        def run(*args, layer=layer, mask=masks[i], cache=caches[i], keys=keys):
+            layer.update(tree_unflatten(list(zip(keys, args[:-1]))))
+            return layer(args[-1], mask, cache)
+
+        _, vjps = mx.vjp(run, [*values, inputs[i]], [dh])
+        layer.update(tree_unflatten(list(zip(keys, values))))
+        mx.eval(vjps)
+        dh, inputs[i] = vjps[-1], None
+        layer_grads[index[i]] = tree_unflatten(list(zip(keys, vjps[:-1])))
+    return total * scale, batch.tokens, grads
 
 
 def iterate_batches(examples: list, batch_size: int, loop: bool = False, seed: int = 0) -> Iterator[list]:
@@ -182,8 +231,6 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
     """Iterations start + 1 .. args.iters; `save(iteration)` at `save_points`. A loss or an
     adapter weight that stops being finite ends the run (an InputError) before it is saved.
     Returns the reports (for the loss curve)."""
-    checkpoint_layers(model, args.grad_checkpoint)
-    grad_fn = nn.value_and_grad(model, loss)
     reports, losses, tokens, steps, elapsed, trained, accumulated = [], 0.0, 0, 0, 0.0, 0, None
     batches = iterate_batches(train_set, args.batch_size, loop=True, seed=seed)
     saves, saved = set(save_points(start, args.iters, args.steps_per_save)), None
@@ -206,7 +253,7 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
                 print(f"Iter {it}: Val took {time.perf_counter() - tic:.3f}s", flush=True)
             tic = time.perf_counter()
             batch = make_batch(model, group)
-            (value, count), grads = grad_fn(model, batch)
+            value, count, grads = value_and_grad(model, batch, args.grad_checkpoint)
             if accumulated is not None:
                 grads = tree_map(lambda x, y: x + y, grads, accumulated)
             if it % args.grad_accumulation_steps == 0:
@@ -235,7 +282,6 @@ def train(model, optimizer, train_set: list, val_set: list, args: TrainingArgs, 
                 save(it)
                 saved = it
     finally:
-        checkpoint_layers(model, False)
         model.eval()
     return reports
 
