@@ -74,7 +74,9 @@ def head_loss(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     """Summed cross entropy of head(h) (float32) against `targets`, LOSS_ROWS rows at a time,
     one after the other in the forward and again in the backward: the logits of the whole
     sequence ([tokens, 262K] float32, several copies in the backward) would not fit a 16 GB Mac.
-    mx.depends chains the pieces, or the graph would hold all of them at once."""
+    mx.depends chains the pieces, or the graph would hold all of them at once; MLX's scheduler
+    still runs ahead into the next piece (budget.ONE_GRAPH_LOGIT_COPIES), which a checkpointed
+    step avoids by evaluating each piece (checkpointed_value_and_grad)."""
 
     @mx.custom_function
     def summed(h, targets):
@@ -121,11 +123,15 @@ def checkpointed_value_and_grad(model, batch: Batch) -> tuple[mx.array, int, dic
     """Gradient checkpointing by hand, evaluated one piece at a time: the forward keeps each
     layer's input; the loss and its gradient at the last layer's output follow, LOSS_ROWS rows
     at a time; then each layer, the last first, runs again from its input under mx.vjp. As one
-    lazy graph (mx.checkpoint), MLX's scheduler ran ahead of the ops it had finished, so the arrays of
-    several loss pieces or of a layer and the loss were held at once, a peak that moved with
+    lazy graph (mx.checkpoint), MLX's scheduler ran ahead of the ops it had finished, so the
+    arrays of several loss pieces or of a layer and the loss were held at once, a peak that moved with
     the graph's shape (8 to 15 pieces' worth); evaluated piece by piece, a step holds one
     layer's recomputation and backward, or one piece of the loss, which the plan counts
     (tuning/budget.py). The same compute: one forward, one recomputation, one backward."""
+    grads = model.trainable_parameters()
+    outside = [k for k, _ in tree_flatten(grads) if not k.startswith("language_model.model.layers.")]
+    if outside:
+        raise ValueError(f"gradient checkpointing trains the decoder layers' parameters only, not {outside[0]}")
     lm = model.language_model
     held = lm.model.held
     caches = [WholeSequence(spec.window) for _, spec in held]
@@ -149,11 +155,7 @@ def checkpointed_value_and_grad(model, batch: Batch) -> tuple[mx.array, int, dic
     dh = mx.zeros_like(h).at[batch.rows].add(mx.concatenate(dx).astype(h.dtype)).reshape(shape) if dx else \
         mx.zeros(shape, h.dtype)
     del h, x, dx
-    grads = model.trainable_parameters()
     layer_grads = grads["language_model"]["model"]["layers"]
-    outside = [k for k, _ in tree_flatten(grads) if not k.startswith("language_model.model.layers.")]
-    if outside:
-        raise ValueError(f"gradient checkpointing trains the decoder layers' parameters only, not {outside[0]}")
     index = [j for j, layer in enumerate(lm.model.layers) if layer is not None]  # of each held layer
     # Below the lowest adapted layer no gradient is needed.
     lowest = min((i for i, (layer, _) in enumerate(held) if tree_flatten(layer.trainable_parameters())),
